@@ -1,0 +1,68 @@
+"""P-RGE: the q query directions (outer loop) and the +eps/-eps pair (inner loop, `dual`) run as
+replicas of one batched forward pass.
+
+`PRGEStep` is the training step itself, written once: eager PyTorch calls it, and the exporters
+trace the same module into ExecuTorch and ONNX programs. Its only state is the adapter's trained
+tensors, updated in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from zotune.adapters.lora import LoRAAdapter
+from zotune.estimators.zo import apply_update, draw, estimate, momentum_buffers, projected_gradient
+from zotune.loss import per_replica
+
+
+def replica_losses(model, adapter: LoRAAdapter, loss, zs: dict[str, torch.Tensor], eps,
+                   signs: tuple[int, ...], batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Losses of len(signs) * q replicas (sign-major: [+z_1..+z_q, -z_1..-z_q]). -> [R]"""
+    stacks = {}
+    for name, layer in adapter.layers.items():
+        z_b = zs[f"{name}.lora_B"]  # [q, d_out, r]
+        b_stack = torch.cat([layer.lora_B + (s * eps) * z_b for s in signs])  # [R, d_out, r]
+        a_stack = None
+        if adapter.train_a:
+            z_a = zs[f"{name}.lora_A"]  # [q, r, d_in]
+            a_stack = torch.cat([layer.lora_A + (s * eps) * z_a for s in signs])  # [R, r, d_in]
+        stacks[name] = (a_stack, b_stack)
+    n_rep = len(signs) * next(iter(zs.values())).shape[0]
+    # Tile the b examples once per replica: row k*b + i is example i under replica k.
+    tiled = [t.repeat(n_rep, *([1] * (t.dim() - 1))) for t in batch]  # [R*b, ...]
+    adapter.set_replicas(stacks)
+    try:
+        nll, count = loss.rows(model, *tiled)  # [R*b]
+    finally:
+        adapter.set_replicas(None)
+    return per_replica(nll, count, n_rep)
+
+
+class PRGEStep(nn.Module):
+    """train_step(seed, lr, eps, *batch) -> (mean loss, g[q]); updates the adapter in place."""
+
+    def __init__(self, model: nn.Module, adapter: LoRAAdapter, loss, q: int, dual: bool = True,
+                 noise: str = "normal", momentum: float = 0.0, fused_noise: bool = False):
+        super().__init__()
+        self.model, self.adapter, self.loss = model, adapter, loss
+        self.q, self.dual, self.noise, self.fused_noise = q, dual, noise, fused_noise
+        self.momentum = momentum
+        self.buffers = momentum_buffers(adapter.tensors(), momentum)
+
+    @torch.no_grad()
+    def forward(self, seed: torch.Tensor, lr: torch.Tensor, eps: torch.Tensor,
+                *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        trained = self.adapter.trained
+        z_list = draw(seed, trained, self.adapter.numel, self.q, self.noise, self.fused_noise)
+        zs = {t.name: z for t, z in zip(trained, z_list)}
+        args = (self.model, self.adapter, self.loss, zs, eps)
+        if self.dual:
+            losses = replica_losses(*args, (1, -1), batch)  # [2q]
+        else:
+            losses = torch.cat([replica_losses(*args, (1,), batch),
+                                replica_losses(*args, (-1,), batch)])  # [2q]
+        g = projected_gradient(losses[: self.q], losses[self.q:], eps)  # [q]
+        apply_update(self.adapter.tensors(), (estimate(z, g) for z in z_list), lr,
+                     self.momentum, self.buffers)
+        return losses.mean(), g

@@ -1,0 +1,102 @@
+"""Task losses computed only where labels are: the answer position (classification) or the last
+L positions that hold the completion (generation). Written with log_softmax + gather because
+ExecuTorch has no nll_loss kernel.
+
+Every function returns per-row sums and counts, so that callers can reduce per replica.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def decoder_hidden(model: nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """Final hidden states [B, T, d] (after the last norm), without the LM head."""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids, use_cache=False)
+    return out[0]
+
+
+def _softcap(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+def choice_logits(model: nn.Module, h: torch.Tensor, choice_ids: torch.Tensor,
+                  via_head_module: bool = False) -> torch.Tensor:
+    """Logits of the candidate words. h: [B, d], choice_ids: [B, C] -> [B, C].
+
+    By default only the C rows of the LM head are read (index_select), not the whole vocabulary.
+    via_head_module calls the head itself, for modes that perturb weights inside module calls."""
+    head = model.get_output_embeddings()
+    if via_head_module:
+        return _softcap(model, head(h)).gather(1, choice_ids)  # [B, V] -> [B, C]
+    b, c = choice_ids.shape
+    w = head.weight.index_select(0, choice_ids.reshape(-1)).reshape(b, c, -1)  # [B, C, d]
+    logits = torch.bmm(w, h.unsqueeze(-1)).squeeze(-1)  # [B, C]
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias.index_select(0, choice_ids.reshape(-1)).reshape(b, c)
+    return _softcap(model, logits)
+
+
+class ClassificationLoss:
+    """Cross-entropy over the candidate label words at the last position (MeZO's
+    train-as-classification)."""
+
+    kind = "classification"
+
+    def __init__(self, via_head_module: bool = False):
+        self.via_head_module = via_head_module
+
+    def logits(self, model, input_ids, attention_mask, position_ids, choice_ids):
+        h = decoder_hidden(model, input_ids, attention_mask, position_ids)[:, -1]  # [B, d]
+        return choice_logits(model, h, choice_ids, self.via_head_module)  # [B, C]
+
+    def rows(self, model, input_ids, attention_mask, position_ids, choice_ids, labels):
+        """-> (nll per row [B], count per row [B])"""
+        logp = F.log_softmax(self.logits(model, input_ids, attention_mask, position_ids,
+                                         choice_ids).float(), dim=-1)  # [B, C]
+        nll = -logp.gather(1, labels.unsqueeze(1)).squeeze(1)  # [B]
+        return nll, torch.ones_like(nll)
+
+
+class LMLoss:
+    """Mean token cross-entropy over the completion tokens (the last L positions)."""
+
+    kind = "generation"
+
+    def __init__(self, via_head_module: bool = True):
+        self.via_head_module = via_head_module
+
+    def rows(self, model, input_ids, attention_mask, position_ids, target_ids, target_mask):
+        seq_len, n_target = input_ids.shape[1], target_ids.shape[1]
+        h = decoder_hidden(model, input_ids, attention_mask, position_ids)
+        # The token at position t is predicted from position t-1.
+        h = h[:, seq_len - n_target - 1: seq_len - 1]  # [B, L, d]
+        logits = _softcap(model, model.get_output_embeddings()(h)).float()  # [B, L, V]
+        nll = -F.log_softmax(logits, dim=-1).gather(2, target_ids.unsqueeze(-1)).squeeze(-1)
+        mask = target_mask.to(nll.dtype)  # [B, L]
+        return (nll * mask).sum(1), mask.sum(1)
+
+
+def make_loss(kind: str, via_head_module: bool = False):
+    if kind == "classification":
+        return ClassificationLoss(via_head_module)
+    if kind == "generation":
+        return LMLoss()
+    raise ValueError(f"unknown task kind '{kind}'")
+
+
+def batch_tensors(batch, kind: str) -> tuple[torch.Tensor, ...]:
+    """The tensors a loss takes, in order, from a tokenised Batch."""
+    common = (batch.input_ids, batch.attention_mask, batch.position_ids)
+    if kind == "classification":
+        return common + (batch.choice_ids, batch.labels)
+    return common + (batch.target_ids, batch.target_mask)
+
+
+def per_replica(nll: torch.Tensor, count: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Token-level mean loss of each replica: rows are laid out replica-major. -> [R]"""
+    return nll.reshape(n_rep, -1).sum(1) / count.reshape(n_rep, -1).sum(1).clamp_min(1)

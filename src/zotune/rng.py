@@ -1,0 +1,71 @@
+"""Seeded random numbers that every engine reproduces bit for bit.
+
+z is a pure function of (seed, index) built only from int64 and/xor/shift/mul/add and arange:
+eager PyTorch, ExecuTorch and ONNX Runtime compute the same bits (DESIGN.md section 3). The host
+never stores z; a run is fully described by its (seed, g) log.
+
+Values stay in uint32 range inside int64, and every multiply is split into 16-bit halves so no
+product overflows int64. Shifts use the torch.bitwise_*_shift functions because Python's >> and <<
+export to ops that have no ExecuTorch kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+# Irwin-Hall: the sum of four uniform 8-bit fields has mean 4 * 127.5 and variance 4 * (256^2 - 1) / 12.
+_IH_MEAN = 510
+_IH_INV_STD = 1.0 / (4 * (256**2 - 1) / 12) ** 0.5
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.bitwise_right_shift(x, k)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # (x * c) mod 2^32 for x < 2^32, with both partial products below 2^48.
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + torch.bitwise_left_shift(torch.bitwise_and(x * hi, 0xFFFF), 16)) & MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # lowbias32 (Chris Wellons): a bijection on uint32 with good avalanche.
+    x = torch.bitwise_xor(x, _shr(x, 16))
+    x = _mul32(x, 0x7FEB352D)
+    x = torch.bitwise_xor(x, _shr(x, 15))
+    x = _mul32(x, 0x846CA68B)
+    return torch.bitwise_xor(x, _shr(x, 16))
+
+
+def hash32(seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """uint32 hash (in int64) of a seed (int64 tensor, any broadcastable shape) and counters."""
+    key = _mix32(torch.bitwise_and(seed, MASK32))
+    hi = torch.bitwise_and(_shr(index, 32), MASK32)
+    x = _mix32(torch.bitwise_xor(torch.bitwise_and(index, MASK32), key))
+    return _mix32(torch.bitwise_xor(x + hi, key) & MASK32)
+
+
+def noise(seed: torch.Tensor, start: int, n: int, kind: str = "normal",
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """z[start : start + n] of the stream named by seed (an int64 tensor of shape [] or [1])."""
+    return noise_at(seed, torch.arange(start, start + n, dtype=torch.int64), kind, dtype)
+
+
+def noise_at(seed: torch.Tensor, index: torch.Tensor, kind: str = "normal",
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """z at the given int64 counters (any shape): the same values as noise() over a range."""
+    h = hash32(seed.reshape(-1)[:1], index)
+    if kind == "rademacher":
+        return (torch.bitwise_and(h, 1) * 2 - 1).to(dtype)
+    if kind == "normal":
+        s = (torch.bitwise_and(h, 255) + torch.bitwise_and(_shr(h, 8), 255)
+             + torch.bitwise_and(_shr(h, 16), 255) + _shr(h, 24))  # exact integer sum in [0, 1020]
+        return (s - _IH_MEAN).to(dtype) * _IH_INV_STD
+    raise ValueError(f"unknown noise kind '{kind}' (expected normal or rademacher)")
+
+
+def step_seed(run_seed: int, step: int) -> int:
+    """The seed of one training step, derived from (run seed, step) on the host."""
+    s = torch.tensor([run_seed & MASK32], dtype=torch.int64)
+    return int(hash32(s, torch.tensor([step], dtype=torch.int64)).item())
