@@ -12,6 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Softmax in fp32 even for half-precision models (fp64 models stay fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def decoder_hidden(model: nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
     """Final hidden states [B, T, d] (after the last norm), without the LM head."""
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
@@ -56,8 +61,8 @@ class ClassificationLoss:
 
     def rows(self, model, input_ids, attention_mask, position_ids, choice_ids, labels):
         """-> (nll per row [B], count per row [B])"""
-        logp = F.log_softmax(self.logits(model, input_ids, attention_mask, position_ids,
-                                         choice_ids).float(), dim=-1)  # [B, C]
+        logp = F.log_softmax(_at_least_fp32(self.logits(model, input_ids, attention_mask, position_ids,
+                                         choice_ids)), dim=-1)  # [B, C]
         nll = -logp.gather(1, labels.unsqueeze(1)).squeeze(1)  # [B]
         return nll, torch.ones_like(nll)
 
@@ -75,7 +80,7 @@ class LMLoss:
         h = decoder_hidden(model, input_ids, attention_mask, position_ids)
         # The token at position t is predicted from position t-1.
         h = h[:, seq_len - n_target - 1: seq_len - 1]  # [B, L, d]
-        logits = _softcap(model, model.get_output_embeddings()(h)).float()  # [B, L, V]
+        logits = _at_least_fp32(_softcap(model, model.get_output_embeddings()(h)))  # [B, L, V]
         nll = -F.log_softmax(logits, dim=-1).gather(2, target_ids.unsqueeze(-1)).squeeze(-1)
         mask = target_mask.to(nll.dtype)  # [B, L]
         return (nll * mask).sum(1), mask.sum(1)

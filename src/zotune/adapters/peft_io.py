@@ -1,0 +1,81 @@
+"""Adapters in PEFT's format (adapter_config.json + adapter_model.safetensors), which PEFT, vLLM,
+llama.cpp's converter and ExecuTorch's LoRA loader read. LoRA-FA saves its frozen A too."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from zotune.errors import ZotuneError
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+
+
+def peft_key(layer: str, kind: str) -> str:
+    return f"base_model.model.{layer}.{kind}.weight"
+
+
+def save_peft(folder: str | Path, state: dict[str, torch.Tensor], layers: list[str], rank: int,
+              alpha: float, base_model: str, fan_in_fan_out: bool = False, dropout: float = 0.0,
+              extra: dict | None = None) -> Path:
+    """state maps '<layer>.lora_A' / '<layer>.lora_B' to tensors. Written atomically."""
+    folder = Path(folder)
+    tensors = {}
+    for layer in layers:
+        for kind in ("lora_A", "lora_B"):
+            tensors[peft_key(layer, kind)] = state[f"{layer}.{kind}"].detach().contiguous()
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted({layer.rsplit(".", 1)[-1] for layer in layers}),
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "modules_to_save": None,
+    }
+    if extra:
+        config["zotune"] = extra
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp.", dir=folder.parent))
+    try:
+        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_peft(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """-> (adapter_config, state keyed like save_peft's input)."""
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+        raise ZotuneError(f"adapter folder {folder}: expected {CONFIG} and {WEIGHTS}")
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+        raw = load_file(folder / WEIGHTS)
+    except Exception as e:
+        raise ZotuneError(f"adapter folder {folder}: unreadable ({e})") from None
+    if config.get("peft_type") != "LORA":
+        raise ZotuneError(f"{folder / CONFIG}: field 'peft_type': expected LORA")
+    state = {}
+    for key, value in raw.items():
+        if not (key.startswith("base_model.model.") and key.endswith(".weight")):
+            raise ZotuneError(f"{folder / WEIGHTS}: unexpected tensor '{key}'")
+        state[key[len("base_model.model."): -len(".weight")]] = value
+    return config, state

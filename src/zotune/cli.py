@@ -1,0 +1,140 @@
+"""The `zotune` command.
+
+    zotune models [NAME]                    list embedded models, or describe one
+    zotune data [--config x.yaml] [--k v]   load a task and show its splits
+    zotune fetch                            prepare the embedded model and data offline caches
+    zotune train --config x.yaml [--section.key value ...] [--resume]
+    zotune eval --config x.yaml [--adapter DIR] [--split test]
+    zotune replay RUN/replay.jsonl --out DIR
+
+Errors in the user's input print one line naming the file/line/field and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from zotune.errors import ZotuneError
+
+
+def _config(args, rest):
+    from zotune.config import load_config
+
+    return load_config(args.config, rest)
+
+
+def cmd_models(args, rest):
+    from zotune.models import EMBEDDED, load_model
+
+    if not args.name:
+        for name, (_, filename, desc) in EMBEDDED.items():
+            print(f"{name:16s} {desc}")
+        return
+    model, tokenizer, source = load_model(args.name)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"name": args.name, "source": source.kind, "path": source.path,
+                      "architecture": type(model).__name__, "parameters": n_params,
+                      "layers": model.config.num_hidden_layers,
+                      "hidden_size": model.config.hidden_size, "vocab": len(tokenizer)}, indent=1))
+
+
+def cmd_data(args, rest):
+    from zotune.data import load_task
+
+    cfg = _config(args, rest)
+    task = load_task(cfg.data)
+    print(json.dumps({"task": task.name, "kind": task.kind, **task.sizes()}, indent=1))
+    for ex in task.train[: args.show]:
+        print("---")
+        print(ex.prompt + (f"  -> {ex.choices[ex.label]!r} of {list(ex.choices)}"
+                           if ex.label is not None else f"  -> {ex.target!r}"))
+
+
+def cmd_fetch(args, rest):
+    from zotune.data.bigbench import bigbench_archive
+    from zotune.models import resolve
+
+    print("model:", resolve("smollm2-135m").path)
+    print("bigbench:", bigbench_archive())
+
+
+def cmd_train(args, rest):
+    from zotune.train.run import train
+
+    cfg = _config(args, rest)
+    summary = train(cfg, resume=args.resume, stop_after=args.stop_after)
+    if summary is None:
+        print(f"stopped after {args.stop_after} steps; continue with --resume")
+        return
+    _print_summary(summary)
+
+
+def _print_summary(s: dict) -> None:
+    zs, metric = s["zero_shot"], "accuracy" if "accuracy" in s["test"] else "loss"
+    print(f"zero-shot test {metric}: {zs['test'][metric]:.4f}")
+    if "test_calibrated" in zs:
+        print(f"zero-shot test accuracy with a dev-chosen threshold: "
+              f"{zs['test_calibrated']['accuracy']:.4f}")
+    print(f"after {s['steps']} steps (selected on dev at step {s['selected_step']}): "
+          f"dev {metric} {s['dev'][metric]:.4f}, test {metric} {s['test'][metric]:.4f}")
+    print(f"train time {s['train_wall_s']:.0f} s, peak RSS {s['peak_rss_mb']:.0f} MB")
+    print(f"adapter: {s['adapter']}\nplot: {s['plot']}")
+
+
+def cmd_eval(args, rest):
+    from zotune.train.run import evaluate_adapter
+
+    cfg = _config(args, rest)
+    print(json.dumps(evaluate_adapter(cfg, args.adapter, args.split), indent=1))
+
+
+def cmd_replay(args, rest):
+    from zotune.train.run import replay
+
+    print(f"adapter rebuilt from {args.log}: {replay(args.log, args.out)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zotune", description="Forward-only fine-tuning of LLMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("models", help="list embedded models or describe one")
+    s.add_argument("name", nargs="?")
+    s.set_defaults(fn=cmd_models)
+    for name, fn, help_ in (("data", cmd_data, "load a task and show its splits"),
+                            ("train", cmd_train, "fine-tune (eager PyTorch)"),
+                            ("eval", cmd_eval, "evaluate a model and adapter on a split")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--config", help="YAML config; further --section.key value override it")
+        s.set_defaults(fn=fn)
+    sub.choices["data"].add_argument("--show", type=int, default=2, help="examples to print")
+    sub.choices["train"].add_argument("--resume", action="store_true",
+                                      help="continue from the run folder's checkpoint")
+    sub.choices["train"].add_argument("--stop-after", type=int, default=None,
+                                      help="stop after this many steps (resume later)")
+    sub.choices["eval"].add_argument("--adapter", help="PEFT adapter folder")
+    sub.choices["eval"].add_argument("--split", default="test", choices=["train", "dev", "test"])
+    s = sub.add_parser("fetch", help="prepare the offline model and data caches")
+    s.set_defaults(fn=cmd_fetch)
+    s = sub.add_parser("replay", help="rebuild an adapter from a replay log")
+    s.add_argument("log")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_replay)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = build_parser().parse_known_args(argv)
+    try:
+        if rest and args.command in ("models", "fetch", "replay"):
+            raise ZotuneError(f"{args.command}: unexpected arguments {rest}")
+        args.fn(args, rest)
+    except ZotuneError as e:
+        print(f"zotune: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The eager PyTorch engine: runs the estimators directly on a transformers model.
+
+Every engine offers the same small surface to the training loop: step, scores, state/load_state
+and adapter_state, so the loop, logs, checkpoints and evaluation are written once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zotune.adapters.full import FullParams
+from zotune.adapters.lora import LoRAAdapter
+from zotune.config import Config
+from zotune.estimators.fo import FirstOrder
+from zotune.estimators.prge import PRGEStep
+from zotune.estimators.rge import RGE
+from zotune.loss import make_loss
+
+
+def build_params(model, cfg: Config):
+    a = cfg.adapter
+    if a.kind == "full":
+        return FullParams(model)
+    return LoRAAdapter(model, rank=a.rank, alpha=a.alpha, targets=a.targets, dropout=a.dropout,
+                       train_a=(a.kind == "lora"), init_seed=a.init_seed)
+
+
+class EagerEngine:
+    name = "eager"
+
+    def __init__(self, model, cfg: Config, kind: str):
+        self.model, self.cfg, self.kind = model, cfg, kind
+        o = cfg.optim
+        self.params = build_params(model, cfg)
+        # Full-parameter mode perturbs weights inside module calls, so the head must be called.
+        self.loss = make_loss(kind, via_head_module=isinstance(self.params, FullParams))
+        if o.estimator == "prge":
+            step = PRGEStep(model, self.params, self.loss, o.q, o.dual, o.noise, o.momentum)
+            self._step, self.buffers = self._prge(step), step.buffers
+        elif o.estimator == "rge":
+            rge = RGE(model, self.params, self.loss, o.q, o.noise, o.momentum)
+            self._step, self.buffers = rge.step, rge.buffers
+        else:
+            self.fo = FirstOrder(model, self.params, self.loss, o.optimizer, o.lr, o.weight_decay,
+                                 o.momentum)
+            self._step, self.buffers = self.fo.step, None
+
+    @staticmethod
+    def _prge(step: PRGEStep):
+        def run(batch, seed, lr, eps):
+            loss, g = step(torch.tensor([seed], dtype=torch.int64), lr, eps, *batch)
+            return float(loss), g
+        return run
+
+    def step(self, batch, seed: int, lr: float, eps: float):
+        """-> (mean loss of the step, g[q]) ; updates the trained tensors."""
+        return self._step(batch, seed, lr, eps)
+
+    @torch.no_grad()
+    def scores(self, batch) -> tuple[torch.Tensor, ...]:
+        """Classification: choice logits [B, C]. Generation: (nll sum [B], token count [B])."""
+        if self.kind == "classification":
+            return (self.loss.logits(self.model, *batch[:4]),)
+        return self.loss.rows(self.model, *batch)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        if isinstance(self.params, FullParams):
+            return {t.name: t.tensor.detach().clone() for t in self.params.trained}
+        return self.params.state()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything a resume needs: trained tensors, momentum, optimizer moments."""
+        out = {f"param.{t.name}": t.tensor.detach().clone() for t in self.params.trained}
+        for t, m in zip(self.params.trained, self.buffers or []):
+            out[f"momentum.{t.name}"] = m.clone()
+        if hasattr(self, "fo"):
+            for idx, st in self.fo.opt.state_dict()["state"].items():
+                for k, v in st.items():
+                    out[f"opt.{idx}.{k}"] = torch.as_tensor(v).clone()
+        return out
+
+    @torch.no_grad()
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for t in self.params.trained:
+            t.tensor.copy_(tensors[f"param.{t.name}"])
+        for t, m in zip(self.params.trained, self.buffers or []):
+            m.copy_(tensors[f"momentum.{t.name}"])
+        if hasattr(self, "fo"):
+            sd = self.fo.opt.state_dict()
+            state: dict[int, dict] = {}
+            for key, v in tensors.items():
+                if key.startswith("opt."):
+                    _, idx, k = key.split(".", 2)
+                    state.setdefault(int(idx), {})[k] = v.clone()
+            sd["state"] = state
+            self.fo.opt.load_state_dict(sd)

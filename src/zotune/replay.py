@@ -1,0 +1,73 @@
+"""Rebuild a trained adapter from a replay log alone: no model, no data, no forward pass.
+
+The log's header holds the adapter layout; each step line holds (seed, g, lr). z is regenerated
+from the seed and the update applied with the same code the trainer used, so on the same machine
+and dtype the rebuilt tensors equal the trained ones bit for bit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from zotune.adapters.lora import TrainedTensor, init_lora_a
+from zotune.errors import ZotuneError
+from zotune.estimators.zo import momentum_buffers, update_from_seed
+
+
+def read_replay_log(path: str | Path) -> tuple[dict, list[dict]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ZotuneError(f"replay log {path} does not exist")
+    header, steps = None, []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise ZotuneError(f"{path}: line {n}: not valid JSON") from None
+        if rec.get("type") == "header":
+            header = rec
+        elif rec.get("type") == "step":
+            for key in ("seed", "g", "lr"):
+                if key not in rec:
+                    raise ZotuneError(f"{path}: line {n}: missing field '{key}'")
+            steps.append(rec)
+    if header is None:
+        raise ZotuneError(f"{path}: no header line (a replay log starts with the adapter layout)")
+    if header.get("estimator") == "fo":
+        raise ZotuneError(f"{path}: a first-order run has no (seed, g) log to replay")
+    expected = list(range(len(steps)))
+    if [s["step"] for s in steps] != expected:
+        raise ZotuneError(f"{path}: step lines are not consecutive from 0")
+    return header, steps
+
+
+def replay_lora(header: dict, steps: list[dict]) -> dict[str, torch.Tensor]:
+    """-> adapter state ('<layer>.lora_A' / '.lora_B') after every logged step."""
+    layout = header["layout"]
+    dtype = getattr(torch, layout["dtype"])
+    generator = torch.Generator().manual_seed(layout["init_seed"])
+    state, trained, offset = {}, [], 0
+    for name, d_in, d_out in layout["layers"]:  # same order, same draws as LoRAAdapter
+        state[f"{name}.lora_A"] = init_lora_a(layout["rank"], d_in, generator, dtype)
+        state[f"{name}.lora_B"] = torch.zeros(d_out, layout["rank"], dtype=dtype)
+        for kind in (("lora_A", "lora_B") if layout["train_a"] else ("lora_B",)):
+            t = state[f"{name}.{kind}"]
+            trained.append(TrainedTensor(f"{name}.{kind}", t, offset))
+            offset += t.numel()
+    if offset != layout["numel"]:
+        raise ZotuneError(f"replay header: layout has {offset} values, header says {layout['numel']}")
+    replay_steps(trained, offset, header, steps, torch.promote_types(dtype, torch.float32))
+    return state
+
+
+def replay_steps(trained: list[TrainedTensor], numel: int, header: dict, steps: list[dict],
+                 g_dtype: torch.dtype = torch.float32) -> None:
+    """g was computed in the loss dtype: fp32, or fp64 for fp64 models."""
+    momentum = header.get("momentum", 0.0)
+    buffers = momentum_buffers([t.tensor for t in trained], momentum)
+    for rec in steps:
+        seed = torch.tensor([rec["seed"]], dtype=torch.int64)
+        g = torch.tensor(rec["g"], dtype=g_dtype)
+        update_from_seed(trained, numel, seed, g, rec["lr"], header["noise"], momentum, buffers)

@@ -1,0 +1,106 @@
+"""What `zotune train`, `eval` and `replay` do: wire config, model, data and engine together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from zotune import __version__
+from zotune.adapters.full import FullParams
+from zotune.adapters.peft_io import load_peft, save_peft
+from zotune.config import Config
+from zotune.data import load_task
+from zotune.data.tokenize import encode
+from zotune.engines.eager import EagerEngine
+from zotune.errors import ZotuneError
+from zotune.eval import evaluate
+from zotune.models import load_model
+from zotune.replay import read_replay_log, replay_lora, replay_steps
+from zotune.train.loop import Splits, Trainer
+
+
+def set_threads(cfg: Config) -> None:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+
+
+def prepare(cfg: Config):
+    """-> (model, tokenizer, tokenised splits)."""
+    set_threads(cfg)
+    model, tokenizer, _ = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code)
+    task = load_task(cfg.data)
+    d = cfg.data
+
+    def tok(examples):
+        return encode(examples, tokenizer, d.max_length, d.max_target_length, task.kind)
+
+    return model, tokenizer, Splits(task.kind, tok(task.train), tok(task.dev), tok(task.test))
+
+
+def adapter_saver(cfg: Config, engine):
+    """A function (state, folder) that writes the trained weights: PEFT format for adapters,
+    a safetensors model folder for full-parameter runs."""
+    params = engine.params
+
+    def save(state: dict[str, torch.Tensor], folder: Path) -> None:
+        if isinstance(params, FullParams):
+            engine.model.save_pretrained(folder, safe_serialization=True)
+            return
+        save_peft(folder, state, list(params.layers), params.rank, params.alpha, cfg.model.name,
+                  params.fan_in_fan_out, cfg.adapter.dropout,
+                  extra={"version": __version__, "kind": cfg.adapter.kind,
+                         "estimator": cfg.optim.estimator})
+    return save
+
+
+def replay_header(cfg: Config, params) -> dict:
+    o = cfg.optim
+    header = {"version": __version__, "model": cfg.model.name, "estimator": o.estimator,
+              "q": o.q, "noise": o.noise, "momentum": o.momentum, "adapter_kind": cfg.adapter.kind}
+    if isinstance(params, FullParams):
+        header["layout"] = {"numel": params.numel, "dtype": cfg.model.dtype}
+    else:
+        header["layout"] = params.layout()
+    return header
+
+
+def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> dict | None:
+    model, _, splits = prepare(cfg)
+    engine = EagerEngine(model, cfg, splits.kind)
+    trainer = Trainer(cfg, engine, splits, Path(cfg.train.out_dir), adapter_saver(cfg, engine),
+                      replay_header(cfg, engine.params))
+    return trainer.run(resume=resume, stop_after=stop_after)
+
+
+def evaluate_adapter(cfg: Config, adapter_dir: str | None, split: str = "test") -> dict:
+    model, _, splits = prepare(cfg)
+    engine = EagerEngine(model, cfg, splits.kind)
+    if adapter_dir:
+        config, state = load_peft(adapter_dir)
+        if config.get("r") != cfg.adapter.rank:
+            raise ZotuneError(f"{adapter_dir}: rank {config.get('r')} differs from adapter.rank "
+                              f"{cfg.adapter.rank}")
+        missing = sorted(set(engine.params.state()) - set(state))
+        if missing:
+            raise ZotuneError(f"{adapter_dir}: no tensor for layer {missing[0]} "
+                              f"(was it trained with other adapter.targets?)")
+        engine.params.load_state(state)
+    result = evaluate(engine, getattr(splits, split), splits.kind, cfg.train.eval_batch_size)
+    return {k: v for k, v in result.items() if k != "logits"}
+
+
+def replay(log_path: str, out_dir: str) -> Path:
+    header, steps = read_replay_log(log_path)
+    layout = header["layout"]
+    if header["adapter_kind"] == "full":
+        model, _, _ = load_model(header["model"], layout["dtype"])
+        params = FullParams(model)
+        replay_steps(params.trained, params.numel, header, steps)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        return Path(out_dir)
+    state = replay_lora(header, steps)
+    layers = [name for name, _, _ in layout["layers"]]
+    return save_peft(out_dir, state, layers, layout["rank"], layout["alpha"], header["model"],
+                     layout["fan_in_fan_out"], extra={"replayed_from": str(log_path),
+                                                      "steps": len(steps)})
