@@ -3,6 +3,9 @@ import json
 import pytest
 import torch
 
+# Tiny models run fastest on one thread, and a shared machine makes two threads much slower.
+torch.set_num_threads(1)
+
 from zotune.config import Config
 from zotune.models.loader import load_tokenizer
 from zotune.models.tiny import make_tiny_model, save_tiny_model

@@ -27,11 +27,14 @@ def _chunks(batch, size: int, fixed: bool):
 
 
 def collect_scores(engine, batch, kind: str, eval_batch_size: int, fixed: bool = False):
+    # Dynamic-shape engines trim padding per chunk: group prompts of similar length together.
+    order = torch.arange(len(batch)) if fixed else batch.attention_mask.sum(1).argsort(stable=True)
     parts: list[tuple[torch.Tensor, ...]] = []
-    for chunk, real in _chunks(batch, eval_batch_size, fixed):
+    for chunk, real in _chunks(batch.index(order), eval_batch_size, fixed):
         out = engine.scores(batch_tensors(chunk, kind))
         parts.append(tuple(o[:real] for o in out))
-    return tuple(torch.cat(p) for p in zip(*parts))
+    inverse = order.argsort()
+    return tuple(torch.cat(p)[inverse] for p in zip(*parts))
 
 
 def evaluate(engine, batch, kind: str, eval_batch_size: int = 32, fixed: bool = False) -> dict:

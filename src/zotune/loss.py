@@ -102,6 +102,20 @@ def batch_tensors(batch, kind: str) -> tuple[torch.Tensor, ...]:
     return common + (batch.target_ids, batch.target_mask)
 
 
+def trim_left_padding(batch: tuple[torch.Tensor, ...], keep: int = 1) -> tuple[torch.Tensor, ...]:
+    """Drop the leading columns that are padding in every row (left padding), keeping at least
+    `keep` positions. Exact for attention-masked models; engines with dynamic shapes use it so a
+    batch of short prompts does not pay for the static length."""
+    input_ids, attention_mask, position_ids, *rest = batch
+    seq_len = input_ids.shape[1]
+    used = attention_mask.any(0).nonzero()
+    start = int(used[0]) if len(used) else 0
+    start = min(start, seq_len - keep)
+    if start <= 0:
+        return batch
+    return (input_ids[:, start:], attention_mask[:, start:], position_ids[:, start:], *rest)
+
+
 def per_replica(nll: torch.Tensor, count: torch.Tensor, n_rep: int) -> torch.Tensor:
     """Token-level mean loss of each replica: rows are laid out replica-major. -> [R]"""
     return nll.reshape(n_rep, -1).sum(1) / count.reshape(n_rep, -1).sum(1).clamp_min(1)

@@ -110,6 +110,13 @@ def test_label_words_for_missing_label(tmp_path):
     assert e.value.field == "data.labels"
 
 
+def test_empty_labels_list(tmp_path):
+    f = write(tmp_path / "c.jsonl", reviews(10))
+    with pytest.raises(DataError, match="non-empty list of distinct labels") as e:
+        load_task(cfg(f"jsonl:{f}", labels=[]))
+    assert e.value.field == "data.labels"
+
+
 def test_empty_file_and_missing_file(tmp_path):
     f = tmp_path / "empty.jsonl"
     f.write_text("\n\n")

@@ -112,3 +112,14 @@ def test_template_and_label_words():
     with pytest.raises(DataError, match="label_words") as e:
         label_words_for(["pos", "neg"], {"posit": " good"}, "src")
     assert e.value.field == "data.label_words"
+
+
+def test_check_labels():
+    from zotune.data.task import check_labels
+
+    check_labels(None)
+    check_labels(["a", "b"])
+    for bad in ([], ["a", "a"]):
+        with pytest.raises(DataError, match="non-empty list of distinct labels") as e:
+            check_labels(bad)
+        assert e.value.field == "data.labels"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import gzip
+import importlib.util
 import json
 import os
 import shutil
@@ -27,7 +28,8 @@ import tempfile
 from pathlib import Path
 
 from zotune.config import DataConfig
-from zotune.data.task import Example, TaskSplits, fill_template, label_words_for, split_examples
+from zotune.data.task import (Example, TaskSplits, check_labels, fill_template, label_words_for,
+                              split_examples)
 from zotune.errors import DataError
 from zotune.paths import cache_dir
 
@@ -35,6 +37,7 @@ VERSION = "1.0.0"
 ARCHIVE = f"bigbench-{VERSION}.tar.gz"
 ROOT = f"bigbench-{VERSION}/bigbench/benchmark_tasks/"  # task folders inside the archive
 INDEX_FORMAT = 1
+OLD_PIP = "25.3"  # see _pip_rejects_bigbench
 
 GENERIC_TEMPLATE = "{input}\nAnswer:"
 # Per-task defaults, used where the config leaves a field unset.
@@ -66,6 +69,23 @@ def _atomic_write(path: Path, data: bytes) -> None:
             os.unlink(tmp)
 
 
+def _run(cmd: list[str], what: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip()[-2000:]
+        raise DataError(f"could not download {what} with `{' '.join(cmd)}` (exit {proc.returncode}):\n{tail}")
+
+
+def _pip_rejects_bigbench() -> bool:
+    # Recent pips (26.x; 25.3 does not) refuse any sdist from PyPI whose metadata declares a direct URL
+    # dependency, even with --no-deps, and bigbench's setup.py declares `bleurt @ file://...`. Those pips
+    # carry this module.
+    try:
+        return importlib.util.find_spec("pip._internal.metadata.direct_references") is not None
+    except ModuleNotFoundError:  # no pip at all: the download command will say so
+        return False
+
+
 def bigbench_archive() -> Path:
     """Path of bigbench-1.0.0.tar.gz, downloaded with pip the first time (into a temp dir, then renamed,
     so an interrupted download never leaves a partial archive behind)."""
@@ -77,13 +97,15 @@ def bigbench_archive() -> Path:
     try:
         print(f"zotune: downloading the BIG-bench sdist (bigbench=={VERSION}, 358 MB) into {root} (once)",
               file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"bigbench=={VERSION}", "-d", str(tmp)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not (tmp / ARCHIVE).is_file():
-            tail = (proc.stderr or proc.stdout).strip()[-2000:]
-            raise DataError(f"could not download bigbench=={VERSION} with `{' '.join(cmd)}` "
-                            f"(exit {proc.returncode}):\n{tail}")
+        pip = [sys.executable, "-m", "pip"]
+        if _pip_rejects_bigbench():  # fetch the last pip without that check and run it from its wheel
+            _run(pip + ["download", "--no-deps", "--only-binary", ":all:", f"pip=={OLD_PIP}", "-d", str(tmp)],
+                 f"pip=={OLD_PIP}")
+            pip = [sys.executable, str(tmp / f"pip-{OLD_PIP}-py3-none-any.whl" / "pip")]
+        _run(pip + ["download", "--no-deps", "--no-binary", ":all:", f"bigbench=={VERSION}", "-d", str(tmp)],
+             f"bigbench=={VERSION}")
+        if not (tmp / ARCHIVE).is_file():
+            raise DataError(f"pip reported success but {ARCHIVE} is not in {tmp}")
         os.replace(tmp / ARCHIVE, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -178,6 +200,7 @@ def task_examples(task: dict, cfg: DataConfig, defaults: dict, source: str) -> t
                                 field=f"examples[{i}].target_scores")
         all_labels = list(dict.fromkeys(k for ex in raw for k in ex["target_scores"]))
         labels = cfg.labels if cfg.labels is not None else defaults.get("labels")
+        check_labels(labels)
         if labels is not None:
             unknown = [x for x in labels if x not in all_labels]
             if unknown:

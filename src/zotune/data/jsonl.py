@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from zotune.config import DataConfig
-from zotune.data.task import (Example, TaskSplits, fill_template, label_words_for, split_examples,
-                              split_given)
+from zotune.data.task import (Example, TaskSplits, check_labels, fill_template, label_words_for,
+                              split_examples, split_given)
 from zotune.errors import DataError
 
 FORMATS = {"text": ("text",), "prompt": ("prompt", "completion"), "classification": ("input", "label")}
@@ -113,6 +113,7 @@ def jsonl_examples(paths: Sequence[str | Path], cfg: DataConfig) -> tuple[str, l
         return "generation", [[Example(prompt=pr, target=t) for _, pr, t in rows] for _, rows in read]
 
     # Choices: data.labels order, else data.label_words order, else order of first appearance.
+    check_labels(cfg.labels)
     if cfg.labels is not None:
         labels = list(cfg.labels)
         if cfg.label_words is not None:

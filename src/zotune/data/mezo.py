@@ -158,7 +158,8 @@ def load_mezo(name: str, path: str, cfg: DataConfig) -> TaskSplits:
     test = _read_split(key, folder, "validation")
     if cfg.max_input_chars is not None:  # MeZO rows have several fields: limit the whole prompt
         train = [e for e in train if len(e.prompt) <= cfg.max_input_chars]
-        test = test and [e for e in test if len(e.prompt) <= cfg.max_input_chars]
+        if test is not None:
+            test = [e for e in test if len(e.prompt) <= cfg.max_input_chars]
     sizes = dict(train_size=cfg.train_size, dev_size=cfg.dev_size, test_size=cfg.test_size, seed=cfg.split_seed)
     if test is None:
         tr, dev, te = split_examples(train, source=str(folder), **sizes)

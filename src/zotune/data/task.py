@@ -49,6 +49,11 @@ def fill_template(template: str, text: str) -> str:
     return template.replace("{input}", text)
 
 
+def check_labels(labels: Sequence[str] | None) -> None:
+    if labels is not None and (not labels or len(set(labels)) != len(labels)):
+        raise DataError(f"expected a non-empty list of distinct labels, got {list(labels)}", field="data.labels")
+
+
 def label_words_for(labels: Sequence[str], label_words: dict[str, str] | None, source: str) -> tuple[str, ...]:
     """Verbalizer word of each label: label_words[label], else " " + label."""
     words = label_words or {}

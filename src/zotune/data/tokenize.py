@@ -18,8 +18,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from zotune.errors import DataError
 from zotune.data.task import KINDS, Example
+from zotune.errors import DataError
 
 
 @dataclass

@@ -14,7 +14,7 @@ from zotune.config import Config
 from zotune.estimators.fo import FirstOrder
 from zotune.estimators.prge import PRGEStep
 from zotune.estimators.rge import RGE
-from zotune.loss import make_loss
+from zotune.loss import make_loss, trim_left_padding
 
 
 def build_params(model, cfg: Config):
@@ -52,13 +52,19 @@ class EagerEngine:
             return float(loss), g
         return run
 
+    def _trim(self, batch):
+        # Generation reads the last L+1 positions, whatever the padding.
+        keep = 1 if self.kind == "classification" else batch[3].shape[1] + 1
+        return trim_left_padding(batch, keep)
+
     def step(self, batch, seed: int, lr: float, eps: float):
         """-> (mean loss of the step, g[q]) ; updates the trained tensors."""
-        return self._step(batch, seed, lr, eps)
+        return self._step(self._trim(batch), seed, lr, eps)
 
     @torch.no_grad()
     def scores(self, batch) -> tuple[torch.Tensor, ...]:
         """Classification: choice logits [B, C]. Generation: (nll sum [B], token count [B])."""
+        batch = self._trim(batch)
         if self.kind == "classification":
             return (self.loss.logits(self.model, *batch[:4]),)
         return self.loss.rows(self.model, *batch)

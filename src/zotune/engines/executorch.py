@@ -42,6 +42,7 @@ from zotune.engines.export_common import (
     check_layout, flat_trained, flatten, layout, load_flat, read_sidecar,
     sidecar_path, trained_to_buffers, unflatten, verify_file, write_atomic,
 )
+from zotune.engines._graph_passes import PASSES
 from zotune.estimators.prge import PRGEStep
 
 ENGINE = "executorch"
@@ -182,6 +183,24 @@ class _KeepStatePartitioner:
         return KeepState()
 
 
+class _attention:
+    """Trace with the model's "eager" attention (matmul, additive mask, softmax): all of it
+    delegates to XNNPACK, whereas sdpa decomposes into boolean-mask handling and scalings that
+    do not, which splits every layer into more partitions (each compiled separately).
+    The eager reference of the parity check runs in the caller's configuration."""
+
+    def __init__(self, model, impl):
+        self.config, self.impl = model.config, impl
+
+    def __enter__(self):
+        self.saved = self.config._attn_implementation
+        if self.impl:
+            self.config._attn_implementation = self.impl
+
+    def __exit__(self, *exc):
+        self.config._attn_implementation = self.saved
+
+
 def _portable_ops(ep) -> int:
     n = 0
     for node in ep.graph.nodes:
@@ -201,7 +220,7 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
                    model_name: str | None = None, xnnpack: bool = True, group_size: int = 32,
                    tolerance: float | None = None, check_seed: int = 12345,
                    check_lr: float = 1e-3, check_eps: float = 1e-2,
-                   log=None) -> ExportReport:
+                   attention: str | None = "eager", log=None) -> ExportReport:
     """Export the P-RGE training step of (model, adapter, loss) to one ExecuTorch program.
 
     The adapter's trained tensors become registered buffers of `model` (in place, values kept;
@@ -267,7 +286,7 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         # model's .contiguous() after attention is traced away and the views after it break once
         # to_edge decomposes sdpa (with different strides).
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), _attention(model, attention):
             for name, (mod, args) in modules.items():
                 eps_[name] = torch.export.export(mod, tuple(args), strict=False)
         seconds["export"] = time.perf_counter() - t0
@@ -282,7 +301,7 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
                 partitioners[name] = [_KeepStatePartitioner(XnnpackPartitioner(), state_fqns)]
         with sdpa_kernel([SDPBackend.MATH]):  # the same sdpa strides while decomposing
             edge = to_edge_transform_and_lower(
-                eps_, partitioner=partitioners,
+                eps_, partitioner=partitioners, transform_passes=list(PASSES) if xnnpack else None,
                 compile_config=EdgeCompileConfig(_check_ir_validity=False))
         seconds["lower"] = time.perf_counter() - t0
         mutated = set(edge.exported_program("train_step").graph_signature.buffers_to_mutate

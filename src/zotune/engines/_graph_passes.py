@@ -1,0 +1,130 @@
+"""Edge-dialect rewrites that keep transformer blocks inside one XNNPACK partition.
+
+Every op XNNPACK does not take splits the graph: the op runs on a portable kernel and each
+delegated piece is compiled separately (lowering cost grows with the number of pieces). Two
+patterns of decoder blocks split it on every layer and have exact 4-D equivalents XNNPACK takes:
+
+- RMSNorm's mean over the last dim of a [B, T, D] tensor (XNNPACK's mean only averages the two
+  innermost dims of a 4-D tensor): view as [B, T, D, 1], mean over (2, 3), view back.
+- repeat_kv's unsqueeze + expand of K/V heads (XNNPACK has no expand): concatenate copies.
+- expands to the same shape (left by matmul's decomposition): dropped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _ops():
+    from executorch.exir.dialects._ops import ops as exir_ops
+    return exir_ops.edge.aten
+
+
+def _call(graph, target, args, val):
+    node = graph.call_function(target, args)
+    node.meta["val"] = val
+    return node
+
+
+def _copy_meta(src, dst):
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node", "torch_fn"):
+        if key in src.meta:
+            dst.meta.setdefault(key, src.meta[key])
+
+
+def mean_last_dim_to_4d(gm: torch.fx.GraphModule):
+    aten = _ops()
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != aten.mean.dim:
+            continue
+        x = node.args[0]
+        val = x.meta.get("val")
+        if val is None or val.dim() != 3 or node.kwargs.get("dtype") is not None:
+            continue
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if dims is None or [d % 3 for d in dims] != [2]:
+            continue
+        b, t, d = val.shape
+        with gm.graph.inserting_before(node):
+            v4 = _call(gm.graph, aten.view_copy.default, (x, [b, t, d, 1]), val.reshape(b, t, d, 1))
+            m4 = _call(gm.graph, aten.mean.dim, (v4, [2, 3], True), v4.meta["val"].mean([2, 3], True))
+            shape = [b, t, 1] if keep else [b, t]
+            out = _call(gm.graph, aten.view_copy.default, (m4, shape), m4.meta["val"].reshape(shape))
+        for n in (v4, m4, out):
+            _copy_meta(node, n)
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        changed = True
+    return _finish(gm, changed)
+
+
+def expand_to_cat(gm: torch.fx.GraphModule):
+    """expand_copy(unsqueeze_copy(x, d), sizes) that repeats the new dim n times (2 <= n <= 5)
+    -> view_copy(cat([view_copy(x, x.shape[:d] + [1, rest])] * n, d), sizes)."""
+    aten = _ops()
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != aten.expand_copy.default:
+            continue
+        u = node.args[0]
+        if not (isinstance(u, torch.fx.Node) and u.op == "call_function"
+                and u.target == aten.unsqueeze_copy.default):
+            continue
+        x = u.args[0]
+        xv, uv, ov = x.meta.get("val"), u.meta.get("val"), node.meta.get("val")
+        if xv is None or uv is None or ov is None:
+            continue
+        d = u.args[1] % uv.dim()
+        diff = [i for i in range(uv.dim()) if uv.shape[i] != ov.shape[i]]
+        n = int(ov.shape[d])
+        if diff != [d] or not 2 <= n <= 5 or d > 2:
+            continue
+        flat = list(xv.shape[:d]) + [1, math.prod(xv.shape[d:])]
+        with gm.graph.inserting_before(node):
+            # n distinct view nodes: XNNPACK's cat counts distinct inputs and needs at least two
+            vs = [_call(gm.graph, aten.view_copy.default, (x, flat), xv.reshape(flat))
+                  for _ in range(n)]
+            c = _call(gm.graph, aten.cat.default, (vs, d), torch.cat([v.meta["val"] for v in vs], d))
+            out = _call(gm.graph, aten.view_copy.default, (c, list(ov.shape)),
+                        c.meta["val"].reshape(ov.shape))
+        for m in (*vs, c, out):
+            _copy_meta(node, m)
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        if not u.users:
+            gm.graph.erase_node(u)
+        changed = True
+    return _finish(gm, changed)
+
+
+def remove_noop_expand(gm: torch.fx.GraphModule):
+    """expand_copy to the shape its input already has (matmul's decomposition leaves these)."""
+    aten = _ops()
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != aten.expand_copy.default:
+            continue
+        x = node.args[0]
+        xv, ov = x.meta.get("val"), node.meta.get("val")
+        if xv is None or ov is None or tuple(xv.shape) != tuple(ov.shape) or xv.dtype != ov.dtype:
+            continue
+        node.replace_all_uses_with(x)
+        gm.graph.erase_node(node)
+        changed = True
+    return _finish(gm, changed)
+
+
+def _finish(gm, changed):
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult(gm, changed)
+
+
+PASSES = [mean_last_dim_to_4d, expand_to_cat, remove_noop_expand]
