@@ -118,6 +118,17 @@ def remove_noop_expand(gm: torch.fx.GraphModule):
     return _finish(gm, changed)
 
 
+def strip_provenance(gm: torch.fx.GraphModule):
+    """Drop node provenance (from_node, stack_trace). Every backend pass deep-copies each node's
+    meta, and the provenance chain grows with every pass: on a whole decoder this dominated the
+    XNNPACK lowering time."""
+    for node in gm.graph.nodes:
+        node.meta.pop("from_node", None)
+        node.meta.pop("stack_trace", None)
+    from torch.fx.passes.infra.pass_base import PassResult
+    return PassResult(gm, False)
+
+
 def _finish(gm, changed):
     from torch.fx.passes.infra.pass_base import PassResult
 
@@ -127,4 +138,4 @@ def _finish(gm, changed):
     return PassResult(gm, changed)
 
 
-PASSES = [mean_last_dim_to_4d, expand_to_cat, remove_noop_expand]
+PASSES = [mean_last_dim_to_4d, expand_to_cat, remove_noop_expand, strip_provenance]

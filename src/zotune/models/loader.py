@@ -132,6 +132,24 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         raise ModelError(f"tokenizer of model '{name}' ({source.path}): {e}") from None
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check, so that an unreachable hub fails in seconds rather than after the hub
+    client's retries (about 50 s)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False):
     """Returns (model, tokenizer, source). The model is in eval mode with sdpa attention."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -141,7 +159,8 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
     source = resolve(name)
     kwargs = dict(trust_remote_code=trust_remote_code)
     if source.kind == "hub":
-        kwargs["use_safetensors"] = True
+        # Use the local hub cache when the hub cannot be reached.
+        kwargs.update(use_safetensors=True, local_files_only=not _hub_reachable())
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
