@@ -240,6 +240,8 @@ def test_missing_corrupted_and_mismatched_programs(llama, qwen, tmp_path):
     p.write_bytes(data[: len(data) // 2])
     with pytest.raises(ProgramFileError, match="truncated"):
         PteProgram.load(p)
+    with pytest.raises(ProgramFileError, match="cannot load"):  # the runtime's own refusal
+        PteProgram.load(p, verify=False)
 
     p = copy(llama.path, "garbage.pte")
     data = bytearray(p.read_bytes())
@@ -247,8 +249,8 @@ def test_missing_corrupted_and_mismatched_programs(llama, qwen, tmp_path):
     p.write_bytes(bytes(data))
     with pytest.raises(ProgramFileError, match="sha256"):
         PteProgram.load(p)
-    with pytest.raises(ProgramFileError, match="cannot load"):  # the runtime's own refusal
-        PteProgram.load(p, verify=False)
+    # (Without the hash check ExecuTorch 1.5.1 aborts the whole process on this file: its error
+    # logging fails to decode the garbage header.)
 
     p = copy(llama.path, "garbage.json.pte")
     sidecar_path(p).write_text("{not json")

@@ -49,7 +49,7 @@ ENGINE = "executorch"
 METHODS = ("train_step", "forward", "get_lora", "set_lora")
 QUANTIZE = (None, "8da4w")
 # Default parity tolerances (max abs difference of loss and of theta after one step).
-TOLERANCE = {None: 1e-5, "8da4w": 1e-3}
+TOLERANCE = {None: 1e-5, "8da4w": 5e-3}
 
 
 # ---------------------------------------------------------------------------------------------

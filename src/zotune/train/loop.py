@@ -103,11 +103,12 @@ class Trainer:
             if self.replay_header is not None:
                 self.replay.write({"type": "header", "done": 0, **self.replay_header})
             zero_shot = self._zero_shot()
-            best = {"score": _score(zero_shot["dev"]), "done": 0}
+            best = {"score": _score(zero_shot["dev"]), "done": 0, "dev": zero_shot["dev"]}
             save_checkpoint(self.best_dir, self.engine.state(), {"done": 0})
             self._checkpoint(0, best)
 
-        tokens_per_step = train.input_ids.shape[1] * o.batch_size * (1 if o.estimator == "fo" else 2 * o.q)
+        replicas = 1 if o.estimator == "fo" else 2 * o.q
+        tokens = 0
         t0, last_eval = time.perf_counter(), None
         bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=not t.progress,
                    dynamic_ncols=True, desc=f"{o.estimator}")
@@ -118,6 +119,7 @@ class Trainer:
             seed = step_seed(t.seed, step)
             lr = lr_at(step, t.steps, o.lr, o.schedule, o.warmup_steps, o.min_lr_ratio)
             loss, g = self.engine.step(batch, seed, lr, o.eps)
+            tokens += int(batch[1].sum()) * replicas  # real (unpadded) tokens through the model
             if loss != loss:  # NaN: stop before it reaches a checkpoint
                 raise ZotuneError(f"loss became NaN at step {done}; lower optim.lr or optim.eps")
             elapsed = time.perf_counter() - t0
@@ -127,15 +129,15 @@ class Trainer:
             if done % t.log_every == 0 or done == t.steps:
                 self.metrics.write({"type": "train", "done": done, "loss": loss, "lr": lr,
                                     "time": elapsed, "steps_per_s": speed,
-                                    "tokens_per_s": speed * tokens_per_step})
+                                    "tokens_per_s": tokens / elapsed})
             if done % t.eval_every == 0 or done == t.steps:
                 last_eval = self._eval("dev", done)
                 if _score(last_eval) > best["score"]:
-                    best = {"score": _score(last_eval), "done": done}
+                    best = {"score": _score(last_eval), "done": done, "dev": _public(last_eval)}
                     save_checkpoint(self.best_dir, self.engine.state(), {"done": done})
             if done % t.checkpoint_every == 0 or done == t.steps:
                 self._checkpoint(done, best)
-            post = {"loss": f"{loss:.4f}", "it/s": f"{speed:.2f}"}
+            post = {"loss": f"{loss:.4f}", "it/s": f"{speed:.2f}", "tok/s": f"{tokens / elapsed:.0f}"}
             if last_eval is not None:
                 post["dev"] = f"{_score(last_eval):.3f}"
             bar.set_postfix(post)
@@ -161,7 +163,7 @@ class Trainer:
         tensors, _ = load_checkpoint(self.best_dir)
         final_state = self.engine.state()
         self.engine.load_state(tensors)  # model selection by dev only
-        dev = _public(self._eval("dev", best["done"], "final"))
+        dev = best["dev"]  # measured when this state was selected
         test = _public(self._eval("test", best["done"], "final"))
         adapter_dir = self.run_dir / "adapter"
         self.save_adapter(self.engine.adapter_state(), adapter_dir)
