@@ -84,10 +84,10 @@ def test_momentum_accumulates(tokenizer):
     adapter = LoRAAdapter(model, rank=4, alpha=8)
     step = PRGEStep(model, adapter, ClassificationLoss(), q=2, momentum=0.9)
     step(torch.tensor([1]), 1e-2, 1e-2, *synthetic_batch())
-    m1 = [b.clone() for b in step.buffers]
+    m1 = [b.clone() for b in step.velocity]
     step(torch.tensor([2]), 1e-2, 1e-2, *synthetic_batch())
     assert all(b.abs().sum() > 0 for b in m1)
-    assert not all(torch.equal(a, b) for a, b in zip(m1, step.buffers))
+    assert not all(torch.equal(a, b) for a, b in zip(m1, step.velocity))
 
 
 def test_fused_noise_draws_the_same_z(tokenizer):

@@ -36,14 +36,14 @@ class EagerEngine:
         self.loss = make_loss(kind, via_head_module=isinstance(self.params, FullParams))
         if o.estimator == "prge":
             step = PRGEStep(model, self.params, self.loss, o.q, o.dual, o.noise, o.momentum)
-            self._step, self.buffers = self._prge(step), step.buffers
+            self._step, self.velocity = self._prge(step), step.velocity
         elif o.estimator == "rge":
             rge = RGE(model, self.params, self.loss, o.q, o.noise, o.momentum)
-            self._step, self.buffers = rge.step, rge.buffers
+            self._step, self.velocity = rge.step, rge.velocity
         else:
             self.fo = FirstOrder(model, self.params, self.loss, o.optimizer, o.lr, o.weight_decay,
                                  o.momentum)
-            self._step, self.buffers = self.fo.step, None
+            self._step, self.velocity = self.fo.step, None
 
     @staticmethod
     def _prge(step: PRGEStep):
@@ -77,7 +77,7 @@ class EagerEngine:
     def state(self) -> dict[str, torch.Tensor]:
         """Everything a resume needs: trained tensors, momentum, optimizer moments."""
         out = {f"param.{t.name}": t.tensor.detach().clone() for t in self.params.trained}
-        for t, m in zip(self.params.trained, self.buffers or []):
+        for t, m in zip(self.params.trained, self.velocity or []):
             out[f"momentum.{t.name}"] = m.clone()
         if hasattr(self, "fo"):
             for idx, st in self.fo.opt.state_dict()["state"].items():
@@ -89,7 +89,7 @@ class EagerEngine:
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         for t in self.params.trained:
             t.tensor.copy_(tensors[f"param.{t.name}"])
-        for t, m in zip(self.params.trained, self.buffers or []):
+        for t, m in zip(self.params.trained, self.velocity or []):
             m.copy_(tensors[f"momentum.{t.name}"])
         if hasattr(self, "fo"):
             sd = self.fo.opt.state_dict()

@@ -48,7 +48,7 @@ class PRGEStep(nn.Module):
         self.model, self.adapter, self.loss = model, adapter, loss
         self.q, self.dual, self.noise, self.fused_noise = q, dual, noise, fused_noise
         self.momentum = momentum
-        self.buffers = momentum_buffers(adapter.tensors(), momentum)
+        self.velocity = momentum_buffers(adapter.tensors(), momentum)
 
     @torch.no_grad()
     def forward(self, seed: torch.Tensor, lr: torch.Tensor, eps: torch.Tensor,
@@ -64,5 +64,5 @@ class PRGEStep(nn.Module):
                                 replica_losses(*args, (-1,), batch)])  # [2q]
         g = projected_gradient(losses[: self.q], losses[self.q:], eps)  # [q]
         apply_update(self.adapter.tensors(), (estimate(z, g) for z in z_list), lr,
-                     self.momentum, self.buffers)
+                     self.momentum, self.velocity)
         return losses.mean(), g

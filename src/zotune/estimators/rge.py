@@ -15,7 +15,7 @@ class RGE:
     def __init__(self, model, params, loss, q: int, noise: str = "normal", momentum: float = 0.0):
         self.model, self.params, self.loss = model, params, loss
         self.q, self.noise, self.momentum = q, noise, momentum
-        self.buffers = momentum_buffers(params.tensors(), momentum)
+        self.velocity = momentum_buffers(params.tensors(), momentum)
 
     def _loss(self, seed: torch.Tensor, query: int, sign: int, eps: float, batch) -> torch.Tensor:
         if isinstance(self.params, FullParams):
@@ -37,5 +37,5 @@ class RGE:
         plus, minus = torch.stack(plus), torch.stack(minus)  # [q] each
         g = projected_gradient(plus, minus, eps)
         update_from_seed(self.params.trained, self.params.numel, seed_t, g, lr, self.noise,
-                         self.momentum, self.buffers)
+                         self.momentum, self.velocity)
         return float(torch.cat([plus, minus]).mean()), g
