@@ -42,9 +42,10 @@ def step_times(metrics: list[dict]) -> list[float]:
     return [b - a for a, b in zip(times, times[1:])]
 
 
-def run(name: str, extra: list[str], steps: int, out: Path) -> dict:
+def run(name: str, extra: list[str], steps: int, out: Path, threads: int) -> dict:
     run_dir = out / name
     cmd = [sys.executable, "-m", "zotune.cli", "train", "--config", str(ROOT / "configs/demo.yaml"),
+           "--train.threads", str(threads),
            "--train.steps", str(steps), "--train.out_dir", str(run_dir),
            "--train.progress", "false", *extra]
     t0 = time.perf_counter()
@@ -54,7 +55,7 @@ def run(name: str, extra: list[str], steps: int, out: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     dt = step_times(metrics)
-    return {"name": name, "summary": summary, "metrics": metrics, "process_s": time.perf_counter() - t0,
+    return {"name": name, "threads": threads, "summary": summary, "metrics": metrics, "process_s": time.perf_counter() - t0,
             "step_s": statistics.median(dt) if dt else float("nan"),
             "step_s_min": min(dt, default=float("nan")), "step_s_max": max(dt, default=float("nan"))}
 
@@ -71,15 +72,15 @@ def report(results: list[dict], steps: int) -> str:
         f"({steps * 4}); P-RGE and RGE use q=4, b=4; first-order uses AdamW, batch 16. "
         "Test accuracy is of the adapter selected on dev (500 test examples).",
         "",
-        "| method | steps | test acc | dev acc | zero-shot test (raw / dev threshold) | "
+        "| method | threads | steps | test acc | dev acc | zero-shot test (raw / dev threshold) | "
         "step s (median, min-max) | train wall s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s = r["summary"]
         zs = s["zero_shot"]
         lines.append(
-            f"| {r['name']} | {s['steps']} | {s['test']['accuracy']:.3f} | {s['dev']['accuracy']:.3f} | "
+            f"| {r['name']} | {r['threads']} | {s['steps']} | {s['test']['accuracy']:.3f} | {s['dev']['accuracy']:.3f} | "
             f"{zs['test']['accuracy']:.3f} / {zs['test_calibrated']['accuracy']:.3f} | "
             f"{r['step_s']:.2f} ({r['step_s_min']:.2f}-{r['step_s_max']:.2f}) | "
             f"{s['train_wall_s']:.0f} | {s['peak_rss_mb']:.0f} |")
@@ -119,12 +120,13 @@ def main() -> None:
     p.add_argument("--only", default="prge,rge,fo")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_estimators"))
     p.add_argument("--name", default="estimators")
+    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     table = methods(args.steps)
     results = []
     for name in args.only.split(","):
         print(f"running {name} ...", flush=True)
-        results.append(run(name, table[name], args.steps, Path(args.out)))
+        results.append(run(name, table[name], args.steps, Path(args.out), args.threads))
         print(f"  test {results[-1]['summary']['test']['accuracy']:.3f}, "
               f"step {results[-1]['step_s']:.2f} s", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)

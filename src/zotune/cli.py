@@ -5,6 +5,8 @@
     zotune fetch                            prepare the embedded model and data offline caches
     zotune train --config x.yaml [--section.key value ...] [--resume]
     zotune eval --config x.yaml [--adapter DIR] [--split test]
+    zotune export --engine executorch --config x.yaml --out model.pte [--quantize 8da4w]
+    zotune device-train model.pte --config x.yaml [--resume]
     zotune replay RUN/replay.jsonl --out DIR
 
 Errors in the user's input print one line naming the file/line/field and exit with status 2.
@@ -83,6 +85,25 @@ def _print_summary(s: dict) -> None:
     print(f"adapter: {s['adapter']}\nplot: {s['plot']}")
 
 
+def cmd_export(args, rest):
+    from zotune.train.device import export
+
+    cfg = _config(args, rest)
+    report = export(cfg, args.out, args.engine, None if args.quantize == "none" else args.quantize)
+    print(json.dumps(report, indent=1))
+
+
+def cmd_device_train(args, rest):
+    from zotune.train.device import device_train
+
+    cfg = _config(args, rest)
+    summary = device_train(args.program, cfg, resume=args.resume, stop_after=args.stop_after)
+    if summary is None:
+        print(f"stopped after {args.stop_after} steps; continue with --resume")
+        return
+    _print_summary(summary)
+
+
 def cmd_eval(args, rest):
     from zotune.train.run import evaluate_adapter
 
@@ -104,15 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_models)
     for name, fn, help_ in (("data", cmd_data, "load a task and show its splits"),
                             ("train", cmd_train, "fine-tune (eager PyTorch)"),
-                            ("eval", cmd_eval, "evaluate a model and adapter on a split")):
+                            ("eval", cmd_eval, "evaluate a model and adapter on a split"),
+                            ("export", cmd_export, "export the training step (ExecuTorch .pte)"),
+                            ("device-train", cmd_device_train,
+                             "train with the ExecuTorch runtime executing an exported step")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", help="YAML config; further --section.key value override it")
         s.set_defaults(fn=fn)
     sub.choices["data"].add_argument("--show", type=int, default=2, help="examples to print")
-    sub.choices["train"].add_argument("--resume", action="store_true",
-                                      help="continue from the run folder's checkpoint")
-    sub.choices["train"].add_argument("--stop-after", type=int, default=None,
-                                      help="stop after this many steps (resume later)")
+    sub.choices["device-train"].add_argument("program", help="a .pte written by zotune export")
+    for name in ("train", "device-train"):
+        sub.choices[name].add_argument("--resume", action="store_true",
+                                       help="continue from the run folder's checkpoint")
+        sub.choices[name].add_argument("--stop-after", type=int, default=None,
+                                       help="stop after this many steps (resume later)")
+    sub.choices["export"].add_argument("--out", required=True, help="the .pte to write")
+    sub.choices["export"].add_argument("--engine", default="executorch", choices=["executorch"])
+    sub.choices["export"].add_argument("--quantize", default="none", choices=["none", "8da4w"])
     sub.choices["eval"].add_argument("--adapter", help="PEFT adapter folder")
     sub.choices["eval"].add_argument("--split", default="test", choices=["train", "dev", "test"])
     s = sub.add_parser("fetch", help="prepare the offline model and data caches")

@@ -26,7 +26,7 @@ from zotune.rng import noise  # noqa: E402
 T, C = 16, 2
 TOL = 1e-5
 PROMPTS = ["Review: great fun\nSentiment (positive or negative):",
-           "Review: a dull, overlong and confused mess of a film\nSentiment (positive or negative):",
+           "Review: a dull, overlong and confused mess\nSentiment (positive or negative):",
            "Review: fine\nSentiment:",
            "Review: I loved every minute of it, truly\nSentiment (positive or negative):"]
 
@@ -45,7 +45,8 @@ def make_batch(tokenizer, rows: int, offset: int = 0):
 
 class Exported:
     def __init__(self, path, model, adapter, loss, report, q, b, dual, kind):
-        self.path, self.model, self.adapter, self.loss, self.report = path, model, adapter, loss, report
+        self.path, self.model, self.adapter, self.loss = path, model, adapter, loss
+        self.report = report
         self.q, self.b, self.dual, self.kind = q, b, dual, kind
 
     def eager_step(self):
@@ -127,7 +128,8 @@ def test_export_report_and_metadata(which, request):
     # The caller's adapter is left as it was (B zero), its tensors now buffers.
     assert not flat_trained(ex.adapter).any()
     layer = next(iter(ex.adapter.layers.values()))
-    assert "lora_B" in dict(layer.named_buffers()) and "lora_B" not in dict(layer.named_parameters())
+    assert "lora_B" in dict(layer.named_buffers())
+    assert "lora_B" not in dict(layer.named_parameters())
 
 
 @pytest.mark.parametrize("which", ["llama", "qwen"])
@@ -187,6 +189,33 @@ def test_state_is_shared_by_all_methods_and_persists(llama, tokenizer):
         assert not torch.equal(after_step, after_set)
     finally:
         load_flat(llama.adapter, torch.zeros(llama.adapter.numel))
+
+
+def test_engine_surface_and_scores_of_any_row_count(llama, tokenizer):
+    from zotune.engines.executorch import ExecuTorchEngine
+
+    engine = ExecuTorchEngine(PteProgram.load(llama.path), frozen=llama.adapter.state())
+    batch = make_batch(tokenizer, llama.b)
+    loss, g = engine.step(batch, 11, 5e-2, 1e-2)
+    assert isinstance(loss, float) and g.shape == (llama.q,)
+    state = engine.state()
+    assert set(state) == {f"param.{t.name}" for t in llama.adapter.trained}
+    full = engine.adapter_state()  # B from the program, A from the eager adapter
+    assert set(full) == set(llama.adapter.state())
+    rows = make_batch(tokenizer, 2 * llama.b + 1, offset=3)  # not a multiple of the eval batch
+    try:
+        load_flat(llama.adapter, engine.program.get_lora_flat())
+        with torch.no_grad():
+            want = llama.loss.logits(llama.model, *rows[:4])
+        (got,) = engine.scores(rows)
+        assert got.shape == want.shape
+        assert float((got - want).abs().max()) <= TOL
+    finally:
+        load_flat(llama.adapter, torch.zeros(llama.adapter.numel))
+    engine.program.set_lora(torch.zeros(llama.adapter.numel))
+    engine.load_state(state)
+    assert torch.equal(engine.program.get_lora_flat(), flatten_dict(
+        {k[len("param."):]: v for k, v in state.items()}, engine.program))
 
 
 def flatten_dict(lora, prog):
@@ -307,7 +336,7 @@ def test_8da4w_matches_quantized_eager(tokenizer, tmp_path):
     assert rep.meta["quantize"] == "8da4w"
     assert all(v <= TOLERANCE["8da4w"] for v in rep.check.values()), rep.check
     # The caller's model stays fp32 (quantization ran on a copy).
-    assert type(model.model.layers[0].mlp.up_proj.weight) is type(w)
+    assert type(model.model.layers[0].mlp.up_proj.weight) is nn.Parameter
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, w)
     prog = PteProgram.load(tmp_path / "q.pte", quantize="8da4w")
     loss, g = prog.train_step(3, 1e-2, 1e-2, make_batch(tokenizer, 2))

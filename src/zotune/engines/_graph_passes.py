@@ -51,9 +51,11 @@ def mean_last_dim_to_4d(gm: torch.fx.GraphModule):
         b, t, d = val.shape
         with gm.graph.inserting_before(node):
             v4 = _call(gm.graph, aten.view_copy.default, (x, [b, t, d, 1]), val.reshape(b, t, d, 1))
-            m4 = _call(gm.graph, aten.mean.dim, (v4, [2, 3], True), v4.meta["val"].mean([2, 3], True))
+            m4 = _call(gm.graph, aten.mean.dim, (v4, [2, 3], True),
+                       v4.meta["val"].mean([2, 3], True))
             shape = [b, t, 1] if keep else [b, t]
-            out = _call(gm.graph, aten.view_copy.default, (m4, shape), m4.meta["val"].reshape(shape))
+            out = _call(gm.graph, aten.view_copy.default, (m4, shape),
+                        m4.meta["val"].reshape(shape))
         for n in (v4, m4, out):
             _copy_meta(node, n)
         node.replace_all_uses_with(out)
@@ -88,7 +90,8 @@ def expand_to_cat(gm: torch.fx.GraphModule):
             # n distinct view nodes: XNNPACK's cat counts distinct inputs and needs at least two
             vs = [_call(gm.graph, aten.view_copy.default, (x, flat), xv.reshape(flat))
                   for _ in range(n)]
-            c = _call(gm.graph, aten.cat.default, (vs, d), torch.cat([v.meta["val"] for v in vs], d))
+            c = _call(gm.graph, aten.cat.default, (vs, d),
+                      torch.cat([v.meta["val"] for v in vs], d))
             out = _call(gm.graph, aten.view_copy.default, (c, list(ov.shape)),
                         c.meta["val"].reshape(ov.shape))
         for m in (*vs, c, out):

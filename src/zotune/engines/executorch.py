@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -201,6 +200,43 @@ class _attention:
         self.config._attn_implementation = self.saved
 
 
+class _cheap_provenance:
+    """torch.fx records for every node created by a pass where it came from (NodeSource), and
+    each record deep-copies the whole history of the node it replaces. The history grows by one
+    level per pass, and to_edge plus the XNNPACK passes run dozens of them, so on a full decoder
+    those copies dominated lowering time. Share the (never mutated) history instead of copying
+    it while lowering; the records keep the same content."""
+
+    def __enter__(self):
+        import inspect
+
+        import torch.fx.traceback as tb
+
+        self.cls = getattr(tb, "NodeSource", None)
+        self.saved = getattr(self.cls, "__init__", None)
+        params = list(inspect.signature(self.saved).parameters) if self.saved else []
+        if params != ["self", "node", "pass_name", "action"]:
+            self.cls = None  # another torch: leave it alone
+            return
+        original = self.saved
+
+        def init(this, node, pass_name="", action=None):
+            if node is None or "from_node" not in node.meta:
+                return original(this, node, pass_name, action)
+            history = node.meta.pop("from_node")
+            try:
+                original(this, node, pass_name, action)
+            finally:
+                node.meta["from_node"] = history
+            this.from_node = list(history)
+
+        self.cls.__init__ = init
+
+    def __exit__(self, *exc):
+        if self.cls is not None:
+            self.cls.__init__ = self.saved
+
+
 def _portable_ops(ep) -> int:
     n = 0
     for node in ep.graph.nodes:
@@ -220,14 +256,16 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
                    model_name: str | None = None, xnnpack: bool = True, group_size: int = 32,
                    tolerance: float | None = None, check_seed: int = 12345,
                    check_lr: float = 1e-3, check_eps: float = 1e-2,
-                   attention: str | None = "eager", log=None) -> ExportReport:
+                   attention: str | None = "eager", step_factory=None, log=None) -> ExportReport:
     """Export the P-RGE training step of (model, adapter, loss) to one ExecuTorch program.
 
     The adapter's trained tensors become registered buffers of `model` (in place, values kept;
     eager use of model and adapter is unaffected). With quantize="8da4w" the export works on a
     deep copy, so the caller's model stays fp32. Raises ExportCheckError (and writes nothing) if
-    the lowered program and eager PyTorch differ by more than `tolerance` in the loss, theta after
-    one step, or the forward logits."""
+    the lowered program and eager PyTorch differ by more than `tolerance` in the loss, the loss
+    differences behind g (2 eps g), theta after one step, or the forward logits (relative to
+    max(1, |logits|)). `step_factory` builds the step module to trace (default: PRGEStep with
+    fused noise); it must update `adapter.trained` in place and return (loss, g)."""
     t_start = time.perf_counter()
     say = log or (lambda msg: None)
     if quantize not in QUANTIZE:
@@ -271,7 +309,10 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
-    step = PRGEStep(model, adapter, loss, q, dual=dual, noise=noise, fused_noise=True)
+    if step_factory is None:
+        step = PRGEStep(model, adapter, loss, q, dual=dual, noise=noise, fused_noise=True)
+    else:
+        step = step_factory(model, adapter, loss, q, dual, noise)
     modules = {
         "train_step": (_TrainStep(step), (seed_t, lr_t, eps_t, *batch)),
         "forward": (_Forward(model, adapter, loss), eval_in),
@@ -281,14 +322,14 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
     seconds = {}
     try:
         t0 = time.perf_counter()
-        eps_ = {}
+        programs = {}
         # MATH sdpa while tracing: the fused CPU kernel reports transposed output strides, so the
         # model's .contiguous() after attention is traced away and the views after it break once
         # to_edge decomposes sdpa (with different strides).
         from torch.nn.attention import SDPBackend, sdpa_kernel
         with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), _attention(model, attention):
             for name, (mod, args) in modules.items():
-                eps_[name] = torch.export.export(mod, tuple(args), strict=False)
+                programs[name] = torch.export.export(mod, tuple(args), strict=False)
         seconds["export"] = time.perf_counter() - t0
         say(f"torch.export: {seconds['export']:.1f} s")
 
@@ -299,9 +340,10 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
                 XnnpackPartitioner
             for name in ("train_step", "forward"):
                 partitioners[name] = [_KeepStatePartitioner(XnnpackPartitioner(), state_fqns)]
-        with sdpa_kernel([SDPBackend.MATH]):  # the same sdpa strides while decomposing
+        with sdpa_kernel([SDPBackend.MATH]), _cheap_provenance():  # same sdpa strides as traced
             edge = to_edge_transform_and_lower(
-                eps_, partitioner=partitioners, transform_passes=list(PASSES) if xnnpack else None,
+                programs, partitioner=partitioners,
+                transform_passes=list(PASSES) if xnnpack else None,
                 compile_config=EdgeCompileConfig(_check_ir_validity=False))
         seconds["lower"] = time.perf_counter() - t0
         mutated = set(edge.exported_program("train_step").graph_signature.buffers_to_mutate
@@ -318,7 +360,7 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
             memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
             emit_mutable_buffer_names=True))
         data = et.buffer
-        del edge, et, eps_
+        del edge, et, programs
         seconds["emit"] = time.perf_counter() - t0
         say(f"to_executorch: {seconds['emit']:.1f} s, {len(data) / 2**20:.1f} MiB")
 
@@ -346,7 +388,8 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         "eval_batch": int(eval_batch), "numel": int(adapter.numel), "noise": noise,
         "dual": bool(dual), "quantize": quantize, "group_size": group_size if quantize else None,
         "xnnpack": bool(xnnpack), "loss": loss.kind, "dtype": str(dtype).replace("torch.", ""),
-        "model": model_name or getattr(model.config, "_name_or_path", "") or model.config.model_type,
+        "model": (model_name or getattr(model.config, "_name_or_path", "")
+                  or model.config.model_type),
         "model_type": model.config.model_type, "layout": lay,
         "init": "zeros" if not theta0.any() else "given",
         "zotune": zotune.__version__, "torch": torch.__version__, "executorch": _et_version(),
@@ -392,7 +435,9 @@ def _parity_check(data: bytes, step, adapter, loss, model, theta, seed_t, lr_t, 
     theta_eager = flat_trained(adapter)
     return {
         "set_get": _max_diff(got, theta),
-        "forward": _max_diff(logits_pte, logits_eager),
+        # Logits are compared relative to their scale (real LMs give logits of 10-30).
+        "forward": _max_diff(logits_pte, logits_eager)
+        / max(1.0, float(logits_eager.abs().max())),
         "loss": _max_diff(loss_pte, loss_eager),
         # g = (l+ - l-) / (2 eps): compare the loss differences it comes from.
         "loss_diff": _max_diff(g_pte * 2 * eps_t, g_eager * 2 * eps_t),
@@ -403,6 +448,8 @@ def _parity_check(data: bytes, step, adapter, loss, model, theta, seed_t, lr_t, 
 # ---------------------------------------------------------------------------------------------
 # Runtime side.
 
+_EXPECTABLE = {"q", "b", "seq_len", "n_choices", "eval_batch", "numel", "noise", "dual",
+               "quantize", "model", "model_type", "loss", "dtype"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -429,6 +476,10 @@ class PteProgram:
         lora: initial theta (dict name -> tensor, or flat [N]); default zeros.
         expect: fields that must match the program's metadata, e.g. q=4, b=4, seq_len=64.
         verify: check size and sha256 of the file against its metadata (reads the whole file)."""
+        unknown = sorted(set(expect) - _EXPECTABLE)
+        if unknown:
+            raise TypeError(f"PteProgram.load: unknown fields {unknown} (known: "
+                            f"{sorted(_EXPECTABLE)})")
         path = Path(path)
         meta = read_sidecar(path, ENGINE)
         if verify:
@@ -446,15 +497,14 @@ class PteProgram:
         missing = [m for m in METHODS if m not in program.method_names]
         if missing:
             raise ProgramFileError(f"{path}: program has no method(s) {missing}")
-        methods = {}
+        self = cls(path, meta, program, {})
+        self._check_shapes()  # before loading: a mismatch must not cost the weight packing
         for name in METHODS:  # load every method up front: they share one theta
             try:
-                methods[name] = program.load_method(name)
+                self._methods[name] = program.load_method(name)
             except Exception as e:  # noqa: BLE001
                 raise ProgramFileError(f"{path}: method '{name}' does not load ({e}); this "
                                        "runtime may lack a kernel or backend it needs") from None
-        self = cls(path, meta, program, methods)
-        self._check_shapes()
         if lora is None:
             if meta.get("init") not in (None, "zeros"):
                 raise EngineError(f"{path}: the trained tensors did not start at zero when this "
@@ -512,6 +562,21 @@ class PteProgram:
                                   self.eval_batch, 4, "forward")
         return self._methods["forward"].execute(batch)[0]
 
+    def scores(self, input_ids, attention_mask, position_ids, choice_ids) -> torch.Tensor:
+        """Choice logits for any number of rows: chunks of the static eval batch, the last one
+        padded with copies of its first row (rows are independent, padding is discarded)."""
+        tensors = [torch.as_tensor(t) for t in (input_ids, attention_mask, position_ids,
+                                                choice_ids)]
+        rows, be = tensors[0].shape[0], self.eval_batch
+        out = []
+        for start in range(0, rows, be):
+            chunk = [t[start: start + be] for t in tensors]
+            n = chunk[0].shape[0]
+            if n < be:
+                chunk = [torch.cat([c, c[:1].expand(be - n, *c.shape[1:])]) for c in chunk]
+            out.append(self.forward(*chunk)[:n])
+        return torch.cat(out) if out else torch.zeros(0, self.n_choices)
+
     def get_lora_flat(self) -> torch.Tensor:
         return self._methods["get_lora"].execute([])[0]
 
@@ -533,9 +598,37 @@ class PteProgram:
         self._methods["set_lora"].execute([flat.contiguous()])
 
 
-def program_size(path: str | Path) -> int:
-    return os.path.getsize(path)
+class ExecuTorchEngine:
+    """A loaded program behind the surface the training loop uses for every engine (the same
+    methods as EagerEngine): step, scores, state / load_state, adapter_state.
+
+    frozen: tensors the program does not hold but an adapter file needs (LoRA-FA's A matrices,
+    e.g. `adapter.state()` of the eager adapter the program was exported from)."""
+
+    name = "executorch"
+
+    def __init__(self, program: PteProgram, frozen: dict[str, torch.Tensor] | None = None):
+        self.program, self.frozen = program, dict(frozen or {})
+        self.kind = "classification"
+
+    def step(self, batch, seed: int, lr: float, eps: float):
+        return self.program.train_step(seed, lr, eps, batch)
+
+    def scores(self, batch) -> tuple[torch.Tensor, ...]:
+        return (self.program.scores(*batch[:4]),)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        out = {k: v.clone() for k, v in self.frozen.items()}
+        out.update(self.program.get_lora())
+        return out
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"param.{k}": v for k, v in self.program.get_lora().items()}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.program.set_lora({k[len("param."):]: v for k, v in tensors.items()
+                               if k.startswith("param.")})
 
 
-__all__ = ["export_program", "ExportReport", "PteProgram", "ENGINE", "METHODS", "TOLERANCE",
-           "EngineError", "ExportCheckError", "ProgramFileError"]
+__all__ = ["export_program", "ExportReport", "PteProgram", "ExecuTorchEngine", "ENGINE",
+           "METHODS", "TOLERANCE", "EngineError", "ExportCheckError", "ProgramFileError"]

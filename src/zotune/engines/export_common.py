@@ -29,7 +29,7 @@ class EngineError(ZotuneError):
 
 
 class ExportCheckError(EngineError):
-    """The lowered program does not reproduce the eager step within tolerance; nothing was written."""
+    """The lowered program does not reproduce the eager step within tolerance (nothing written)."""
 
 
 class ProgramFileError(EngineError):
@@ -68,7 +68,7 @@ def trained_to_buffers(adapter) -> list[str]:
     of the exported program. The values are kept (the buffer shares the parameter's storage) and
     the entries of `adapter.trained` become LiveTrainedTensor views of the buffers, so the adapter,
     eager PRGEStep and `state()`/`load_state()` keep working on the same tensors, eagerly and
-    under tracing. Idempotent. Returns the trained tensor names (relative to the adapter's model)."""
+    under tracing. Idempotent. Returns the trained tensor names (relative to the model)."""
     names = []
     for i, t in enumerate(adapter.trained):
         module, attr = _owner(adapter.model, t.name)
@@ -111,7 +111,8 @@ def unflatten(flat: torch.Tensor, tensors: list[dict]) -> dict[str, torch.Tensor
             for d in tensors}
 
 
-def flatten(state: dict[str, torch.Tensor], tensors: list[dict], dtype=torch.float32) -> torch.Tensor:
+def flatten(state: dict[str, torch.Tensor], tensors: list[dict],
+            dtype=torch.float32) -> torch.Tensor:
     """A dict name -> tensor (extra keys such as lora_A of LoRA-FA are ignored) -> theta [N]."""
     parts = []
     for d in tensors:
@@ -155,7 +156,7 @@ def sidecar_path(path: str | Path) -> Path:
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:
-    """Write to a temporary file in the same folder, then os.replace: readers never see half a file."""
+    """Write to a temporary file in the same folder, then os.replace: no reader sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)

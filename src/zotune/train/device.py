@@ -1,0 +1,99 @@
+"""`zotune export` and `zotune device-train`: the training step as an ExecuTorch program, and the
+driver that trains with the ExecuTorch runtime alone executing it.
+
+The host only tokenises, batches, chooses seeds and the schedule, evaluates through the program's
+`forward` method and writes files: it never loads the model weights. Beside the .pte the exporter
+writes `<out>.frozen.safetensors` with what an adapter file needs and the program does not hold
+(LoRA-FA's frozen A matrices) and, in its metadata, the replay-log header, so the device's replay
+log rebuilds the adapter in eager PyTorch (`zotune replay`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from zotune.adapters.peft_io import save_peft
+from zotune.config import Config
+from zotune.data import load_task
+from zotune.data.tokenize import encode
+from zotune.errors import ZotuneError
+from zotune.loss import ClassificationLoss
+from zotune.models import load_tokenizer
+from zotune.train.checkpoint import atomic_write_text
+from zotune.train.loop import Splits, Trainer
+from zotune.engines.eager import build_params
+from zotune.train.run import prepare, replay_header
+
+
+def frozen_path(pte: str | Path) -> Path:
+    return Path(str(pte) + ".frozen.safetensors")
+
+
+def export(cfg: Config, out: str, engine: str = "executorch", quantize: str | None = None) -> dict:
+    from zotune.engines.executorch import export_program
+
+    if engine != "executorch":
+        raise ZotuneError(f"--engine: expected executorch, got '{engine}'")
+    if cfg.optim.estimator != "prge" or cfg.adapter.kind == "full":
+        raise ZotuneError("export: the exported step is P-RGE on a LoRA / LoRA-FA adapter "
+                          "(optim.estimator prge, adapter.kind lora-fa or lora)")
+    if cfg.optim.momentum:
+        raise ZotuneError("export: optim.momentum is not supported by exported programs yet")
+    model, _, splits = prepare(cfg)
+    if splits.kind != "classification":
+        raise ZotuneError("export: only classification tasks can be exported so far")
+    adapter = build_params(model, cfg)
+    header = replay_header(cfg, adapter)
+    frozen = {k: v for k, v in adapter.state().items() if k.endswith("lora_A")}
+    report = export_program(
+        model, adapter, ClassificationLoss(), cfg.optim.q, cfg.optim.batch_size,
+        cfg.data.max_length, splits.train.choice_ids.shape[1], cfg.optim.dual, cfg.optim.noise,
+        quantize, out, eval_batch=cfg.train.eval_batch_size, model_name=cfg.model.name,
+        log=lambda msg: print(msg, flush=True))
+    tmp = frozen_path(out).with_suffix(".tmp")
+    save_file(frozen, tmp, metadata={"replay_header": json.dumps(header)})
+    tmp.replace(frozen_path(out))
+    return report.as_dict()
+
+
+def device_train(pte: str, cfg: Config, resume: bool = False,
+                 stop_after: int | None = None) -> dict | None:
+    from zotune.engines.executorch import ExecuTorchEngine, PteProgram
+
+    if not frozen_path(pte).is_file():
+        raise ZotuneError(f"{frozen_path(pte)} is missing: it is written by `zotune export` "
+                          "beside the program")
+    frozen = load_file(frozen_path(pte))
+    with open(frozen_path(pte), "rb") as f:  # metadata: the replay header of this program
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(json.loads(f.read(n))["__metadata__"]["replay_header"])
+    o = cfg.optim
+    if o.estimator != "prge" or o.momentum:
+        raise ZotuneError("device-train runs the program's P-RGE step: optim.estimator must be "
+                          "prge and optim.momentum 0")
+    program = PteProgram.load(pte, q=o.q, b=o.batch_size, seq_len=cfg.data.max_length,
+                              noise=o.noise, dual=o.dual)
+    tokenizer = load_tokenizer(cfg.model.name)
+    task = load_task(cfg.data)
+    d = cfg.data
+
+    def tok(examples):
+        return encode(examples, tokenizer, d.max_length, d.max_target_length, task.kind)
+
+    splits = Splits(task.kind, tok(task.train), tok(task.dev), tok(task.test))
+    layout = header["layout"]
+    layers = [name for name, _, _ in layout["layers"]]
+
+    def save(state, folder):
+        save_peft(folder, state, layers, layout["rank"], layout["alpha"], header["model"],
+                  layout["fan_in_fan_out"], extra={"engine": "executorch", "program": str(pte)})
+
+    header = {**header, "engine": "executorch", "program": str(pte)}
+    engine = ExecuTorchEngine(program, frozen)
+    out = Path(cfg.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "program.json", json.dumps(program.meta, indent=1))
+    return Trainer(cfg, engine, splits, out, save, header).run(resume, stop_after)

@@ -1,0 +1,62 @@
+"""zotune export + device-train on a tiny model: the ExecuTorch runtime runs every step."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from zotune.errors import ZotuneError
+from zotune.train.device import device_train, export, frozen_path
+from zotune.train.run import replay, train
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory, tiny_folder, cls_jsonl):
+    out = tmp_path_factory.mktemp("pte") / "tiny.pte"
+    cfg = tiny_config(tiny_folder, cls_jsonl, out.parent / "unused")
+    report = export(cfg, str(out))
+    assert out.is_file() and frozen_path(out).is_file() and report["check"]["theta"] <= 1e-5
+    return str(out)
+
+
+def final_b(run):
+    return {k: v for k, v in load_file(run / "checkpoint" / "state.safetensors").items()}
+
+
+def test_device_train_matches_eager_and_replays(program, tmp_path, tiny_folder, cls_jsonl):
+    dev = tiny_config(tiny_folder, cls_jsonl, tmp_path / "device")
+    summary = device_train(program, dev)
+    eager = tiny_config(tiny_folder, cls_jsonl, tmp_path / "eager")
+    train(eager)
+    a, b = final_b(tmp_path / "device"), final_b(tmp_path / "eager")
+    assert a.keys() == b.keys() and any(v.abs().sum() > 0 for v in a.values())
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
+    # The device's replay log rebuilds its B in eager PyTorch (RNG bit-exact, arithmetic close).
+    out = replay(str(tmp_path / "device" / "replay.jsonl"), str(tmp_path / "replayed"))
+    rebuilt = load_file(out / "adapter_model.safetensors")
+    for key, value in a.items():
+        layer = key[len("param."):-len(".lora_B")]
+        torch.testing.assert_close(rebuilt[f"base_model.model.{layer}.lora_B.weight"], value,
+                                   rtol=1e-4, atol=1e-5)
+    adapter = load_file(tmp_path / "device" / "adapter" / "adapter_model.safetensors")
+    assert any(k.endswith("lora_A.weight") for k in adapter)
+    assert summary["test"]["accuracy"] >= 0
+
+
+def test_device_resume_is_exact(program, tmp_path, tiny_folder, cls_jsonl):
+    straight = tiny_config(tiny_folder, cls_jsonl, tmp_path / "straight")
+    device_train(program, straight)
+    split = tiny_config(tiny_folder, cls_jsonl, tmp_path / "split")
+    assert device_train(program, split, stop_after=3) is None
+    device_train(program, split, resume=True)
+    a, b = final_b(tmp_path / "straight"), final_b(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mismatched_config_is_refused(program, tmp_path, tiny_folder, cls_jsonl):
+    cfg = tiny_config(tiny_folder, cls_jsonl, tmp_path / "x", **{"optim.q": 3})
+    with pytest.raises(ZotuneError, match="q"):
+        device_train(program, cfg)
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()
