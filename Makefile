@@ -31,7 +31,7 @@ test: assets
 	$(PY) -m pytest -q -x
 
 bench: assets
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/bench_estimators.py
 
 clean:
 	rm -rf $(VENV) .cache runs

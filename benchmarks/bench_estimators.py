@@ -65,7 +65,7 @@ def report(results: list[dict], steps: int) -> str:
     lines = [
         "# Estimators on the demo task (SmolLM2-135M, multiemo positive/negative)",
         "",
-        f"Command: `.venv/bin/python benchmarks/bench_estimators.py --steps {steps}`. "
+        f"Command: `.venv/bin/python {' '.join(sys.argv)}`. "
         f"Machine: {os.cpu_count()} cores, {platform.machine()}, load average at the end "
         f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}. Each method ran in its own process, one after "
         "another. Every method saw the same number of training examples "
