@@ -14,40 +14,29 @@ import torch
 from zotune.loss import batch_tensors
 
 
-def _chunks(batch, size: int, fixed: bool):
-    """Slices of at most `size` rows; with fixed=True the last one is padded by repeating rows
-    (static-shape engines), and the number of real rows is returned beside each slice."""
-    n = len(batch)
-    for start in range(0, n, size):
-        idx = torch.arange(start, min(start + size, n))
-        real = len(idx)
-        if fixed and real < size:
-            idx = torch.cat([idx, idx[-1].repeat(size - real)])
-        yield batch.index(idx), real
-
-
-def collect_scores(engine, batch, kind: str, eval_batch_size: int, fixed: bool = False):
+def collect_scores(engine, batch, kind: str, eval_batch_size: int):
+    """Engine scores for every row, in chunks (static-shape engines pad chunks themselves)."""
     # Dynamic-shape engines trim padding per chunk: group prompts of similar length together.
-    order = torch.arange(len(batch)) if fixed else batch.attention_mask.sum(1).argsort(stable=True)
+    order = batch.attention_mask.sum(1).argsort(stable=True)
     parts: list[tuple[torch.Tensor, ...]] = []
-    for chunk, real in _chunks(batch.index(order), eval_batch_size, fixed):
-        out = engine.scores(batch_tensors(chunk, kind))
-        parts.append(tuple(o[:real] for o in out))
+    for start in range(0, len(batch), eval_batch_size):
+        chunk = batch.index(order[start: start + eval_batch_size])
+        parts.append(tuple(engine.scores(batch_tensors(chunk, kind))))
     inverse = order.argsort()
     return tuple(torch.cat(p)[inverse] for p in zip(*parts))
 
 
-def evaluate(engine, batch, kind: str, eval_batch_size: int = 32, fixed: bool = False) -> dict:
+def evaluate(engine, batch, kind: str, eval_batch_size: int = 32) -> dict:
     if len(batch) == 0:
         return {}
     if kind == "classification":
-        (logits,) = collect_scores(engine, batch, kind, eval_batch_size, fixed)  # [n, C]
+        (logits,) = collect_scores(engine, batch, kind, eval_batch_size)  # [n, C]
         pred = logits.argmax(-1)
         logp = torch.log_softmax(logits.float(), -1)
         nll = -logp.gather(1, batch.labels.unsqueeze(1)).mean()
         return {"accuracy": float((pred == batch.labels).float().mean()), "loss": float(nll),
                 "logits": logits}
-    nll, count = collect_scores(engine, batch, kind, eval_batch_size, fixed)
+    nll, count = collect_scores(engine, batch, kind, eval_batch_size)
     loss = float(nll.sum() / count.sum().clamp_min(1))
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 

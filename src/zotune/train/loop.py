@@ -58,12 +58,11 @@ def _public(result: dict) -> dict:
 
 class Trainer:
     def __init__(self, cfg: Config, engine, splits: Splits, run_dir: Path, save_adapter,
-                 replay_header: dict | None = None, fixed_eval_batch: bool = False):
+                 replay_header: dict | None = None):
         self.cfg, self.engine, self.splits = cfg, engine, splits
         self.run_dir = Path(run_dir)
         self.save_adapter = save_adapter  # (state, folder) -> None
         self.replay_header = replay_header
-        self.fixed = fixed_eval_batch
         self.metrics = JsonlLog(self.run_dir / "metrics.jsonl")
         self.replay = JsonlLog(self.run_dir / "replay.jsonl")
         self.ckpt_dir = self.run_dir / "checkpoint"
@@ -72,7 +71,7 @@ class Trainer:
     def _eval(self, split: str, done: int, kind: str = "eval") -> dict:
         t = self.cfg.train
         batch = getattr(self.splits, split)
-        result = evaluate(self.engine, batch, self.splits.kind, t.eval_batch_size, self.fixed)
+        result = evaluate(self.engine, batch, self.splits.kind, t.eval_batch_size)
         self.metrics.write({"type": kind, "split": split, "done": done, **_public(result)})
         return result
 
