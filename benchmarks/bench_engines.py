@@ -137,6 +137,7 @@ def cmd_export(args) -> dict:
     rep = export_program(model, adapter, ClassificationLoss(), q=Q, b=B, seq_len=T, n_choices=C,
                          quantize=quant, out_path=out, model_name=MODEL,
                          step_factory=FlatPRGEStep if args.step == "flat" else None,
+                         tolerance=args.tolerance,
                          log=lambda m: print(f"[{time.perf_counter() - t0:7.1f}s] {m}", flush=True))
     res = {"what": "export", "quantize": args.quantize, "step": args.step, "path": str(out),
            "size_mb": rep.size / 2**20,
@@ -276,6 +277,8 @@ def main() -> None:
     e = sub.add_parser("export")
     e.add_argument("--quantize", default="none", choices=["none", "8da4w"])
     e.add_argument("--out", default="/tmp/zotune-bench")
+    e.add_argument("--tolerance", type=float, default=None,
+                   help="parity tolerance (default: the engine's, 1e-5 fp32 / 5e-3 8da4w)")
     e.add_argument("--step", default="prge", choices=["prge", "flat"],
                    help="flat: export the proposed flat-theta step variant (prototype)")
     s = sub.add_parser("step")

@@ -60,3 +60,14 @@ def test_mismatched_config_is_refused(program, tmp_path, tiny_folder, cls_jsonl)
     with pytest.raises(ZotuneError, match="q"):
         device_train(program, cfg)
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+def test_lora_with_trained_a_starts_from_its_init(tmp_path, tiny_folder, cls_jsonl):
+    """LoRA (A trained): theta does not start at zero; device-train seeds it from the export."""
+    cfg = tiny_config(tiny_folder, cls_jsonl, tmp_path / "device", **{"adapter.kind": "lora"})
+    export(cfg, str(tmp_path / "lora.pte"))
+    device_train(str(tmp_path / "lora.pte"), cfg)
+    train(tiny_config(tiny_folder, cls_jsonl, tmp_path / "eager", **{"adapter.kind": "lora"}))
+    a, b = final_b(tmp_path / "device"), final_b(tmp_path / "eager")
+    assert any(k.endswith("lora_A") for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4

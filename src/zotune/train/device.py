@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from zotune.adapters.peft_io import save_peft
@@ -62,6 +63,7 @@ def export(cfg: Config, out: str, engine: str = "executorch", quantize: str | No
 def device_train(pte: str, cfg: Config, resume: bool = False,
                  stop_after: int | None = None) -> dict | None:
     from zotune.engines.executorch import ExecuTorchEngine, PteProgram
+    from zotune.engines.export_common import read_sidecar
 
     if not frozen_path(pte).is_file():
         raise ZotuneError(f"{frozen_path(pte)} is missing: it is written by `zotune export` "
@@ -74,8 +76,12 @@ def device_train(pte: str, cfg: Config, resume: bool = False,
     if o.estimator != "prge" or o.momentum:
         raise ZotuneError("device-train runs the program's P-RGE step: optim.estimator must be "
                           "prge and optim.momentum 0")
-    program = PteProgram.load(pte, q=o.q, b=o.batch_size, seq_len=cfg.data.max_length,
-                              noise=o.noise, dual=o.dual)
+    # theta starts from the exported values: B = 0, and LoRA's trained A from its seeded init.
+    meta = read_sidecar(pte, "executorch")
+    start = {d["name"]: frozen.get(d["name"], torch.zeros(d["shape"]))
+             for d in meta["layout"]["tensors"]}
+    program = PteProgram.load(pte, lora=start, q=o.q, b=o.batch_size,
+                              seq_len=cfg.data.max_length, noise=o.noise, dual=o.dual)
     tokenizer = load_tokenizer(cfg.model.name)
     task = load_task(cfg.data)
     d = cfg.data
