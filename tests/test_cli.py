@@ -2,7 +2,6 @@ import json
 import subprocess
 import sys
 
-from conftest import tiny_config  # noqa: F401  (fixtures come from conftest)
 from zotune.cli import main
 
 
