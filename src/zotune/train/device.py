@@ -18,15 +18,13 @@ from safetensors.torch import load_file, save_file
 
 from zotune.adapters.peft_io import save_peft
 from zotune.config import Config
-from zotune.data import load_task
-from zotune.data.tokenize import encode
 from zotune.errors import ZotuneError
 from zotune.loss import ClassificationLoss
 from zotune.models import load_tokenizer
 from zotune.train.checkpoint import atomic_write_text
-from zotune.train.loop import Splits, Trainer
 from zotune.engines.eager import build_params
-from zotune.train.run import prepare, replay_header
+from zotune.train.loop import Trainer
+from zotune.train.run import encode_splits, prepare, replay_header
 
 
 def frozen_path(pte: str | Path) -> Path:
@@ -82,14 +80,7 @@ def device_train(pte: str, cfg: Config, resume: bool = False,
              for d in meta["layout"]["tensors"]}
     program = PteProgram.load(pte, lora=start, q=o.q, b=o.batch_size,
                               seq_len=cfg.data.max_length, noise=o.noise, dual=o.dual)
-    tokenizer = load_tokenizer(cfg.model.name)
-    task = load_task(cfg.data)
-    d = cfg.data
-
-    def tok(examples):
-        return encode(examples, tokenizer, d.max_length, d.max_target_length, task.kind)
-
-    splits = Splits(task.kind, tok(task.train), tok(task.dev), tok(task.test))
+    splits = encode_splits(cfg, load_tokenizer(cfg.model.name))
     layout = header["layout"]
     layers = [name for name, _, _ in layout["layers"]]
 

@@ -29,13 +29,18 @@ def prepare(cfg: Config):
     """-> (model, tokenizer, tokenised splits)."""
     set_threads(cfg)
     model, tokenizer, _ = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code)
+    return model, tokenizer, encode_splits(cfg, tokenizer)
+
+
+def encode_splits(cfg: Config, tokenizer) -> Splits:
+    """The task's three splits, tokenised to the config's static shapes."""
     task = load_task(cfg.data)
     d = cfg.data
 
     def tok(examples):
         return encode(examples, tokenizer, d.max_length, d.max_target_length, task.kind)
 
-    return model, tokenizer, Splits(task.kind, tok(task.train), tok(task.dev), tok(task.test))
+    return Splits(task.kind, tok(task.train), tok(task.dev), tok(task.test))
 
 
 def adapter_saver(cfg: Config, engine):
