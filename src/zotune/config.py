@@ -76,6 +76,8 @@ class TrainConfig:
     checkpoint_every: int = 50
     log_every: int = 1
     eval_batch_size: int = 32
+    time_limit_s: float | None = None  # stop once this much training time (evals excluded) is spent
+    track_test: bool = False  # also score test at every dev eval, for curves only (selection stays on dev)
     out_dir: str = "runs/default"
     threads: int | None = None
     progress: bool = True

@@ -129,3 +129,32 @@ def test_run_outputs(tmp_path, tiny_folder, cls_jsonl):
     assert kinds.count("train") == 6 and kinds.count("final") == 1
     with open(run / "training.png", "rb") as f:
         assert f.read(4) == b"\x89PNG"
+
+
+def _records(run):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_time_limit_stops_early_and_still_finishes(tmp_path, tiny_folder, cls_jsonl):
+    cfg = tiny_config(tiny_folder, cls_jsonl, tmp_path / "run", **{
+        "train.steps": 1000, "train.eval_every": 500, "train.time_limit_s": 1e-9})
+    s = train(cfg)
+    recs = _records(tmp_path / "run")
+    assert s["steps"] == 1 and [r["done"] for r in recs if r["type"] == "train"] == [1]
+    # The stopping step is evaluated on dev and checkpointed like a last step.
+    assert [r["done"] for r in recs if r["type"] == "eval" and r["split"] == "dev"] == [0, 1]
+    assert json.loads((tmp_path / "run/checkpoint/meta.json").read_text())["done"] == 1
+    assert (tmp_path / "run/adapter/adapter_model.safetensors").is_file()
+
+
+def test_track_test_logs_curves_but_selects_on_dev(tmp_path, tiny_folder, cls_jsonl):
+    cfg = tiny_config(tiny_folder, cls_jsonl, tmp_path / "run", **{"train.track_test": True})
+    s = train(cfg)
+    recs = _records(tmp_path / "run")
+    track = [r for r in recs if r["type"] == "track"]
+    assert [r["done"] for r in track] == [3, 6] and all(r["split"] == "test" for r in track)
+    dev = {r["done"]: r["accuracy"] for r in recs if r["type"] == "eval" and r["split"] == "dev"}
+    assert s["dev"]["accuracy"] == max(dev.values())
+    train_recs = [r for r in recs if r["type"] == "train"]
+    # "time" is training time only: evaluations are in "wall" but not in "time".
+    assert all(r["time"] <= r["wall"] for r in train_recs)

@@ -12,7 +12,7 @@ from pathlib import Path
 from zotune.train.checkpoint import atomic_write_text
 
 # Fields that differ between two runs of the same training (wall-clock measurements).
-TIMING_FIELDS = ("time", "steps_per_s", "tokens_per_s")
+TIMING_FIELDS = ("time", "wall", "steps_per_s", "tokens_per_s")
 
 
 class JsonlLog:

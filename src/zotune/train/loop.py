@@ -109,6 +109,8 @@ class Trainer:
         replicas = 1 if o.estimator == "fo" else 2 * o.q
         tokens = 0
         t0, last_eval = time.perf_counter(), None
+        aside = 0.0  # seconds in evaluation and checkpoints: not training speed
+        done = start
         bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=not t.progress,
                    dynamic_ncols=True, desc=f"{o.estimator}")
         for step in bar:
@@ -121,21 +123,28 @@ class Trainer:
             tokens += int(batch[1].sum()) * replicas  # real (unpadded) tokens through the model
             if loss != loss:  # NaN: stop before it reaches a checkpoint
                 raise ZotuneError(f"loss became NaN at step {done}; lower optim.lr or optim.eps")
-            elapsed = time.perf_counter() - t0
+            wall = time.perf_counter() - t0
+            elapsed = wall - aside
             speed = (done - start) / elapsed
             self.replay.write({"type": "step", "done": done, "step": step, "seed": seed, "lr": lr,
                                "eps": o.eps, "g": [float(x) for x in g]})
-            if done % t.log_every == 0 or done == t.steps:
+            out_of_time = t.time_limit_s is not None and elapsed >= t.time_limit_s
+            last = done == t.steps or out_of_time
+            if done % t.log_every == 0 or last:
                 self.metrics.write({"type": "train", "done": done, "loss": loss, "lr": lr,
-                                    "time": elapsed, "steps_per_s": speed,
+                                    "time": elapsed, "wall": wall, "steps_per_s": speed,
                                     "tokens_per_s": tokens / elapsed})
-            if done % t.eval_every == 0 or done == t.steps:
+            t_aside = time.perf_counter()
+            if done % t.eval_every == 0 or last:
                 last_eval = self._eval("dev", done)
+                if t.track_test:
+                    self._eval("test", done, "track")
                 if _score(last_eval) > best["score"]:
                     best = {"score": _score(last_eval), "done": done, "dev": _public(last_eval)}
                     save_checkpoint(self.best_dir, self.engine.state(), {"done": done})
-            if done % t.checkpoint_every == 0 or done == t.steps:
+            if done % t.checkpoint_every == 0 or last:
                 self._checkpoint(done, best)
+            aside += time.perf_counter() - t_aside
             post = {"loss": f"{loss:.4f}", "it/s": f"{speed:.2f}", "tok/s": f"{tokens / elapsed:.0f}"}
             if last_eval is not None:
                 post["dev"] = f"{_score(last_eval):.3f}"
@@ -144,8 +153,10 @@ class Trainer:
                 self._checkpoint(done, best)
                 bar.close()
                 return None
+            if out_of_time:
+                break
         bar.close()
-        return self._finish(zero_shot, best, time.perf_counter() - t0)
+        return self._finish(zero_shot, best, time.perf_counter() - t0, done)
 
     def _zero_shot(self) -> dict:
         dev, test = self._eval("dev", 0), self._eval("test", 0)
@@ -158,7 +169,7 @@ class Trainer:
         atomic_write_text(self.run_dir / "zero_shot.json", json.dumps(out, indent=1))
         return out
 
-    def _finish(self, zero_shot: dict, best: dict, wall: float) -> dict:
+    def _finish(self, zero_shot: dict, best: dict, wall: float, done: int) -> dict:
         tensors, _ = load_checkpoint(self.best_dir)
         final_state = self.engine.state()
         self.engine.load_state(tensors)  # model selection by dev only
@@ -174,7 +185,7 @@ class Trainer:
             "selected_step": best["done"],
             "dev": dev,
             "test": test,
-            "steps": self.cfg.train.steps,
+            "steps": done,
             "train_wall_s": wall,
             "peak_rss_mb": peak_rss_mb(),
             "adapter": str(adapter_dir),
