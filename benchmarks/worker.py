@@ -49,7 +49,7 @@ def build(spec: dict):
     tokenizer = load_tokenizer(model_name)
     choice = [tokenizer.encode(w, add_special_tokens=False)[0] for w in (" positive", " negative")]
     if mode == "pte":
-        from zotune.engines.executorch import PteProgram
+        from zotune.engines.pte import PteProgram
 
         if spec.get("threads"):  # XNNPACK's own threadpool (default: one thread per core)
             from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
@@ -88,7 +88,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
-    import zotune.engines.eager  # noqa: F401  (the import baseline includes zotune)
+    import zotune.engines.eager  # noqa: F401 -- the import baseline includes zotune
     import_rss = peak_rss_mb()
     t0 = time.perf_counter()
     step = build(spec)

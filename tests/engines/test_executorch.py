@@ -192,7 +192,7 @@ def test_state_is_shared_by_all_methods_and_persists(llama, tokenizer):
 
 
 def test_engine_surface_and_scores_of_any_row_count(llama, tokenizer):
-    from zotune.engines.executorch import ExecuTorchEngine
+    from zotune.engines.pte import ExecuTorchEngine
 
     engine = ExecuTorchEngine(PteProgram.load(llama.path), frozen=llama.adapter.state())
     batch = make_batch(tokenizer, llama.b)

@@ -98,3 +98,20 @@ def test_fused_noise_draws_the_same_z(tokenizer):
     one = draw(seed, adapter.trained, adapter.numel, 3, "rademacher", query=2)
     for a, b, c in zip(per_tensor, fused, one):
         assert torch.equal(a, b) and torch.equal(a[2:3], c)
+
+
+@pytest.mark.parametrize("train_a,dual", [(False, True), (True, True), (False, False)])
+def test_flat_step_equals_per_layer_step_bitwise(tokenizer, train_a, dual):
+    """The fused (exported) form of PRGEStep gives the same bits as the per-layer eager form."""
+    results = []
+    for fused in (False, True):
+        model = make_tiny_model("qwen2", tokenizer)
+        adapter = LoRAAdapter(model, rank=4, alpha=8, train_a=train_a)
+        randomize(adapter.tensors())
+        step = PRGEStep(model, adapter, ClassificationLoss(), q=3, dual=dual, fused_noise=fused)
+        out = [step(torch.tensor([s]), 1e-2, 1e-2, *synthetic_batch()) for s in (5, 6)]
+        results.append((out, [t.clone() for t in adapter.tensors()]))
+    (out_a, theta_a), (out_b, theta_b) = results
+    for (la, ga), (lb, gb) in zip(out_a, out_b):
+        assert torch.equal(la, lb) and torch.equal(ga, gb)
+    assert all(torch.equal(a, b) for a, b in zip(theta_a, theta_b))

@@ -3,7 +3,8 @@ replicas of one batched forward pass.
 
 `PRGEStep` is the training step itself, written once: eager PyTorch calls it, and the exporters
 trace the same module into ExecuTorch and ONNX programs. Its only state is the adapter's trained
-tensors, updated in place.
+tensors, updated in place. With `fused_noise` (the exported form) theta and z are handled as
+flat vectors: one noise call, one perturbed stack and one update for all layers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn as nn
 from zotune.adapters.lora import LoRAAdapter
 from zotune.estimators.zo import apply_update, draw, estimate, momentum_buffers, projected_gradient
 from zotune.loss import per_replica
+from zotune.rng import noise
 
 
 def replica_losses(model, adapter: LoRAAdapter, loss, zs: dict[str, torch.Tensor], eps,
@@ -39,6 +41,25 @@ def replica_losses(model, adapter: LoRAAdapter, loss, zs: dict[str, torch.Tensor
     return per_replica(nll, count, n_rep)
 
 
+def flat_replica_losses(model, adapter: LoRAAdapter, loss, theta: torch.Tensor, z: torch.Tensor,
+                        eps, signs: tuple[int, ...], batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """replica_losses with theta [N] and z [q, N] flat: one perturbed stack [R, N] sliced per
+    layer. The same values as the per-layer stacks, in far fewer graph ops (one add per sign
+    instead of one per layer), which is what export and lowering time scale with."""
+    stack = torch.cat([theta + (s * eps) * z for s in signs])  # [R, N]
+    n_rep = stack.shape[0]
+    parts = {t.name: stack[:, t.offset: t.offset + t.tensor.numel()].reshape(n_rep, *t.tensor.shape)
+             for t in adapter.trained}
+    stacks = {name: (parts.get(f"{name}.lora_A"), parts[f"{name}.lora_B"]) for name in adapter.layers}
+    tiled = [t.repeat(n_rep, *([1] * (t.dim() - 1))) for t in batch]  # [R*b, ...]
+    adapter.set_replicas(stacks)
+    try:
+        nll, count = loss.rows(model, *tiled)  # [R*b]
+    finally:
+        adapter.set_replicas(None)
+    return per_replica(nll, count, n_rep)
+
+
 class PRGEStep(nn.Module):
     """train_step(seed, lr, eps, *batch) -> (mean loss, g[q]); updates the adapter in place."""
 
@@ -53,6 +74,8 @@ class PRGEStep(nn.Module):
     @torch.no_grad()
     def forward(self, seed: torch.Tensor, lr: torch.Tensor, eps: torch.Tensor,
                 *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused_noise and self.velocity is None:
+            return self._flat(seed, lr, eps, batch)
         trained = self.adapter.trained
         z_list = draw(seed, trained, self.adapter.numel, self.q, self.noise, self.fused_noise)
         zs = {t.name: z for t, z in zip(trained, z_list)}
@@ -65,4 +88,22 @@ class PRGEStep(nn.Module):
         g = projected_gradient(losses[: self.q], losses[self.q:], eps)  # [q]
         apply_update(self.adapter.tensors(), (estimate(z, g) for z in z_list), lr,
                      self.momentum, self.velocity)
+        return losses.mean(), g
+
+    def _flat(self, seed, lr, eps, batch):
+        """The exported form: theta and z as flat vectors (bitwise the same result)."""
+        trained = self.adapter.trained
+        theta = torch.cat([t.tensor.reshape(-1) for t in trained])  # [N]
+        z = noise(seed, 0, self.q * self.adapter.numel, self.noise, theta.dtype)
+        z = z.reshape(self.q, -1)  # [q, N]
+        args = (self.model, self.adapter, self.loss, theta, z, eps)
+        if self.dual:
+            losses = flat_replica_losses(*args, (1, -1), batch)  # [2q]
+        else:
+            losses = torch.cat([flat_replica_losses(*args, (1,), batch),
+                                flat_replica_losses(*args, (-1,), batch)])  # [2q]
+        g = projected_gradient(losses[: self.q], losses[self.q:], eps)  # [q]
+        new = theta - lr * estimate(z, g)  # elementwise: the same bits as t.sub_(lr * grad)
+        for t in trained:
+            t.tensor.copy_(new[t.offset: t.offset + t.tensor.numel()].reshape(t.tensor.shape))
         return losses.mean(), g

@@ -60,7 +60,7 @@ def export(cfg: Config, out: str, engine: str = "executorch", quantize: str | No
 
 def device_train(pte: str, cfg: Config, resume: bool = False,
                  stop_after: int | None = None) -> dict | None:
-    from zotune.engines.executorch import ExecuTorchEngine, PteProgram
+    from zotune.engines.pte import ExecuTorchEngine, PteProgram
     from zotune.engines.export_common import read_sidecar
 
     if not frozen_path(pte).is_file():
