@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.zotune-installed
 export ZOTUNE_CACHE ?= $(CURDIR)/.cache
 
-.PHONY: setup assets demo test bench clean
+.PHONY: setup assets demo test bench bench-quick clean
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,10 @@ test: assets
 	$(PY) -m pytest -q -x
 
 bench: assets
-	$(PY) benchmarks/bench_estimators.py
+	$(PY) benchmarks/run.py
+
+bench-quick: assets
+	$(PY) benchmarks/run.py --quick
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -11,6 +11,7 @@ export to ops that have no ExecuTorch kernel.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -52,21 +53,79 @@ def noise(seed: torch.Tensor, start: int, n: int, kind: str = "normal",
     return noise_at(seed, torch.arange(start, start + n, dtype=torch.int64), kind, dtype)
 
 
-# Eager hashing runs in cache-sized chunks: the ~40 int64 passes per value are memory-bound on
-# large arrays (measured 10M values: 3.4 s in one go, 0.31 s in chunks of 16K, 2 threads).
+# Eager hashing runs in cache-sized chunks: the hash is memory-bound on large arrays (torch
+# int64, 10M values: 3.4 s in one go, 0.31 s in chunks of 16K, 2 threads).
 _CHUNK = 1 << 14
 
 
 def noise_at(seed: torch.Tensor, index: torch.Tensor, kind: str = "normal",
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """z at the given int64 counters (any shape): the same values as noise() over a range."""
-    if index.numel() > _CHUNK and not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        return _noise(seed, index, kind, dtype)  # one op chain: what exported programs run
+    if dtype in _NP_FLOAT and kind in ("normal", "rademacher"):
+        return _noise_np(int(seed.reshape(-1)[0]), index, kind, dtype)
+    if index.numel() > _CHUNK:
         flat = index.reshape(-1)
         out = torch.empty(flat.shape, dtype=dtype)
         for start in range(0, flat.numel(), _CHUNK):
             out[start: start + _CHUNK] = _noise(seed, flat[start: start + _CHUNK], kind, dtype)
         return out.reshape(index.shape)
     return _noise(seed, index, kind, dtype)
+
+
+# The same hash in numpy uint32, for eager use: unsigned arithmetic wraps mod 2^32 by definition,
+# so a multiply is one pass instead of six and every pass moves half the bytes (measured 10M
+# normal values: about 6x faster than the chunked torch path). Bit-identical to _noise (tested).
+_NP_FLOAT = {torch.float32: np.float32, torch.float64: np.float64}
+_NP_CHUNK = 1 << 16
+
+
+def _mix32_np(x: np.ndarray, t: np.ndarray) -> None:
+    """lowbias32 in place on uint32 x, with t as scratch."""
+    np.right_shift(x, 16, out=t)
+    np.bitwise_xor(x, t, out=x)
+    np.multiply(x, np.uint32(0x7FEB352D), out=x)
+    np.right_shift(x, 15, out=t)
+    np.bitwise_xor(x, t, out=x)
+    np.multiply(x, np.uint32(0x846CA68B), out=x)
+    np.right_shift(x, 16, out=t)
+    np.bitwise_xor(x, t, out=x)
+
+
+def _noise_np(seed: int, index: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    k = np.array([seed & MASK32], dtype=np.uint32)
+    _mix32_np(k, np.empty_like(k))
+    key = k[0]
+    idx = index.reshape(-1).numpy().view(np.uint64)
+    ftype = _NP_FLOAT[dtype]
+    out = np.empty(idx.shape, dtype=ftype)
+    for start in range(0, idx.size, _NP_CHUNK):
+        part = idx[start: start + _NP_CHUNK]
+        hi = (part >> np.uint64(32)).astype(np.uint32)
+        x = part.astype(np.uint32)  # low 32 bits
+        t = np.empty_like(x)
+        np.bitwise_xor(x, key, out=x)
+        _mix32_np(x, t)
+        np.add(x, hi, out=x)  # wraps mod 2^32, as (x + hi) & MASK32 does
+        np.bitwise_xor(x, key, out=x)
+        _mix32_np(x, t)
+        dst = out[start: start + _NP_CHUNK]
+        if kind == "rademacher":
+            np.bitwise_and(x, 1, out=t)
+            np.multiply(t.astype(ftype), 2, out=dst)
+            np.subtract(dst, 1, out=dst)
+            continue
+        s = np.bitwise_and(x, 255)  # exact integer sum of the four bytes, in [0, 1020]
+        for shift in (8, 16):
+            np.right_shift(x, shift, out=t)
+            np.bitwise_and(t, 255, out=t)
+            np.add(s, t, out=s)
+        np.right_shift(x, 24, out=t)
+        np.add(s, t, out=s)
+        s = s.astype(np.int32) - _IH_MEAN
+        np.multiply(s.astype(ftype), ftype(_IH_INV_STD), out=dst)
+    return torch.from_numpy(out).reshape(index.shape)
 
 
 def _noise(seed: torch.Tensor, index: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,41 @@
+"""`make bench`: every benchmark, one after another, each writing benchmarks/results/.
+
+    .venv/bin/python benchmarks/run.py            # all stages, about 40 minutes on 2 cores
+    .venv/bin/python benchmarks/run.py --quick    # step cost at (4,4) and (16,1) only, < 5 min
+
+Stages: cost (bench_cost.py: estimator step time, memory, scaling), engines (bench_engines.py:
+eager vs ExecuTorch fp32 / 8da4w; exports are cached under .cache/bench-engines), accuracy
+(bench_accuracy.py: test accuracy against training time for P-RGE, RGE, first-order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", default="cost,engines,accuracy")
+    args = p.parse_args()
+    stages = {
+        "cost": ["bench_cost.py"] + (["--quick"] if args.quick else []),
+        "engines": ["bench_engines.py"],
+        "accuracy": ["bench_accuracy.py"],
+    }
+    chosen = ["cost"] if args.quick else args.only.split(",")
+    t0 = time.perf_counter()
+    for name in chosen:
+        print(f"== {name}: {' '.join(stages[name])}", flush=True)
+        subprocess.run([sys.executable, str(HERE / stages[name][0]), *stages[name][1:]], check=True)
+    print(f"== done in {(time.perf_counter() - t0) / 60:.1f} min; results in {HERE / 'results'}")
+
+
+if __name__ == "__main__":
+    main()
