@@ -62,8 +62,10 @@ class LoRALinear(nn.Module):
             xa = F.linear(xr, self.lora_A)  # [R, b*T, r]
         else:
             xa = torch.bmm(xr, a_stack.transpose(1, 2))  # [R, b*T, r]
-        delta = torch.bmm(xa, b_stack.transpose(1, 2))  # [R, b*T, d_out]
-        return y + self.scale * delta.reshape(y.shape)
+        # y + scale * xa B^T in one batched GEMM that accumulates into y (no extra passes over
+        # the [rows, d_out] output for the scaling and the add).
+        y3 = y.reshape(n_rep, -1, self.d_out)  # [R, b*T, d_out]
+        return torch.baddbmm(y3, xa, b_stack.transpose(1, 2), alpha=self.scale).reshape(y.shape)
 
     def merged_weight(self) -> torch.Tensor:
         """The effective [d_out, d_in] weight, for checks against other implementations."""
