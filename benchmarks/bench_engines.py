@@ -52,10 +52,11 @@ def cmd_export(args) -> None:
     rep = export_program(model, adapter, ClassificationLoss(), q=Q, b=B, seq_len=T, n_choices=C,
                          quantize=quant, out_path=out, model_name=MODEL, tolerance=args.tolerance,
                          log=lambda m: print(f"[{time.perf_counter() - t0:7.1f}s] {m}", flush=True))
-    print("@@" + json.dumps({"path": str(out), "size_mb": rep.size / 2**20, "seconds": rep.seconds,
-                             "check": rep.check, "portable_ops": rep.portable_ops,
-                             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}),
-          flush=True)
+    res = {"path": str(out), "size_mb": rep.size / 2**20, "seconds": rep.seconds,
+           "check": rep.check, "portable_ops": rep.portable_ops, "threads": torch.get_num_threads(),
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out.with_name(out.name + ".export.json").write_text(json.dumps(res, indent=1))
+    print("@@" + json.dumps(res), flush=True)
 
 
 def export(quantize: str, out: Path, threads: int, tolerance: float | None) -> dict:
@@ -90,7 +91,7 @@ def report(exports: dict, steps: dict, args, m: dict) -> str:
         f"{machine_line(m)}. {args.threads} threads per engine (torch / XNNPACK threadpool); "
         f"q={Q}, b={B}, T={T}, LoRA-FA r={RANK} on all linears; {args.steps} measured steps after "
         "1 warm-up, engines interleaved, one process each; median (min-max) seconds.", "",
-        "| engine | step s | step / eager (target) | peak RSS MB | file MB | export s (lowering s) | "
+        "| engine | step s | step / eager (target) | peak RSS MB | file MB | export s (lowering s), peak RSS | "
         "parity (theta, loss) |",
         "|---|---|---|---|---|---|---|",
         f"| eager PyTorch | {fmt_time(eager)} | 1.00 | {eager.get('peak_rss_mb', float('nan')):.0f} "
@@ -106,8 +107,8 @@ def report(exports: dict, steps: dict, args, m: dict) -> str:
         ratio = r["median_s"] / eager["median_s"]
         verdict = "meets" if ratio <= TARGET[qz] else "misses"
         secs = e.get("seconds", {})
-        export_s = (f"{secs['total']:.0f} ({secs['lower']:.0f})" if "total" in secs
-                    else "reused")
+        export_s = (f"{secs['total']:.0f} ({secs['lower']:.0f}), {e['peak_rss_mb'] / 1024:.1f} GB"
+                    if "total" in secs else "not recorded")
         check = e.get("check", {})
         parity = (f"{check['theta']:.1e}, {check['loss']:.1e}" if check else "-")
         lines.append(f"| {label} | {fmt_time(r)} | {ratio:.2f} ({verdict} ≤ {TARGET[qz]}) | "
@@ -144,9 +145,11 @@ def main() -> None:
     for qz in args.quantize:
         path = out / pte_name(qz)
         if reusable(path) and not args.reexport:
+            record = path.with_name(path.name + ".export.json")  # how it was exported, if known
             meta = json.loads(path.with_name(path.name + ".json").read_text())
-            exports[qz] = {"path": str(path), "size_mb": path.stat().st_size / 2**20,
-                           "check": meta.get("check", {}), "seconds": {}}
+            exports[qz] = (json.loads(record.read_text()) if record.is_file() else
+                           {"path": str(path), "size_mb": path.stat().st_size / 2**20,
+                            "check": meta.get("check", {}), "seconds": {}})
             continue
         print(f"exporting {qz} ...", flush=True)
         tol = args.tolerance if qz == "none" else args.tolerance_8da4w

@@ -25,9 +25,10 @@ class Worker:
     def __init__(self, name: str, spec: dict):
         self.name, self.spec = name, spec
         self.stderr = tempfile.TemporaryFile(mode="w+")  # a pipe could fill up and block
+        env = {**os.environ, **spec.get("env", {})}  # e.g. OMP_WAIT_POLICY for one configuration
         self.proc = subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.stderr, text=True, bufsize=1)
+                                     stderr=self.stderr, text=True, bufsize=1, env=env)
         self.times: list[float] = []
         self.info: dict = {}
 

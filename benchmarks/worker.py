@@ -14,6 +14,7 @@ the worker loads, runs `warmup` steps, says '@@ready {json}', then answers each 
 
 from __future__ import annotations
 
+import importlib
 import json
 import resource
 import sys
@@ -49,11 +50,10 @@ def build(spec: dict):
     tokenizer = load_tokenizer(model_name)
     choice = [tokenizer.encode(w, add_special_tokens=False)[0] for w in (" positive", " negative")]
     if mode == "pte":
-        from zotune.engines.pte import PteProgram
+        from zotune.engines.pte import PteProgram, set_threads
 
         if spec.get("threads"):  # XNNPACK's own threadpool (default: one thread per core)
-            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-            _unsafe_reset_threadpool(spec["threads"])
+            set_threads(spec["threads"])
         prog = PteProgram.load(spec["pte"])
         batch = _batch(b, T, len(tokenizer), choice)
         return lambda i: prog.train_step(1000 + i, 3e-3, 1e-2, batch)
@@ -88,7 +88,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
-    import zotune.engines.eager  # noqa: F401 -- the import baseline includes zotune
+    importlib.import_module("zotune.engines.eager")  # the import baseline includes zotune
     import_rss = peak_rss_mb()
     t0 = time.perf_counter()
     step = build(spec)

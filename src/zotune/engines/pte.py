@@ -21,6 +21,12 @@ _EXPECTABLE = {"q", "b", "seq_len", "n_choices", "eval_batch", "numel", "noise",
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def set_threads(n: int) -> None:
+    """Threads of the runtime's shared threadpool (XNNPACK's; the default is one per core)."""
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+    _unsafe_reset_threadpool(int(n))
+
+
 class PteProgram:
     """A loaded training program: all four methods, one shared theta.
 

@@ -60,7 +60,7 @@ def export(cfg: Config, out: str, engine: str = "executorch", quantize: str | No
 
 def device_train(pte: str, cfg: Config, resume: bool = False,
                  stop_after: int | None = None) -> dict | None:
-    from zotune.engines.pte import ExecuTorchEngine, PteProgram
+    from zotune.engines.pte import ExecuTorchEngine, PteProgram, set_threads
     from zotune.engines.export_common import read_sidecar
 
     if not frozen_path(pte).is_file():
@@ -75,6 +75,8 @@ def device_train(pte: str, cfg: Config, resume: bool = False,
         raise ZotuneError("device-train runs the program's P-RGE step: optim.estimator must be "
                           "prge and optim.momentum 0")
     # theta starts from the exported values: B = 0, and LoRA's trained A from its seeded init.
+    if cfg.train.threads:
+        set_threads(cfg.train.threads)
     meta = read_sidecar(pte, "executorch")
     start = {d["name"]: frozen.get(d["name"], torch.zeros(d["shape"]))
              for d in meta["layout"]["tensors"]}
