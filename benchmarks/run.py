@@ -1,7 +1,7 @@
 """`make bench`: every benchmark, one after another, each writing benchmarks/results/.
 
-    .venv/bin/python benchmarks/run.py            # all stages, about 40 minutes on 2 cores
-    .venv/bin/python benchmarks/run.py --quick    # step cost at (4,4) and (16,1) only, < 5 min
+    .venv/bin/python benchmarks/run.py            # all stages (the first run also exports programs)
+    .venv/bin/python benchmarks/run.py --quick    # step cost at (4,4) and (16,1) only (5.5 min measured)
 
 Stages: cost (bench_cost.py: estimator step time, memory, scaling), engines (bench_engines.py:
 eager vs ExecuTorch fp32 / 8da4w; exports are cached under .cache/bench-engines), accuracy
