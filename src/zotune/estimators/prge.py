@@ -18,6 +18,19 @@ from zotune.loss import per_replica
 from zotune.rng import noise
 
 
+def stacked_losses(model, adapter: LoRAAdapter, loss, stacks: dict, n_rep: int,
+                   batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Per-replica losses of one forward pass with the adapter's layers in replica mode. -> [R]"""
+    # Tile the b examples once per replica: row k*b + i is example i under replica k.
+    tiled = [t.repeat(n_rep, *([1] * (t.dim() - 1))) for t in batch]  # [R*b, ...]
+    adapter.set_replicas(stacks)
+    try:
+        nll, count = loss.rows(model, *tiled)  # [R*b]
+    finally:
+        adapter.set_replicas(None)
+    return per_replica(nll, count, n_rep)
+
+
 def replica_losses(model, adapter: LoRAAdapter, loss, zs: dict[str, torch.Tensor], eps,
                    signs: tuple[int, ...], batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Losses of len(signs) * q replicas (sign-major: [+z_1..+z_q, -z_1..-z_q]). -> [R]"""
@@ -31,14 +44,7 @@ def replica_losses(model, adapter: LoRAAdapter, loss, zs: dict[str, torch.Tensor
             a_stack = torch.cat([layer.lora_A + (s * eps) * z_a for s in signs])  # [R, r, d_in]
         stacks[name] = (a_stack, b_stack)
     n_rep = len(signs) * next(iter(zs.values())).shape[0]
-    # Tile the b examples once per replica: row k*b + i is example i under replica k.
-    tiled = [t.repeat(n_rep, *([1] * (t.dim() - 1))) for t in batch]  # [R*b, ...]
-    adapter.set_replicas(stacks)
-    try:
-        nll, count = loss.rows(model, *tiled)  # [R*b]
-    finally:
-        adapter.set_replicas(None)
-    return per_replica(nll, count, n_rep)
+    return stacked_losses(model, adapter, loss, stacks, n_rep, batch)
 
 
 def flat_replica_losses(model, adapter: LoRAAdapter, loss, theta: torch.Tensor, z: torch.Tensor,
@@ -51,13 +57,7 @@ def flat_replica_losses(model, adapter: LoRAAdapter, loss, theta: torch.Tensor, 
     parts = {t.name: stack[:, t.offset: t.offset + t.tensor.numel()].reshape(n_rep, *t.tensor.shape)
              for t in adapter.trained}
     stacks = {name: (parts.get(f"{name}.lora_A"), parts[f"{name}.lora_B"]) for name in adapter.layers}
-    tiled = [t.repeat(n_rep, *([1] * (t.dim() - 1))) for t in batch]  # [R*b, ...]
-    adapter.set_replicas(stacks)
-    try:
-        nll, count = loss.rows(model, *tiled)  # [R*b]
-    finally:
-        adapter.set_replicas(None)
-    return per_replica(nll, count, n_rep)
+    return stacked_losses(model, adapter, loss, stacks, n_rep, batch)
 
 
 class PRGEStep(nn.Module):
@@ -74,36 +74,31 @@ class PRGEStep(nn.Module):
     @torch.no_grad()
     def forward(self, seed: torch.Tensor, lr: torch.Tensor, eps: torch.Tensor,
                 *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.fused_noise and self.velocity is None:
-            return self._flat(seed, lr, eps, batch)
-        trained = self.adapter.trained
-        z_list = draw(seed, trained, self.adapter.numel, self.q, self.noise, self.fused_noise)
-        zs = {t.name: z for t, z in zip(trained, z_list)}
-        args = (self.model, self.adapter, self.loss, zs, eps)
-        if self.dual:
-            losses = replica_losses(*args, (1, -1), batch)  # [2q]
-        else:
-            losses = torch.cat([replica_losses(*args, (1,), batch),
-                                replica_losses(*args, (-1,), batch)])  # [2q]
-        g = projected_gradient(losses[: self.q], losses[self.q:], eps)  # [q]
-        apply_update(self.adapter.tensors(), (estimate(z, g) for z in z_list), lr,
-                     self.momentum, self.velocity)
-        return losses.mean(), g
+        trained, args = self.adapter.trained, (self.model, self.adapter, self.loss)
+        flat = self.fused_noise and self.velocity is None  # the exported form
+        if flat:
+            theta = torch.cat([t.tensor.reshape(-1) for t in trained])  # [N]
+            z = noise(seed, 0, self.q * self.adapter.numel, self.noise, theta.dtype)
+            z = z.reshape(self.q, -1)  # [q, N]
 
-    def _flat(self, seed, lr, eps, batch):
-        """The exported form: theta and z as flat vectors (bitwise the same result)."""
-        trained = self.adapter.trained
-        theta = torch.cat([t.tensor.reshape(-1) for t in trained])  # [N]
-        z = noise(seed, 0, self.q * self.adapter.numel, self.noise, theta.dtype)
-        z = z.reshape(self.q, -1)  # [q, N]
-        args = (self.model, self.adapter, self.loss, theta, z, eps)
-        if self.dual:
-            losses = flat_replica_losses(*args, (1, -1), batch)  # [2q]
+            def losses_for(signs):
+                return flat_replica_losses(*args, theta, z, eps, signs, batch)
         else:
-            losses = torch.cat([flat_replica_losses(*args, (1,), batch),
-                                flat_replica_losses(*args, (-1,), batch)])  # [2q]
+            z_list = draw(seed, trained, self.adapter.numel, self.q, self.noise, self.fused_noise)
+            zs = {t.name: z for t, z in zip(trained, z_list)}
+
+            def losses_for(signs):
+                return replica_losses(*args, zs, eps, signs, batch)
+        if self.dual:
+            losses = losses_for((1, -1))  # [2q]
+        else:
+            losses = torch.cat([losses_for((1,)), losses_for((-1,))])  # [2q]
         g = projected_gradient(losses[: self.q], losses[self.q:], eps)  # [q]
-        new = theta - lr * estimate(z, g)  # elementwise: the same bits as t.sub_(lr * grad)
-        for t in trained:
-            t.tensor.copy_(new[t.offset: t.offset + t.tensor.numel()].reshape(t.tensor.shape))
+        if flat:
+            new = theta - lr * estimate(z, g)  # elementwise: the same bits as t.sub_(lr * grad)
+            for t in trained:
+                t.tensor.copy_(new[t.offset: t.offset + t.tensor.numel()].reshape(t.tensor.shape))
+        else:
+            apply_update(self.adapter.tensors(), (estimate(z, g) for z in z_list), lr,
+                         self.momentum, self.velocity)
         return losses.mean(), g
