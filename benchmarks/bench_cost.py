@@ -4,7 +4,7 @@ and a plain inference forward over the same rows; peak memory; scaling with q, b
 Every configuration runs in its own process; the configurations of one table run interleaved
 (benchmarks/lockstep.py). Writes benchmarks/results/<name>.md, <name>.json and <name>.png.
 
-    .venv/bin/python benchmarks/bench_cost.py [--quick] [--steps 7] [--threads 2]
+    .venv/bin/python benchmarks/bench_cost.py [--quick] [--steps 5] [--threads 2]
 """
 
 from __future__ import annotations
@@ -21,15 +21,18 @@ T_DEMO = 64
 TARGETS = {"overhead": 1.05, "speedup_16_1": 2.0, "train_vs_infer_rss": 1.10, "prge_vs_fo_rss": 0.5}
 
 
-def cost_group(q: int, b: int, threads: int, with_fo: bool) -> dict[str, dict]:
+def cost_group(q: int, b: int, threads: int, full: bool) -> dict[str, dict]:
+    """P-RGE dual, sequential RGE and a forward of the same rows; in full mode also P-RGE single
+    and, at (4,4), first-order at batch 16 beside a forward of its 16 rows."""
     base = {"q": q, "b": b, "T": T_DEMO, "threads": threads}
     specs = {
         "prge-dual": {**base, "mode": "prge", "dual": True},
-        "prge-single": {**base, "mode": "prge", "dual": False},
         "rge": {**base, "mode": "rge"},
         "forward": {**base, "mode": "forward", "rows": 2 * q * b},
     }
-    if with_fo:
+    if full:
+        specs["prge-single"] = {**base, "mode": "prge", "dual": False}
+    if full and (q, b) == (4, 4):
         specs["fo-b16"] = {"b": 16, "T": T_DEMO, "threads": threads, "mode": "fo"}
         specs["forward-b16"] = {"T": T_DEMO, "threads": threads, "mode": "forward", "rows": 16}
     return specs
@@ -69,12 +72,15 @@ def report(cost: dict, scaling: dict, m: dict, args, wall: float) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for (q, b), g in cost.items():
+        single = g.get("prge-single")
+        single_s = fmt_time(single) if single else "-"
+        single_r = f"{ratio(single, g['forward']):.2f}" if single else "-"
         speed = ratio(g["rge"], g["prge-dual"])
         over = ratio(g["prge-dual"], g["forward"])
         speed_s = mark(speed, TARGETS["speedup_16_1"], at_most=False) if (q, b) == (16, 1) else f"{speed:.2f}"
-        lines.append(f"| {q}, {b} | {fmt_time(g['prge-dual'])} | {fmt_time(g['prge-single'])} | "
+        lines.append(f"| {q}, {b} | {fmt_time(g['prge-dual'])} | {single_s} | "
                      f"{fmt_time(g['rge'])} | {fmt_time(g['forward'])} | {speed_s} | "
-                     f"{mark(over, TARGETS['overhead'])} | {ratio(g['prge-single'], g['forward']):.2f} |")
+                     f"{mark(over, TARGETS['overhead'])} | {single_r} |")
     fo_group = next((g for g in cost.values() if "fo-b16" in g), None)
     if fo_group:
         lines += ["", f"First-order AdamW at batch 16: {fmt_time(fo_group['fo-b16'])} s per step, "
@@ -123,7 +129,7 @@ def plot(cost: dict, scaling: dict, path: Path) -> None:
     width = 0.2
     for k, name in enumerate(names):
         xs = [i + k * width for i in range(len(cost))]
-        ys = [g[name].get("median_s", float("nan")) for g in cost.values()]
+        ys = [g.get(name, {}).get("median_s", float("nan")) for g in cost.values()]
         ax.bar(xs, ys, width, label=name)
     ax.set_xticks([i + 1.5 * width for i in range(len(cost))], [f"q={q}, b={b}" for q, b in cost])
     ax.set_ylabel("step s (median)")
@@ -145,12 +151,12 @@ def plot(cost: dict, scaling: dict, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="(4,4) and (16,1) only, no scaling")
-    p.add_argument("--steps", type=int, default=None, help="measured steps (default 7, quick 5)")
+    p.add_argument("--quick", action="store_true",
+                   help="(4,4) and (16,1) only; no P-RGE single, first-order or scaling")
+    p.add_argument("--steps", type=int, default=5, help="measured steps per configuration")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--name", default=None, help="result file name (default cost / cost-quick)")
     args = p.parse_args()
-    args.steps = args.steps or (5 if args.quick else 7)
     name = args.name or ("cost-quick" if args.quick else "cost")
     args.command = "benchmarks/bench_cost.py" + (" --quick" if args.quick else "")
     t0 = time.perf_counter()
@@ -158,7 +164,7 @@ def main() -> None:
     cost = {}
     for q, b in settings:
         print(f"cost q={q} b={b}", flush=True)
-        cost[(q, b)] = run_group(cost_group(q, b, args.threads, with_fo=(q, b) == (4, 4)), args.steps)
+        cost[(q, b)] = run_group(cost_group(q, b, args.threads, full=not args.quick), args.steps)
     scaling = {}
     if not args.quick:
         for key, (label, xs, specs) in scaling_groups(args.threads).items():

@@ -324,6 +324,9 @@ def test_unsupported_options_are_refused(tokenizer, tmp_path):
     with pytest.raises(EngineError, match="classification"):
         export_program(model, adapter, ClassificationLoss(via_head_module=True), 1, 1, 8, 2,
                        out_path=tmp_path / "x.pte")
+    with pytest.raises(EngineError, match="momentum"):
+        export_program(model, adapter, ClassificationLoss(), 1, 1, 8, 2, momentum=1.0,
+                       out_path=tmp_path / "x.pte")
     assert list(tmp_path.iterdir()) == []
 
 

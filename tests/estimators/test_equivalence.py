@@ -6,7 +6,7 @@ import torch
 
 from helpers import randomize, synthetic_batch
 from zotune.adapters.lora import LoRAAdapter
-from zotune.estimators.prge import PRGEStep
+from zotune.estimators.prge import VELOCITY, PRGEStep
 from zotune.estimators.rge import RGE
 from zotune.estimators.zo import draw
 from zotune.loss import ClassificationLoss, per_replica
@@ -100,18 +100,25 @@ def test_fused_noise_draws_the_same_z(tokenizer):
         assert torch.equal(a, b) and torch.equal(a[2:3], c)
 
 
-@pytest.mark.parametrize("train_a,dual", [(False, True), (True, True), (False, False)])
-def test_flat_step_equals_per_layer_step_bitwise(tokenizer, train_a, dual):
-    """The fused (exported) form of PRGEStep gives the same bits as the per-layer eager form."""
+@pytest.mark.parametrize("train_a,dual,momentum", [(False, True, 0.0), (True, True, 0.0),
+                                                   (False, False, 0.0), (True, True, 0.9)])
+def test_flat_step_equals_per_layer_step_bitwise(tokenizer, train_a, dual, momentum):
+    """The fused (exported) form of PRGEStep gives the same bits as the per-layer eager form,
+    momentum buffer included."""
     results = []
     for fused in (False, True):
         model = make_tiny_model("qwen2", tokenizer)
         adapter = LoRAAdapter(model, rank=4, alpha=8, train_a=train_a)
         randomize(adapter.tensors())
-        step = PRGEStep(model, adapter, ClassificationLoss(), q=3, dual=dual, fused_noise=fused)
-        out = [step(torch.tensor([s]), 1e-2, 1e-2, *synthetic_batch()) for s in (5, 6)]
-        results.append((out, [t.clone() for t in adapter.tensors()]))
-    (out_a, theta_a), (out_b, theta_b) = results
+        step = PRGEStep(model, adapter, ClassificationLoss(), q=3, dual=dual, momentum=momentum,
+                        fused_noise=fused)
+        out = [step(torch.tensor([s]), 1e-2, 1e-2, *synthetic_batch()) for s in (5, 6, 7)]
+        velocity = (torch.cat([v.reshape(-1) for v in step.velocity]) if step.velocity
+                    else getattr(model, VELOCITY, None))
+        results.append((out, [t.clone() for t in adapter.tensors()], velocity))
+    (out_a, theta_a, v_a), (out_b, theta_b, v_b) = results
     for (la, ga), (lb, gb) in zip(out_a, out_b):
         assert torch.equal(la, lb) and torch.equal(ga, gb)
     assert all(torch.equal(a, b) for a, b in zip(theta_a, theta_b))
+    if momentum:
+        assert v_a.abs().sum() > 0 and torch.equal(v_a, v_b)

@@ -62,12 +62,30 @@ def test_mismatched_config_is_refused(program, tmp_path, tiny_folder, cls_jsonl)
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
 
 
-def test_lora_with_trained_a_starts_from_its_init(tmp_path, tiny_folder, cls_jsonl):
-    """LoRA (A trained): theta does not start at zero; device-train seeds it from the export."""
-    cfg = tiny_config(tiny_folder, cls_jsonl, tmp_path / "device", **{"adapter.kind": "lora"})
-    export(cfg, str(tmp_path / "lora.pte"))
-    device_train(str(tmp_path / "lora.pte"), cfg)
-    train(tiny_config(tiny_folder, cls_jsonl, tmp_path / "eager", **{"adapter.kind": "lora"}))
+def test_lora_with_momentum_matches_eager_and_resumes(tmp_path, tiny_folder, cls_jsonl):
+    """LoRA (A trained, so theta does not start at zero: device-train seeds it from the export)
+    with heavy-ball momentum: the program's momentum buffer follows eager's, a resume restores it
+    exactly through the checkpoint, and a config with another momentum is refused."""
+    over = {"adapter.kind": "lora", "optim.momentum": 0.9}
+    pte = str(tmp_path / "m.pte")
+    report = export(tiny_config(tiny_folder, cls_jsonl, tmp_path / "unused", **over), pte)
+    assert report["meta"]["methods"][-2:] == ["get_momentum", "set_momentum"]
+    assert report["check"]["momentum"] <= 1e-5
+    device_train(pte, tiny_config(tiny_folder, cls_jsonl, tmp_path / "device", **over))
+    train(tiny_config(tiny_folder, cls_jsonl, tmp_path / "eager", **over))
     a, b = final_b(tmp_path / "device"), final_b(tmp_path / "eager")
+    assert a.keys() == b.keys()
     assert any(k.endswith("lora_A") for k in a)
+    assert any(k.startswith("momentum.") and v.abs().sum() > 0 for k, v in a.items())
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
+
+    split = tiny_config(tiny_folder, cls_jsonl, tmp_path / "split", **over)
+    assert device_train(pte, split, stop_after=3) is None
+    device_train(pte, split, resume=True)
+    c = final_b(tmp_path / "split")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+    other = tiny_config(tiny_folder, cls_jsonl, tmp_path / "x", **{**over, "optim.momentum": 0.5})
+    with pytest.raises(ZotuneError, match="momentum"):
+        device_train(pte, other)
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()

@@ -29,6 +29,14 @@ def quantize_8da4w(model: nn.Module, adapter, group_size: int) -> list[str]:
 
     quantize_(model, Int8DynamicActivationIntxWeightConfig(
         weight_dtype=torch.int4, weight_granularity=PerGroup(group_size)), filter_fn=keep)
+    # XNNPACK's blockwise int4 GEMM keeps the group scales in bfloat16. Rounding them here makes
+    # the eager quantized model compute what the lowered program computes (one linear: 5e-2 ->
+    # 1.5e-5 max difference on outputs of 20), so the parity check compares arithmetic, not
+    # scale storage. The lowered program is unchanged (bf16 of a bf16-exact value).
+    modules = dict(model.named_modules())
+    for fqn in chosen:
+        scale = modules[fqn].weight.scale
+        scale.copy_(scale.to(torch.bfloat16).to(scale.dtype))
     return chosen
 
 

@@ -10,6 +10,8 @@ one copy of the trained tensors (theta, N values):
                -> choice logits [be, C]      (with the current theta; be = eval batch size)
     get_lora() -> theta [N]
     set_lora(theta [N]) -> ()
+    get_momentum() -> velocity [N], set_momentum(velocity [N]) -> ()   (only with momentum > 0:
+               ZO-SGD heavy-ball, the momentum factor fixed at export)
 
 Before anything is written the lowered program runs one step and one forward next to eager
 PyTorch from the same theta; a difference above tolerance raises ExportCheckError and leaves no
@@ -46,7 +48,7 @@ from zotune.engines.export_common import (
     layout, load_flat, sidecar_path, trained_to_buffers, write_atomic,
 )
 from zotune.engines.pte import ENGINE, METHODS, ExecuTorchEngine, PteProgram
-from zotune.estimators.prge import PRGEStep
+from zotune.estimators.prge import VELOCITY, PRGEStep
 QUANTIZE = (None, "8da4w")
 # Default parity tolerances (max abs difference of loss and of theta after one step).
 TOLERANCE = {None: 1e-5, "8da4w": 5e-3}
@@ -97,6 +99,25 @@ class _SetLora(nn.Module):
             t.tensor.copy_(flat[t.offset: t.offset + t.tensor.numel()].reshape(t.tensor.shape))
 
 
+class _GetMomentum(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self):
+        return getattr(self.model, VELOCITY).clone()
+
+
+class _SetMomentum(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    @torch.no_grad()
+    def forward(self, flat):
+        getattr(self.model, VELOCITY).copy_(flat)
+
+
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -122,7 +143,8 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int, n_choices: int,
                    dual: bool = True, noise: str = "normal", quantize: str | None = None,
                    out_path: str | Path = "model.pte", *, eval_batch: int | None = None,
-                   model_name: str | None = None, xnnpack: bool = True, group_size: int = 32,
+                   model_name: str | None = None, momentum: float = 0.0, xnnpack: bool = True,
+                   group_size: int = 32,
                    tolerance: float | None = None, check_seed: int = 12345,
                    check_lr: float = 1e-3, check_eps: float = 1e-2,
                    attention: str | None = "eager", log=None) -> ExportReport:
@@ -133,7 +155,8 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
     deep copy, so the caller's model stays fp32. Raises ExportCheckError (and writes nothing) if
     the lowered program and eager PyTorch differ by more than `tolerance` in the loss, the loss
     differences behind g (2 eps g), theta after one step, or the forward logits (relative to
-    max(1, |logits|))."""
+    max(1, |logits|)). With momentum > 0 the step keeps a heavy-ball buffer (the same update as
+    eager ZO-SGD with that momentum) and the program gains get_momentum / set_momentum."""
     t_start = time.perf_counter()
     say = log or (lambda msg: None)
     if quantize not in QUANTIZE:
@@ -146,6 +169,8 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
     if getattr(loss, "kind", None) != "classification" or getattr(loss, "via_head_module", False):
         raise EngineError("the ExecuTorch engine exports the classification loss "
                           "(label-word logits at the last position)")
+    if not 0.0 <= momentum < 1.0:
+        raise EngineError(f"momentum: expected a value in [0, 1), got {momentum!r}")
     for name, v in (("q", q), ("b", b), ("seq_len", seq_len), ("n_choices", n_choices)):
         if int(v) < 1 or (name == "n_choices" and v < 2):
             raise EngineError(f"{name} must be a positive integer (n_choices >= 2), got {v}")
@@ -165,6 +190,8 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
     theta0 = flat_trained(adapter)
     lay = layout(adapter)
     state_fqns = [f"model.{t.name}" for t in adapter.trained]
+    if momentum:
+        state_fqns.append(f"model.{VELOCITY}")
 
     vocab = model.get_input_embeddings().weight.shape[0]
     batch = check_batch(vocab, b, seq_len, n_choices, seed=check_seed)
@@ -177,13 +204,18 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
-    step = PRGEStep(model, adapter, loss, q, dual=dual, noise=noise, fused_noise=True)
+    step = PRGEStep(model, adapter, loss, q, dual=dual, noise=noise, momentum=momentum,
+                    fused_noise=True)  # registers the model's VELOCITY buffer when momentum > 0
     modules = {
         "train_step": (step, (seed_t, lr_t, eps_t, *batch)),
         "forward": (_Forward(model, adapter, loss), eval_in),
         "get_lora": (_GetLora(model, adapter), ()),
         "set_lora": (_SetLora(model, adapter), (theta0.clone(),)),
     }
+    if momentum:
+        modules["get_momentum"] = (_GetMomentum(model), ())
+        modules["set_momentum"] = (_SetMomentum(model), (torch.zeros_like(theta0),))
+    methods = list(modules)
     seconds = {}
     try:
         t0 = time.perf_counter()
@@ -199,7 +231,7 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         say(f"torch.export: {seconds['export']:.1f} s")
 
         t0 = time.perf_counter()
-        partitioners = {name: [] for name in METHODS}
+        partitioners = {name: [] for name in methods}
         if xnnpack:
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import \
                 XnnpackPartitioner
@@ -217,7 +249,7 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         if missing:
             raise EngineError(f"train_step does not update {len(missing)} trained tensors "
                               f"(e.g. {missing[0]}) after lowering")
-        portable = {name: portable_ops(edge.exported_program(name)) for name in METHODS}
+        portable = {name: portable_ops(edge.exported_program(name)) for name in methods}
         say(f"to_edge + lowering: {seconds['lower']:.1f} s; non-delegated ops {portable}")
 
         t0 = time.perf_counter()
@@ -237,11 +269,14 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         t0 = time.perf_counter()
         theta_c = (torch.randn(theta0.shape, generator=torch.Generator().manual_seed(check_seed))
                    * 0.02).to(dtype)
-        check = _parity_check(data, step, adapter, loss, model, theta_c, seed_t, lr_t, eps_t,
-                              batch, eval_in)
+        velocity_c = (torch.randn(theta0.shape, generator=torch.Generator().manual_seed(
+            check_seed + 1)) * 0.1).to(dtype) if momentum else None
+        check = _parity_check(data, step, adapter, loss, model, theta_c, velocity_c, seed_t,
+                              lr_t, eps_t, batch, eval_in)
         seconds["check"] = time.perf_counter() - t0
     finally:
         load_flat(adapter, theta0)  # the eager check moved theta: give the caller its own back
+        model._buffers.pop(VELOCITY, None)
         model.train(was_training)
     say(f"parity vs eager: {check}")
     bad = {k: v for k, v in check.items() if not (v <= tol)}  # NaN counts as bad
@@ -252,10 +287,11 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
             + f"; nothing was written to {out_path}")
 
     meta = {
-        "format": FORMAT_VERSION, "engine": ENGINE, "methods": list(METHODS),
+        "format": FORMAT_VERSION, "engine": ENGINE, "methods": methods,
         "q": int(q), "b": int(b), "seq_len": int(seq_len), "n_choices": int(n_choices),
         "eval_batch": int(eval_batch), "numel": int(adapter.numel), "noise": noise,
-        "dual": bool(dual), "quantize": quantize, "group_size": group_size if quantize else None,
+        "dual": bool(dual), "momentum": float(momentum), "quantize": quantize,
+        "group_size": group_size if quantize else None,
         "xnnpack": bool(xnnpack), "loss": loss.kind, "dtype": str(dtype).replace("torch.", ""),
         "model": (model_name or getattr(model.config, "_name_or_path", "")
                   or model.config.model_type),
@@ -286,13 +322,16 @@ def _et_version() -> str:
 
 
 @torch.no_grad()
-def _parity_check(data: bytes, step, adapter, loss, model, theta, seed_t, lr_t, eps_t, batch,
-                  eval_in) -> dict:
+def _parity_check(data: bytes, step, adapter, loss, model, theta, velocity, seed_t, lr_t, eps_t,
+                  batch, eval_in) -> dict:
     from executorch.runtime import Runtime
 
     program = Runtime.get().load_program(data)
-    methods = {name: program.load_method(name) for name in METHODS}  # all before any step
+    methods = {name: program.load_method(name) for name in program.method_names}  # all first
     methods["set_lora"].execute([theta.clone()])
+    if velocity is not None:
+        methods["set_momentum"].execute([velocity.clone()])
+        getattr(model, VELOCITY).copy_(velocity)
     got = methods["get_lora"].execute([])[0]
     logits_pte = methods["forward"].execute(list(eval_in))[0]
     loss_pte, g_pte = methods["train_step"].execute([seed_t, lr_t, eps_t, *batch])
@@ -302,6 +341,10 @@ def _parity_check(data: bytes, step, adapter, loss, model, theta, seed_t, lr_t, 
     logits_eager = loss.logits(model, *eval_in)
     loss_eager, g_eager = step(seed_t, lr_t, eps_t, *batch)
     theta_eager = flat_trained(adapter)
+    momentum = {}
+    if velocity is not None:
+        momentum["momentum"] = _max_diff(methods["get_momentum"].execute([])[0],
+                                         getattr(model, VELOCITY))
     return {
         "set_get": _max_diff(got, theta),
         # Logits are compared relative to their scale (real LMs give logits of 10-30).
@@ -311,6 +354,7 @@ def _parity_check(data: bytes, step, adapter, loss, model, theta, seed_t, lr_t, 
         # g = (l+ - l-) / (2 eps): compare the loss differences it comes from.
         "loss_diff": _max_diff(g_pte * 2 * eps_t, g_eager * 2 * eps_t),
         "theta": _max_diff(theta_pte, theta_eager),
+        **momentum,
     }
 
 

@@ -15,9 +15,10 @@ from zotune.engines.export_common import (
 
 ENGINE = "executorch"
 METHODS = ("train_step", "forward", "get_lora", "set_lora")
+MOMENTUM_METHODS = ("get_momentum", "set_momentum")  # programs exported with momentum > 0
 
 _EXPECTABLE = {"q", "b", "seq_len", "n_choices", "eval_batch", "numel", "noise", "dual",
-               "quantize", "model", "model_type", "loss", "dtype"}
+               "momentum", "quantize", "model", "model_type", "loss", "dtype"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -28,10 +29,11 @@ def set_threads(n: int) -> None:
 
 
 class PteProgram:
-    """A loaded training program: all four methods, one shared theta.
+    """A loaded training program: all its methods, one shared theta (and momentum buffer).
 
     theta is always initialised through set_lora when the program is loaded (the runtime's arena
-    holds no meaningful initial value): zeros for LoRA-FA, or the `lora` given to `load`."""
+    holds no meaningful initial value): zeros for LoRA-FA, or the `lora` given to `load`; the
+    momentum buffer, if the program has one, starts at zero through set_momentum."""
 
     def __init__(self, path: Path, meta: dict, program, methods: dict):
         self.path, self.meta, self._program, self._methods = path, meta, program, methods
@@ -40,6 +42,8 @@ class PteProgram:
                                                        meta["numel"])
         self.tensors = meta["layout"]["tensors"]
         self.dtype = _DTYPES.get(meta.get("dtype", "float32"), torch.float32)
+        self.momentum = float(meta.get("momentum", 0.0))
+        self.method_names = METHODS + (MOMENTUM_METHODS if self.momentum else ())
 
     @classmethod
     def load(cls, path: str | Path, *, adapter=None, lora=None, verify: bool = True,
@@ -56,6 +60,7 @@ class PteProgram:
                             f"{sorted(_EXPECTABLE)})")
         path = Path(path)
         meta = read_sidecar(path, ENGINE)
+        meta.setdefault("momentum", 0.0)  # programs from before momentum was exportable
         if verify:
             verify_file(path, meta)
         check_expected(path, meta, expect)
@@ -68,12 +73,12 @@ class PteProgram:
         except Exception as e:  # the bindings raise RuntimeError/ValueError with an error code
             raise ProgramFileError(f"{path}: ExecuTorch cannot load this program ({e}); "
                                    "re-export it") from None
-        missing = [m for m in METHODS if m not in program.method_names]
+        self = cls(path, meta, program, {})
+        missing = [m for m in self.method_names if m not in program.method_names]
         if missing:
             raise ProgramFileError(f"{path}: program has no method(s) {missing}")
-        self = cls(path, meta, program, {})
         self._check_shapes()  # before loading: a mismatch must not cost the weight packing
-        for name in METHODS:  # load every method up front: they share one theta
+        for name in self.method_names:  # load every method up front: they share one theta
             try:
                 self._methods[name] = program.load_method(name)
             except Exception as e:  # noqa: BLE001
@@ -85,6 +90,8 @@ class PteProgram:
                                   "program was exported: pass their values as lora=")
             lora = torch.zeros(self.numel, dtype=self.dtype)
         self.set_lora(lora)
+        if self.momentum:
+            self.set_momentum(torch.zeros(self.numel, dtype=self.dtype))
         return self
 
     def _check_shapes(self) -> None:
@@ -94,6 +101,8 @@ class PteProgram:
             "forward": [[self.eval_batch, self.seq_len]] * 3 + [[self.eval_batch, self.n_choices]],
             "set_lora": [[self.numel]],
         }
+        if self.momentum:
+            want["set_momentum"] = [[self.numel]]
         for name, shapes in want.items():
             meta = self._program.metadata(name)
             have = [list(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())]
@@ -171,6 +180,25 @@ class PteProgram:
             raise EngineError("set_lora: values are not all finite")
         self._methods["set_lora"].execute([flat.contiguous()])
 
+    def get_momentum(self) -> dict[str, torch.Tensor]:
+        """The momentum buffer, unflattened like theta ({} without momentum)."""
+        if not self.momentum:
+            return {}
+        return unflatten(self._methods["get_momentum"].execute([])[0], self.tensors)
+
+    def set_momentum(self, velocity) -> None:
+        """Set the momentum buffer from a dict name -> tensor or a flat [N] tensor."""
+        if not self.momentum:
+            raise EngineError(f"{self.path}: this program was exported without momentum")
+        if isinstance(velocity, dict):
+            flat = flatten(velocity, self.tensors, self.dtype)
+        else:
+            flat = torch.as_tensor(velocity).detach().to(self.dtype).reshape(-1)
+            if flat.numel() != self.numel:
+                raise EngineError(f"set_momentum: {flat.numel()} values, the program holds "
+                                  f"{self.numel}")
+        self._methods["set_momentum"].execute([flat.contiguous()])
+
 
 class ExecuTorchEngine:
     """A loaded program behind the surface the training loop uses for every engine (the same
@@ -197,8 +225,14 @@ class ExecuTorchEngine:
         return out
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {f"param.{k}": v for k, v in self.program.get_lora().items()}
+        """The same keys as EagerEngine.state: param.<name> and momentum.<name>."""
+        out = {f"param.{k}": v for k, v in self.program.get_lora().items()}
+        out.update({f"momentum.{k}": v for k, v in self.program.get_momentum().items()})
+        return out
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.program.set_lora({k[len("param."):]: v for k, v in tensors.items()
-                               if k.startswith("param.")})
+        def part(prefix):
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        self.program.set_lora(part("param."))
+        if self.program.momentum:
+            self.program.set_momentum(part("momentum."))

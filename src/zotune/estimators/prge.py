@@ -3,8 +3,9 @@ replicas of one batched forward pass.
 
 `PRGEStep` is the training step itself, written once: eager PyTorch calls it, and the exporters
 trace the same module into ExecuTorch and ONNX programs. Its only state is the adapter's trained
-tensors, updated in place. With `fused_noise` (the exported form) theta and z are handled as
-flat vectors: one noise call, one perturbed stack and one update for all layers.
+tensors (and momentum buffers), updated in place. With `fused_noise` (the exported form) theta,
+z and the momentum buffer are handled as flat vectors: one noise call, one perturbed stack and
+one update for all layers.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from zotune.adapters.lora import LoRAAdapter
 from zotune.estimators.zo import apply_update, draw, estimate, momentum_buffers, projected_gradient
 from zotune.loss import per_replica
 from zotune.rng import noise
+
+# The flat step's momentum buffer [N], registered on the model: every exported method holds the
+# model under the same attribute, so train_step and get/set_momentum share it by name.
+VELOCITY = "zotune_velocity"
 
 
 def stacked_losses(model, adapter: LoRAAdapter, loss, stacks: dict, n_rep: int,
@@ -69,13 +74,16 @@ class PRGEStep(nn.Module):
         self.model, self.adapter, self.loss = model, adapter, loss
         self.q, self.dual, self.noise, self.fused_noise = q, dual, noise, fused_noise
         self.momentum = momentum
-        self.velocity = momentum_buffers(adapter.tensors(), momentum)
+        self.velocity = None if fused_noise else momentum_buffers(adapter.tensors(), momentum)
+        if fused_noise and momentum > 0 and not hasattr(model, VELOCITY):
+            model.register_buffer(VELOCITY, torch.zeros(adapter.numel,
+                                                        dtype=adapter.trained[0].tensor.dtype))
 
     @torch.no_grad()
     def forward(self, seed: torch.Tensor, lr: torch.Tensor, eps: torch.Tensor,
                 *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         trained, args = self.adapter.trained, (self.model, self.adapter, self.loss)
-        flat = self.fused_noise and self.velocity is None  # the exported form
+        flat = self.fused_noise  # the exported form
         if flat:
             theta = torch.cat([t.tensor.reshape(-1) for t in trained])  # [N]
             z = noise(seed, 0, self.q * self.adapter.numel, self.noise, theta.dtype)
@@ -95,7 +103,12 @@ class PRGEStep(nn.Module):
             losses = torch.cat([losses_for((1,)), losses_for((-1,))])  # [2q]
         g = projected_gradient(losses[: self.q], losses[self.q:], eps)  # [q]
         if flat:
-            new = theta - lr * estimate(z, g)  # elementwise: the same bits as t.sub_(lr * grad)
+            grad = estimate(z, g)  # [N]
+            if self.momentum > 0:  # the same elementwise ops as apply_update, so the same bits
+                velocity = getattr(self.model, VELOCITY)  # [N]
+                velocity.mul_(self.momentum).add_(grad)
+                grad = velocity
+            new = theta - lr * grad  # elementwise: the same bits as t.sub_(lr * grad)
             for t in trained:
                 t.tensor.copy_(new[t.offset: t.offset + t.tensor.numel()].reshape(t.tensor.shape))
         else:

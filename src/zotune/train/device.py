@@ -39,8 +39,6 @@ def export(cfg: Config, out: str, engine: str = "executorch", quantize: str | No
     if cfg.optim.estimator != "prge" or cfg.adapter.kind == "full":
         raise ZotuneError("export: the exported step is P-RGE on a LoRA / LoRA-FA adapter "
                           "(optim.estimator prge, adapter.kind lora-fa or lora)")
-    if cfg.optim.momentum:
-        raise ZotuneError("export: optim.momentum is not supported by exported programs yet")
     model, _, splits = prepare(cfg)
     if splits.kind != "classification":
         raise ZotuneError("export: only classification tasks can be exported so far")
@@ -51,7 +49,7 @@ def export(cfg: Config, out: str, engine: str = "executorch", quantize: str | No
         model, adapter, ClassificationLoss(), cfg.optim.q, cfg.optim.batch_size,
         cfg.data.max_length, splits.train.choice_ids.shape[1], cfg.optim.dual, cfg.optim.noise,
         quantize, out, eval_batch=cfg.train.eval_batch_size, model_name=cfg.model.name,
-        log=lambda msg: print(msg, flush=True))
+        momentum=cfg.optim.momentum, log=lambda msg: print(msg, flush=True))
     tmp = frozen_path(out).with_suffix(".tmp")
     save_file(frozen, tmp, metadata={"replay_header": json.dumps(header)})
     tmp.replace(frozen_path(out))
@@ -71,9 +69,9 @@ def device_train(pte: str, cfg: Config, resume: bool = False,
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(json.loads(f.read(n))["__metadata__"]["replay_header"])
     o = cfg.optim
-    if o.estimator != "prge" or o.momentum:
+    if o.estimator != "prge":
         raise ZotuneError("device-train runs the program's P-RGE step: optim.estimator must be "
-                          "prge and optim.momentum 0")
+                          f"prge, got '{o.estimator}'")
     # theta starts from the exported values: B = 0, and LoRA's trained A from its seeded init.
     if cfg.train.threads:
         set_threads(cfg.train.threads)
@@ -81,7 +79,8 @@ def device_train(pte: str, cfg: Config, resume: bool = False,
     start = {d["name"]: frozen.get(d["name"], torch.zeros(d["shape"]))
              for d in meta["layout"]["tensors"]}
     program = PteProgram.load(pte, lora=start, q=o.q, b=o.batch_size,
-                              seq_len=cfg.data.max_length, noise=o.noise, dual=o.dual)
+                              seq_len=cfg.data.max_length, noise=o.noise, dual=o.dual,
+                              momentum=float(o.momentum))
     splits = encode_splits(cfg, load_tokenizer(cfg.model.name))
     layout = header["layout"]
     layers = [name for name, _, _ in layout["layers"]]
