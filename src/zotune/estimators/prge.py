@@ -14,7 +14,9 @@ import torch
 import torch.nn as nn
 
 from zotune.adapters.lora import LoRAAdapter
-from zotune.estimators.zo import apply_update, draw, estimate, momentum_buffers, projected_gradient
+from zotune.estimators.zo import (
+    draw, estimate, momentum_buffers, projected_gradient, update_from_seed,
+)
 from zotune.loss import per_replica
 from zotune.rng import noise
 
@@ -36,20 +38,28 @@ def stacked_losses(model, adapter: LoRAAdapter, loss, stacks: dict, n_rep: int,
     return per_replica(nll, count, n_rep)
 
 
-def replica_losses(model, adapter: LoRAAdapter, loss, zs: dict[str, torch.Tensor], eps,
+def replica_losses(model, adapter: LoRAAdapter, loss, z_of, n_query: int, eps,
                    signs: tuple[int, ...], batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Losses of len(signs) * q replicas (sign-major: [+z_1..+z_q, -z_1..-z_q]). -> [R]"""
-    stacks = {}
-    for name, layer in adapter.layers.items():
-        z_b = zs[f"{name}.lora_B"]  # [q, d_out, r]
-        b_stack = torch.cat([layer.lora_B + (s * eps) * z_b for s in signs])  # [R, d_out, r]
-        a_stack = None
-        if adapter.train_a:
-            z_a = zs[f"{name}.lora_A"]  # [q, r, d_in]
-            a_stack = torch.cat([layer.lora_A + (s * eps) * z_a for s in signs])  # [R, r, d_in]
-        stacks[name] = (a_stack, b_stack)
-    n_rep = len(signs) * next(iter(zs.values())).shape[0]
-    return stacked_losses(model, adapter, loss, stacks, n_rep, batch)
+    """Losses of len(signs) * n_query replicas (sign-major: [+z_1..+z_q, -z_1..-z_q]). -> [R]
+
+    z_of(trained tensor) -> its z [n_query, *shape]. Each layer draws its z and builds its
+    perturbed stacks when it runs, and drops them afterwards: the peak holds one layer's, not
+    every layer's (on SmolLM2 at q=16 that would be z [16, N] plus 32 B stacks, about 480 MB)."""
+    by_name = {t.name: t for t in adapter.trained}
+
+    def builder(name, layer):
+        def build():
+            z_b = z_of(by_name[f"{name}.lora_B"])  # [q, d_out, r]
+            b_stack = torch.cat([layer.lora_B + (s * eps) * z_b for s in signs])  # [R, d_out, r]
+            a_stack = None
+            if adapter.train_a:
+                z_a = z_of(by_name[f"{name}.lora_A"])  # [q, r, d_in]
+                a_stack = torch.cat([layer.lora_A + (s * eps) * z_a for s in signs])  # [R, r, d_in]
+            return a_stack, b_stack
+        return build
+
+    stacks = {name: builder(name, layer) for name, layer in adapter.layers.items()}
+    return stacked_losses(model, adapter, loss, stacks, len(signs) * n_query, batch)
 
 
 def flat_replica_losses(model, adapter: LoRAAdapter, loss, theta: torch.Tensor, z: torch.Tensor,
@@ -92,11 +102,11 @@ class PRGEStep(nn.Module):
             def losses_for(signs):
                 return flat_replica_losses(*args, theta, z, eps, signs, batch)
         else:
-            z_list = draw(seed, trained, self.adapter.numel, self.q, self.noise, self.fused_noise)
-            zs = {t.name: z for t, z in zip(trained, z_list)}
+            def z_of(t):
+                return draw(seed, [t], self.adapter.numel, self.q, self.noise)[0]
 
             def losses_for(signs):
-                return replica_losses(*args, zs, eps, signs, batch)
+                return replica_losses(*args, z_of, self.q, eps, signs, batch)
         if self.dual:
             losses = losses_for((1, -1))  # [2q]
         else:
@@ -111,7 +121,7 @@ class PRGEStep(nn.Module):
             new = theta - lr * grad  # elementwise: the same bits as t.sub_(lr * grad)
             for t in trained:
                 t.tensor.copy_(new[t.offset: t.offset + t.tensor.numel()].reshape(t.tensor.shape))
-        else:
-            apply_update(self.adapter.tensors(), (estimate(z, g) for z in z_list), lr,
-                         self.momentum, self.velocity)
+        else:  # z drawn again, one tensor at a time: never all of it at once
+            update_from_seed(trained, self.adapter.numel, seed, g, lr, self.noise, self.momentum,
+                             self.velocity)
         return losses.mean(), g

@@ -22,10 +22,9 @@ class RGE:
             with self.params.perturbed(seed, query, sign * eps, self.noise):
                 return per_replica(*self.loss.rows(self.model, *batch), 1)[0]
         # One replica: the adapter computes with B + sign * eps * z_query, never writing B.
-        trained = self.params.trained
-        z_list = draw(seed, trained, self.params.numel, self.q, self.noise, query=query)
-        zs = {t.name: z for t, z in zip(trained, z_list)}
-        return replica_losses(self.model, self.params, self.loss, zs, eps, (sign,), batch)[0]
+        def z_of(t):
+            return draw(seed, [t], self.params.numel, self.q, self.noise, query=query)[0]
+        return replica_losses(self.model, self.params, self.loss, z_of, 1, eps, (sign,), batch)[0]
 
     @torch.no_grad()
     def step(self, batch, seed: int, lr: float, eps: float):
