@@ -337,7 +337,11 @@ def test_8da4w_matches_quantized_eager(tokenizer, tmp_path):
     rep = export_program(model, adapter, ClassificationLoss(), q=2, b=2, seq_len=T, n_choices=C,
                          quantize="8da4w", out_path=tmp_path / "q.pte")
     assert rep.meta["quantize"] == "8da4w"
-    assert all(v <= TOLERANCE["8da4w"] for v in rep.check.values()), rep.check
+    assert all(v <= TOLERANCE["8da4w"][k] for k, v in rep.check.items()
+               if k in TOLERANCE["8da4w"]), rep.check
+    # Two layers give activation roundings no room to cascade: with the group scales in bf16
+    # (as XNNPACK keeps them) eager and program agree far inside the fp32 tolerance.
+    assert rep.check["update"] <= 1e-6 and rep.check["forward"] <= 1e-5, rep.check
     # The caller's model stays fp32 (quantization ran on a copy).
     assert type(model.model.layers[0].mlp.up_proj.weight) is nn.Parameter
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, w)

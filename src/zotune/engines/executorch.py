@@ -48,10 +48,23 @@ from zotune.engines.export_common import (
     layout, load_flat, sidecar_path, trained_to_buffers, write_atomic,
 )
 from zotune.engines.pte import ENGINE, METHODS, ExecuTorchEngine, PteProgram
-from zotune.estimators.prge import VELOCITY, PRGEStep
+from zotune.estimators.prge import VELOCITY, PRGEStep, flat_update
+from zotune.rng import noise as rng_noise
+
 QUANTIZE = (None, "8da4w")
-# Default parity tolerances (max abs difference of loss and of theta after one step).
-TOLERANCE = {None: 1e-5, "8da4w": 5e-3}
+# Parity after one step, max abs differences (the metrics: _parity_check). An fp32 program must
+# match eager in all of them. An 8da4w program is held to the torchao-quantized eager model in
+# the forward logits and the loss at 5e-2 only: with 8-bit dynamic activations a last-bit
+# difference upstream flips a rounding downstream, and the flips cascade through the layers (one
+# quantized linear agrees to 1.5e-5; SmolLM2's 30 layers end 1.7e-2 apart in relative logits
+# and 2.0e-2 in the loss). The loss differences behind g are of that size too, so g and theta
+# after a step cannot be compared with eager's; what is checked exactly instead is that the
+# program applies the update its own g implies ("update", "momentum").
+_EXACT = {"set_get": 1e-5, "update": 1e-5, "momentum": 1e-5}
+TOLERANCE = {
+    None: {**_EXACT, "forward": 1e-5, "loss": 1e-5, "loss_diff": 1e-5, "theta": 1e-5},
+    "8da4w": {**_EXACT, "forward": 5e-2, "loss": 5e-2},
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +141,7 @@ class ExportReport:
     sha256: str
     seconds: dict = field(default_factory=dict)  # export / lower / emit / check / total
     check: dict = field(default_factory=dict)  # max abs differences against eager
-    tolerance: float = 0.0
+    tolerance: dict = field(default_factory=dict)  # metric -> max allowed (gated metrics only)
     portable_ops: dict = field(default_factory=dict)  # non-delegated ops per method
     meta: dict = field(default_factory=dict)
 
@@ -153,9 +166,10 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
     The adapter's trained tensors become registered buffers of `model` (in place, values kept;
     eager use of model and adapter is unaffected). With quantize="8da4w" the export works on a
     deep copy, so the caller's model stays fp32. Raises ExportCheckError (and writes nothing) if
-    the lowered program and eager PyTorch differ by more than `tolerance` in the loss, the loss
-    differences behind g (2 eps g), theta after one step, or the forward logits (relative to
-    max(1, |logits|)). With momentum > 0 the step keeps a heavy-ball buffer (the same update as
+    the lowered program and eager PyTorch differ beyond TOLERANCE[quantize] (or `tolerance`, one
+    value for every metric) in the forward logits (relative to max(1, |logits|)), the loss, the
+    loss differences behind g (2 eps g), theta after one step, or the update the program's own g
+    implies. With momentum > 0 the step keeps a heavy-ball buffer (the same update as
     eager ZO-SGD with that momentum) and the program gains get_momentum / set_momentum."""
     t_start = time.perf_counter()
     say = log or (lambda msg: None)
@@ -175,7 +189,8 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         if int(v) < 1 or (name == "n_choices" and v < 2):
             raise EngineError(f"{name} must be a positive integer (n_choices >= 2), got {v}")
     eval_batch = eval_batch or b
-    tol = TOLERANCE[quantize] if tolerance is None else tolerance
+    tol = (TOLERANCE[quantize] if tolerance is None
+           else {k: float(tolerance) for k in TOLERANCE[quantize]})
     out_path = Path(out_path)
     dtype = adapter.trained[0].tensor.dtype
 
@@ -279,11 +294,11 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         model._buffers.pop(VELOCITY, None)
         model.train(was_training)
     say(f"parity vs eager: {check}")
-    bad = {k: v for k, v in check.items() if not (v <= tol)}  # NaN counts as bad
+    bad = {k: v for k, v in check.items() if k in tol and not (v <= tol[k])}  # NaN is bad
     if bad:
         raise ExportCheckError(
-            f"the lowered ExecuTorch program differs from eager PyTorch by more than {tol:g}: "
-            + ", ".join(f"{k} {v:.3g}" for k, v in bad.items())
+            "the lowered ExecuTorch program differs from eager PyTorch beyond tolerance: "
+            + ", ".join(f"{k} {v:.3g} > {tol[k]:g}" for k, v in bad.items())
             + f"; nothing was written to {out_path}")
 
     meta = {
@@ -341,10 +356,16 @@ def _parity_check(data: bytes, step, adapter, loss, model, theta, velocity, seed
     logits_eager = loss.logits(model, *eval_in)
     loss_eager, g_eager = step(seed_t, lr_t, eps_t, *batch)
     theta_eager = flat_trained(adapter)
+
+    # The update the program's own g implies, computed in eager from the same z (the RNG is
+    # bit-exact): checks the noise, the update and the momentum buffer whatever g came out.
+    z = rng_noise(seed_t, 0, step.q * theta.numel(), step.noise, theta.dtype)
+    z = z.reshape(step.q, -1)  # [q, N]
+    v_expected = None if velocity is None else velocity.clone()
+    theta_expected = flat_update(theta, z, g_pte, lr_t, step.momentum, v_expected)
     momentum = {}
     if velocity is not None:
-        momentum["momentum"] = _max_diff(methods["get_momentum"].execute([])[0],
-                                         getattr(model, VELOCITY))
+        momentum["momentum"] = _max_diff(methods["get_momentum"].execute([])[0], v_expected)
     return {
         "set_get": _max_diff(got, theta),
         # Logits are compared relative to their scale (real LMs give logits of 10-30).
@@ -354,6 +375,7 @@ def _parity_check(data: bytes, step, adapter, loss, model, theta, velocity, seed
         # g = (l+ - l-) / (2 eps): compare the loss differences it comes from.
         "loss_diff": _max_diff(g_pte * 2 * eps_t, g_eager * 2 * eps_t),
         "theta": _max_diff(theta_pte, theta_eager),
+        "update": _max_diff(theta_pte, theta_expected),
         **momentum,
     }
 

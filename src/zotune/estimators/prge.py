@@ -75,6 +75,18 @@ def flat_replica_losses(model, adapter: LoRAAdapter, loss, theta: torch.Tensor, 
     return stacked_losses(model, adapter, loss, stacks, n_rep, batch)
 
 
+def flat_update(theta: torch.Tensor, z: torch.Tensor, g: torch.Tensor, lr, momentum: float = 0.0,
+                velocity: torch.Tensor | None = None) -> torch.Tensor:
+    """theta [N] after one ZO-SGD step from z [q, N] and g [q]; with momentum the heavy-ball
+    buffer velocity [N] is updated in place. The same elementwise ops as apply_update (per
+    tensor), so the same bits. -> new theta [N]"""
+    grad = estimate(z, g)  # [N]
+    if momentum > 0:
+        velocity.mul_(momentum).add_(grad)
+        grad = velocity
+    return theta - lr * grad
+
+
 class PRGEStep(nn.Module):
     """train_step(seed, lr, eps, *batch) -> (mean loss, g[q]); updates the adapter in place."""
 
@@ -113,12 +125,7 @@ class PRGEStep(nn.Module):
             losses = torch.cat([losses_for((1,)), losses_for((-1,))])  # [2q]
         g = projected_gradient(losses[: self.q], losses[self.q:], eps)  # [q]
         if flat:
-            grad = estimate(z, g)  # [N]
-            if self.momentum > 0:  # the same elementwise ops as apply_update, so the same bits
-                velocity = getattr(self.model, VELOCITY)  # [N]
-                velocity.mul_(self.momentum).add_(grad)
-                grad = velocity
-            new = theta - lr * grad  # elementwise: the same bits as t.sub_(lr * grad)
+            new = flat_update(theta, z, g, lr, self.momentum, getattr(self.model, VELOCITY, None))
             for t in trained:
                 t.tensor.copy_(new[t.offset: t.offset + t.tensor.numel()].reshape(t.tensor.shape))
         else:  # z drawn again, one tensor at a time: never all of it at once
