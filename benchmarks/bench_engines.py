@@ -107,7 +107,9 @@ def report(exports: dict, steps: dict, args, m: dict) -> str:
         ratio = r["median_s"] / eager["median_s"]
         verdict = "meets" if ratio <= TARGET[qz] else "misses"
         secs = e.get("seconds", {})
-        export_s = (f"{secs['total']:.0f} ({secs['lower']:.0f}), {e['peak_rss_mb'] / 1024:.1f} GB"
+        peak = e.get("peak_rss_mb", float("nan"))
+        peak_s = f"{peak / 1024:.1f} GB" if peak == peak else "peak not recorded"
+        export_s = (f"{secs['total']:.0f} ({secs['lower']:.0f}), {peak_s}"
                     if "total" in secs else "not recorded")
         check = e.get("check", {})
         parity = ", ".join(f"{check[k]:.1e}" for k in ("theta", "loss", "loss_diff", "update")
