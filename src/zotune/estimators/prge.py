@@ -113,9 +113,10 @@ class PRGEStep(nn.Module):
                 return flat_replica_losses(*args, theta, z, eps, signs, batch)
         else:
             # z for every tensor up front, kept for the update. Measured (SmolLM2, T=64, peak
-            # RSS): drawing it inside each layer instead fragments the heap (1350 MB at q=4 b=4
-            # against 1055); drawing it again for the update is leanest (981) but costs a second
-            # hash pass (about 0.1 s per step at q=4, 5 % of a demo step).
+            # RSS, benchmarks/memory_variants.py): drawing it inside each layer instead fragments
+            # the heap (1350 MB at q=4 b=4 against 1002); drawing it again for the update saves
+            # q*N values (962 against 1107 MB at q=16 b=1) for a second hash pass (about 0.1 s
+            # per step at q=4, 5 % of a demo step).
             z_list = draw(seed, trained, self.adapter.numel, self.q, self.noise)
             zs = {t.name: z for t, z in zip(trained, z_list)}
 
