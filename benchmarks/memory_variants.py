@@ -1,11 +1,11 @@
 """Peak RSS of the eager P-RGE dual step under three versions of the code where z and the
 perturbed B stacks are made (git worktrees passed as PYTHONPATH), beside a forward of the same
 rows; one process each (benchmarks/lockstep.py), 2 steps, 1 thread. A memory check, not a timing
-benchmark. Used once in session 3 to choose how eager P-RGE holds z:
+benchmark. Used in session 3 to choose how eager P-RGE holds z and the stacks:
 
-    git worktree add /tmp/wt-s2 3b76559       # z and every layer's stacks built up front
-    git worktree add /tmp/wt-redraw 91b520c   # stacks per layer, z redrawn for the update
-    .venv/bin/python benchmarks/memory_variants.py
+    git worktree add /tmp/wt-redraw 91b520c     # stacks per layer, z redrawn for the update
+    git worktree add /tmp/wt-perlayer 2c2ad67   # z up front, stacks per layer
+    .venv/bin/python benchmarks/memory_variants.py   # beside this checkout (z, stacks up front)
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lockstep import run_group  # noqa: E402
 
-VARIANTS = {"s2": "/tmp/wt-s2/src", "redraw": "/tmp/wt-redraw/src",
-            "upfront": str(Path(__file__).resolve().parents[1] / "src")}  # upfront: this checkout
+VARIANTS = {"current": str(Path(__file__).resolve().parents[1] / "src"),
+            "redraw": "/tmp/wt-redraw/src", "perlayer": "/tmp/wt-perlayer/src"}
 
 
 def main() -> None:

@@ -47,16 +47,15 @@ class LoRALinear(nn.Module):
         dtype = base.weight.dtype
         self.lora_A = nn.Parameter(init_lora_a(rank, d_in, generator, dtype), requires_grad=train_a)
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank, dtype=dtype))
-        # Set by an estimator for one forward: (A stack [R, r, d_in] or None, B stack [R, d_out, r]),
-        # or a function that builds them when this layer runs (so they live for this layer only).
-        self.replicas = None
+        # Set by an estimator for one forward: (A stack [R, r, d_in] or None, B stack [R, d_out, r]).
+        self.replicas: tuple[torch.Tensor | None, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # frozen W x over all rows
         if self.replicas is None:
             xa = F.linear(self.dropout(x), self.lora_A)  # [..., r]
             return y + self.scale * F.linear(xa, self.lora_B)
-        a_stack, b_stack = self.replicas() if callable(self.replicas) else self.replicas
+        a_stack, b_stack = self.replicas
         n_rep = b_stack.shape[0]
         xr = x.reshape(n_rep, -1, self.d_in)  # x: [R*b, T, d_in] -> [R, b*T, d_in]
         if a_stack is None:
@@ -168,7 +167,6 @@ class LoRAAdapter:
             "numel": self.numel, "fan_in_fan_out": self.fan_in_fan_out,
         }
 
-    def set_replicas(self, stacks: dict | None):
-        """stacks: layer name -> (A stack or None, B stack), or a function returning them."""
+    def set_replicas(self, stacks: dict[str, tuple[torch.Tensor | None, torch.Tensor]] | None):
         for name, layer in self.layers.items():
             layer.replicas = None if stacks is None else stacks[name]

@@ -40,23 +40,20 @@ def replica_losses(model, adapter: LoRAAdapter, loss, z_of, n_query: int, eps,
                    signs: tuple[int, ...], batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Losses of len(signs) * n_query replicas (sign-major: [+z_1..+z_q, -z_1..-z_q]). -> [R]
 
-    z_of(trained tensor) -> its z [n_query, *shape]. Each layer builds its perturbed stacks when
-    it runs and drops them afterwards: the peak holds one layer's, not every layer's (on SmolLM2
-    at q=16, 32 B stacks of all layers would be about 320 MB)."""
+    z_of(trained tensor) -> its z [n_query, *shape]. Every layer's stacks are built before the
+    forward: building each inside its layer saved memory (0.97x / 1.07x inference peak at (4,4)
+    / (16,1) against 1.09x / 1.45x) but made the step about 10 % slower in an interleaved A/B
+    (benchmarks/memory_variants.py, session 3), which make demo's budget cannot spare."""
+    stacks = {}
     by_name = {t.name: t for t in adapter.trained}
-
-    def builder(name, layer):
-        def build():
-            z_b = z_of(by_name[f"{name}.lora_B"])  # [q, d_out, r]
-            b_stack = torch.cat([layer.lora_B + (s * eps) * z_b for s in signs])  # [R, d_out, r]
-            a_stack = None
-            if adapter.train_a:
-                z_a = z_of(by_name[f"{name}.lora_A"])  # [q, r, d_in]
-                a_stack = torch.cat([layer.lora_A + (s * eps) * z_a for s in signs])  # [R, r, d_in]
-            return a_stack, b_stack
-        return build
-
-    stacks = {name: builder(name, layer) for name, layer in adapter.layers.items()}
+    for name, layer in adapter.layers.items():
+        z_b = z_of(by_name[f"{name}.lora_B"])  # [q, d_out, r]
+        b_stack = torch.cat([layer.lora_B + (s * eps) * z_b for s in signs])  # [R, d_out, r]
+        a_stack = None
+        if adapter.train_a:
+            z_a = z_of(by_name[f"{name}.lora_A"])  # [q, r, d_in]
+            a_stack = torch.cat([layer.lora_A + (s * eps) * z_a for s in signs])  # [R, r, d_in]
+        stacks[name] = (a_stack, b_stack)
     return stacked_losses(model, adapter, loss, stacks, len(signs) * n_query, batch)
 
 
@@ -112,11 +109,6 @@ class PRGEStep(nn.Module):
             def losses_for(signs):
                 return flat_replica_losses(*args, theta, z, eps, signs, batch)
         else:
-            # z for every tensor up front, kept for the update. Measured (SmolLM2, T=64, peak
-            # RSS, benchmarks/memory_variants.py): drawing it inside each layer instead fragments
-            # the heap (1350 MB at q=4 b=4 against 1002); drawing it again for the update saves
-            # q*N values (962 against 1107 MB at q=16 b=1) for a second hash pass (about 0.1 s
-            # per step at q=4, 5 % of a demo step).
             z_list = draw(seed, trained, self.adapter.numel, self.q, self.noise)
             zs = {t.name: z for t, z in zip(trained, z_list)}
 
