@@ -167,15 +167,19 @@ class PteProgram:
         """The trained tensors, unflattened with the program's layout."""
         return unflatten(self.get_lora_flat(), self.tensors)
 
+    def _flat(self, values, what: str) -> torch.Tensor:
+        """A dict name -> tensor (extra keys ignored) or a flat tensor -> [N] in the program's
+        layout and dtype."""
+        if isinstance(values, dict):
+            return flatten(values, self.tensors, self.dtype)
+        flat = torch.as_tensor(values).detach().to(self.dtype).reshape(-1)
+        if flat.numel() != self.numel:
+            raise EngineError(f"{what}: {flat.numel()} values, the program holds {self.numel}")
+        return flat
+
     def set_lora(self, lora) -> None:
         """Set theta from a dict name -> tensor (extra keys ignored) or a flat [N] tensor."""
-        if isinstance(lora, dict):
-            flat = flatten(lora, self.tensors, self.dtype)
-        else:
-            flat = torch.as_tensor(lora).detach().to(self.dtype).reshape(-1)
-            if flat.numel() != self.numel:
-                raise EngineError(f"set_lora: {flat.numel()} values, the program holds "
-                                  f"{self.numel}")
+        flat = self._flat(lora, "set_lora")
         if not bool(torch.isfinite(flat).all()):
             raise EngineError("set_lora: values are not all finite")
         self._methods["set_lora"].execute([flat.contiguous()])
@@ -190,14 +194,7 @@ class PteProgram:
         """Set the momentum buffer from a dict name -> tensor or a flat [N] tensor."""
         if not self.momentum:
             raise EngineError(f"{self.path}: this program was exported without momentum")
-        if isinstance(velocity, dict):
-            flat = flatten(velocity, self.tensors, self.dtype)
-        else:
-            flat = torch.as_tensor(velocity).detach().to(self.dtype).reshape(-1)
-            if flat.numel() != self.numel:
-                raise EngineError(f"set_momentum: {flat.numel()} values, the program holds "
-                                  f"{self.numel}")
-        self._methods["set_momentum"].execute([flat.contiguous()])
+        self._methods["set_momentum"].execute([self._flat(velocity, "set_momentum").contiguous()])
 
 
 class ExecuTorchEngine:
