@@ -19,6 +19,7 @@ import json
 import sys
 
 from zotune.errors import ZotuneError
+from zotune.runtime import keep_heap
 
 
 def _config(args, rest):
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
+    keep_heap()
     try:
         if rest and args.command in ("models", "fetch", "replay"):
             raise ZotuneError(f"{args.command}: unexpected arguments {rest}")

@@ -122,3 +122,42 @@ def test_flat_step_equals_per_layer_step_bitwise(tokenizer, train_a, dual, momen
     assert all(torch.equal(a, b) for a, b in zip(theta_a, theta_b))
     if momentum:
         assert v_a.abs().sum() > 0 and torch.equal(v_a, v_b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_perturbed_stack_is_bitwise_the_plain_expression(dtype):
+    from zotune.estimators.prge import perturbed
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(6, 4, generator=g, dtype=dtype)
+    z = torch.randn(3, 6, 4, generator=g, dtype=dtype)
+    buf = torch.full((200,), float("nan"), dtype=dtype)  # larger than needed, reused by layers
+    out = perturbed(p, z, 1e-2, (1, -1), buf)
+    expect = torch.cat([p + (s * 1e-2) * z for s in (1, -1)])  # [6, 6, 4]
+    assert out.shape == expect.shape and torch.equal(out, expect)
+    assert out.data_ptr() == buf.data_ptr()  # written in place, no new allocation
+
+
+def test_replica_stacks_are_built_when_each_layer_runs(family, tokenizer):
+    """The step holds one layer's stacks at a time: every layer's builder writes into the same
+    buffers, and the forward calls each builder inside its layer."""
+    from zotune.estimators.prge import replica_stacks
+
+    model = make_tiny_model(family, tokenizer)
+    adapter = LoRAAdapter(model, rank=4, alpha=8)
+    z = {t.name: torch.ones(2, *t.tensor.shape) for t in adapter.trained}
+    stacks = replica_stacks(adapter, lambda t: z[t.name], 2, 1e-2, (1, -1))
+    assert all(callable(f) for f in stacks.values())
+    with torch.no_grad():  # as every estimator calls it
+        built = [f()[1].data_ptr() for f in stacks.values()]
+    assert len(set(built)) == 1
+    calls = []
+    for name, f in list(stacks.items()):
+        stacks[name] = lambda f=f, name=name: calls.append(name) or f()
+    loss = ClassificationLoss()
+    batch = synthetic_batch()
+    from zotune.estimators.prge import stacked_losses
+
+    with torch.no_grad():
+        losses = stacked_losses(model, adapter, loss, stacks, 4, batch)
+    assert calls == list(adapter.layers) and losses.shape == (4,)

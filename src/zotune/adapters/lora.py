@@ -47,25 +47,28 @@ class LoRALinear(nn.Module):
         dtype = base.weight.dtype
         self.lora_A = nn.Parameter(init_lora_a(rank, d_in, generator, dtype), requires_grad=train_a)
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank, dtype=dtype))
-        # Set by an estimator for one forward: (A stack [R, r, d_in] or None, B stack [R, d_out, r]).
-        self.replicas: tuple[torch.Tensor | None, torch.Tensor] | None = None
+        # Set by an estimator for one forward: (A stack [R, r, d_in] or None, B stack [R, d_out, r]),
+        # or a function that builds them when this layer runs.
+        self.replicas = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # frozen W x over all rows
         if self.replicas is None:
             xa = F.linear(self.dropout(x), self.lora_A)  # [..., r]
             return y + self.scale * F.linear(xa, self.lora_B)
-        a_stack, b_stack = self.replicas
+        a_stack, b_stack = self.replicas() if callable(self.replicas) else self.replicas
         n_rep = b_stack.shape[0]
         xr = x.reshape(n_rep, -1, self.d_in)  # x: [R*b, T, d_in] -> [R, b*T, d_in]
         if a_stack is None:
             xa = F.linear(xr, self.lora_A)  # [R, b*T, r]
         else:
             xa = torch.bmm(xr, a_stack.transpose(1, 2))  # [R, b*T, r]
-        # y + scale * xa B^T in one batched GEMM that accumulates into y (no extra passes over
-        # the [rows, d_out] output for the scaling and the add).
-        y3 = y.reshape(n_rep, -1, self.d_out)  # [R, b*T, d_out]
-        return torch.baddbmm(y3, xa, b_stack.transpose(1, 2), alpha=self.scale).reshape(y.shape)
+        # y += scale * xa B^T in one batched GEMM, in place: y is this call's own fresh output.
+        # Out of place, every call allocated a new [rows, d_out] result and copied y into it; on
+        # glibc those large blocks come back as fresh pages, and the page faults cost more than
+        # all LoRA arithmetic (benchmarks/results/profile-q4-b4.md).
+        y.reshape(n_rep, -1, self.d_out).baddbmm_(xa, b_stack.transpose(1, 2), alpha=self.scale)
+        return y  # [R*b, T, d_out]
 
     def merged_weight(self) -> torch.Tensor:
         """The effective [d_out, d_in] weight, for checks against other implementations."""
@@ -167,6 +170,7 @@ class LoRAAdapter:
             "numel": self.numel, "fan_in_fan_out": self.fan_in_fan_out,
         }
 
-    def set_replicas(self, stacks: dict[str, tuple[torch.Tensor | None, torch.Tensor]] | None):
+    def set_replicas(self, stacks: dict | None):
+        """stacks: layer name -> (A stack or None, B stack), or a function that returns them."""
         for name, layer in self.layers.items():
             layer.replicas = None if stacks is None else stacks[name]

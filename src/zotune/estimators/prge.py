@@ -36,24 +36,47 @@ def stacked_losses(model, adapter: LoRAAdapter, loss, stacks: dict, n_rep: int,
     return per_replica(nll, count, n_rep)
 
 
+def perturbed(p: torch.Tensor, z: torch.Tensor, eps, signs: tuple[int, ...],
+              buf: torch.Tensor) -> torch.Tensor:
+    """[p + s*eps*z_i for s in signs for i in queries], written into the front of buf (no
+    temporaries, no cat). The same bits as `p + (s * eps) * z`. z: [q, *p.shape] -> [R, *p.shape]"""
+    q = z.shape[0]
+    out = buf[: len(signs) * q * p.numel()].view(len(signs) * q, *p.shape)
+    for k, s in enumerate(signs):
+        torch.mul(z, s * eps, out=out[k * q: (k + 1) * q]).add_(p)
+    return out
+
+
+def replica_stacks(adapter: LoRAAdapter, z_of, n_query: int, eps, signs: tuple[int, ...]) -> dict:
+    """For every layer, a function that builds its perturbed (A, B) stacks, sign-major
+    [+z_1..+z_q, -z_1..-z_q], when the layer runs. z_of(trained tensor) -> its z [q, *shape].
+
+    Every layer builds into the same buffers, sized for the largest, so a step holds one layer's
+    stacks instead of every layer's (SmolLM2 at q=16: 3 MB instead of 320 MB, the difference
+    between 1.08x and 1.41x the inference peak; benchmarks/results/cost.md)."""
+    by_name = {t.name: t for t in adapter.trained}
+    n_rep = len(signs) * n_query
+    sizes = {kind: max((getattr(layer, kind).numel() for layer in adapter.layers.values()))
+             for kind in ("lora_A", "lora_B")}
+    dtype = adapter.trained[0].tensor.dtype
+    b_buf = torch.empty(n_rep * sizes["lora_B"], dtype=dtype)
+    a_buf = torch.empty(n_rep * sizes["lora_A"], dtype=dtype) if adapter.train_a else None
+
+    def builder(name: str, layer):
+        def build():
+            b = perturbed(layer.lora_B, z_of(by_name[f"{name}.lora_B"]), eps, signs, b_buf)
+            if a_buf is None:
+                return None, b  # [R, d_out, r]
+            return perturbed(layer.lora_A, z_of(by_name[f"{name}.lora_A"]), eps, signs, a_buf), b
+        return build
+
+    return {name: builder(name, layer) for name, layer in adapter.layers.items()}
+
+
 def replica_losses(model, adapter: LoRAAdapter, loss, z_of, n_query: int, eps,
                    signs: tuple[int, ...], batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Losses of len(signs) * n_query replicas (sign-major: [+z_1..+z_q, -z_1..-z_q]). -> [R]
-
-    z_of(trained tensor) -> its z [n_query, *shape]. Every layer's stacks are built before the
-    forward: building each inside its layer saved memory (0.97x / 1.07x inference peak at (4,4)
-    / (16,1) against 1.09x / 1.45x) but made the step about 10 % slower in an interleaved A/B
-    (benchmarks/memory_variants.py, session 3), which make demo's budget cannot spare."""
-    stacks = {}
-    by_name = {t.name: t for t in adapter.trained}
-    for name, layer in adapter.layers.items():
-        z_b = z_of(by_name[f"{name}.lora_B"])  # [q, d_out, r]
-        b_stack = torch.cat([layer.lora_B + (s * eps) * z_b for s in signs])  # [R, d_out, r]
-        a_stack = None
-        if adapter.train_a:
-            z_a = z_of(by_name[f"{name}.lora_A"])  # [q, r, d_in]
-            a_stack = torch.cat([layer.lora_A + (s * eps) * z_a for s in signs])  # [R, r, d_in]
-        stacks[name] = (a_stack, b_stack)
+    """Losses of len(signs) * n_query replicas (sign-major). -> [R]"""
+    stacks = replica_stacks(adapter, z_of, n_query, eps, signs)
     return stacked_losses(model, adapter, loss, stacks, len(signs) * n_query, batch)
 
 
