@@ -2,8 +2,9 @@
 on the embedded SmolLM2-135M at the demo shapes (q=4, b=4, T=64, C=2; LoRA-FA r=16 on every
 linear of the decoder blocks).
 
-Each export runs in its own process (`export` subcommand: time and peak RSS); then eager and
-every program step interleaved, one process each (benchmarks/lockstep.py). Programs are kept in
+Each export runs in its own process (`export` subcommand: time and peak RSS), all at the same
+time; then eager and every program step interleaved, one process each (benchmarks/lockstep.py).
+Programs are kept in
 --out and reused when their sidecar says they were exported by this zotune version with these
 shapes (--reexport forces a new export). Writes benchmarks/results/<name>.md and .json.
 
@@ -59,16 +60,23 @@ def cmd_export(args) -> None:
     print("@@" + json.dumps(res), flush=True)
 
 
-def export(quantize: str, out: Path, threads: int, tolerance: float | None) -> dict:
+def start_export(quantize: str, out: Path, threads: int, tolerance: float | None):
     cmd = [sys.executable, __file__, "export", "--quantize", quantize, "--out", str(out),
            "--threads", str(threads)]
     if tolerance is not None:
         cmd += ["--tolerance", str(tolerance)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    (out / f"export-{quantize}.log").write_text(proc.stdout + proc.stderr)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("@@")]
-    if proc.returncode != 0 or not lines:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    log = (out / f"export-{quantize}.log").open("w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True), log
+
+
+def finish_export(proc, log) -> dict:
+    code = proc.wait()
+    log.close()
+    text = Path(log.name).read_text()
+    lines = [line for line in text.splitlines() if line.startswith("@@")]
+    if code != 0 or not lines:
+        tail = [line for line in text.strip().splitlines() if line.strip()]
+        return {"error": tail[-1] if tail else f"exit status {code}"}
     return json.loads(lines[-1][2:])
 
 
@@ -142,7 +150,7 @@ def main() -> None:
         return cmd_export(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    exports = {}
+    exports, pending = {}, {}
     for qz in args.quantize:
         path = out / pte_name(qz)
         if reusable(path) and not args.reexport:
@@ -152,10 +160,16 @@ def main() -> None:
                            {"path": str(path), "size_mb": path.stat().st_size / 2**20,
                             "check": meta.get("check", {}), "seconds": {}})
             continue
-        print(f"exporting {qz} ...", flush=True)
-        tol = args.tolerance if qz == "none" else args.tolerance_8da4w
-        exports[qz] = export(qz, out, args.threads, tol)
-        print(f"  {json.dumps(exports[qz])[:400]}", flush=True)
+        pending[qz] = args.tolerance if qz == "none" else args.tolerance_8da4w
+    # Exports run at the same time, one thread each: lowering is mostly single-threaded Python
+    # (XNNPACK's passes over the graph), so two in parallel take about as long as the slower one.
+    threads = max(1, args.threads // max(1, len(pending)))
+    started = {qz: start_export(qz, out, threads, tol) for qz, tol in pending.items()}
+    for qz, (proc, log) in started.items():
+        print(f"exporting {qz} ({threads} thread(s)), log in {log.name} ...", flush=True)
+    for qz, (proc, log) in started.items():
+        exports[qz] = finish_export(proc, log)
+        print(f"  {qz}: {json.dumps(exports[qz])[:400]}", flush=True)
     specs = {"eager": {"mode": "prge", "q": Q, "b": B, "T": T, "threads": args.threads}}
     for qz, ex in exports.items():
         if "error" not in ex:
