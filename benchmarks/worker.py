@@ -4,6 +4,9 @@
 
 Modes: forward (plain inference over `rows` rows, no adapter), prge, rge, fo (the eager trainer's
 engine, as `zotune train` builds it), pte (an exported ExecuTorch program's train_step).
+"device": "cuda" runs on a GPU (synchronised before each step's time is taken); "random_init"
+builds the model from the config in the folder "model" names, with random weights, for machines
+the checkpoint cannot reach (step time does not depend on the weights' values).
 The batch is synthetic: b rows of T real-vocabulary tokens with no padding, so every
 configuration pays for exactly T positions (demo batches are trimmed to their longest prompt).
 
@@ -25,7 +28,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _batch(rows: int, T: int, vocab: int, choice: list[int]):
+def _batch(rows: int, T: int, vocab: int, choice: list[int], device="cpu"):
     import torch
 
     g = torch.Generator().manual_seed(rows * 1000 + T)
@@ -34,7 +37,7 @@ def _batch(rows: int, T: int, vocab: int, choice: list[int]):
     pos = torch.arange(T, dtype=torch.int64).expand(rows, T).contiguous()
     choices = torch.tensor([choice] * rows, dtype=torch.int64)
     labels = torch.arange(rows, dtype=torch.int64) % len(choice)
-    return ids, am, pos, choices, labels
+    return tuple(t.to(device) for t in (ids, am, pos, choices, labels))
 
 
 def build(spec: dict):
@@ -47,7 +50,13 @@ def build(spec: dict):
 
     mode, q, b, T = spec["mode"], spec.get("q", 4), spec.get("b", 4), spec.get("T", 64)
     model_name = spec.get("model", "smollm2-135m")
-    tokenizer = load_tokenizer(model_name)
+    device = torch.device(spec.get("device", "cpu"))
+    if spec.get("random_init"):  # a config folder without weights (timing only)
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_name)
+    else:
+        tokenizer = load_tokenizer(model_name)
     choice = [tokenizer.encode(w, add_special_tokens=False)[0] for w in (" positive", " negative")]
     if mode == "pte":
         from zotune.engines.pte import PteProgram, set_threads
@@ -58,17 +67,26 @@ def build(spec: dict):
         batch = _batch(b, T, len(tokenizer), choice)
         return lambda i: prog.train_step(1000 + i, 3e-3, 1e-2, batch)
 
-    model, _, _ = load_model(model_name)
+    if spec.get("random_init"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_name),
+                                                 attn_implementation="sdpa").eval()
+    else:
+        model, _, _ = load_model(model_name)
+    model.to(device)
     vocab = model.get_output_embeddings().weight.shape[0]
     if mode == "forward":
         from zotune.loss import ClassificationLoss
 
         loss = ClassificationLoss()
-        batch = _batch(spec["rows"], T, vocab, choice)
+        batch = _batch(spec["rows"], T, vocab, choice, device)
 
         @torch.no_grad()
         def forward(i):
-            return loss.logits(model, *batch[:4])
+            out = loss.logits(model, *batch[:4])
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # the step ends when the device is done
+            return out
         return forward
 
     from zotune.engines.eager import EagerEngine
@@ -79,8 +97,14 @@ def build(spec: dict):
     if mode == "fo":
         cfg.optim.lr, cfg.optim.optimizer = 1e-3, "adamw"
     engine = EagerEngine(model, cfg, "classification")
-    batch = _batch(b, T, vocab, choice)
-    return lambda i: engine.step(batch, 1000 + i, cfg.optim.lr, cfg.optim.eps)
+    batch = _batch(b, T, vocab, choice, device)
+
+    def step(i):
+        out = engine.step(batch, 1000 + i, cfg.optim.lr, cfg.optim.eps)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+    return step
 
 
 def main() -> None:
@@ -109,8 +133,12 @@ def main() -> None:
             i += 1
         elif line.strip() == "quit":
             break
-    say("done " + json.dumps({"peak_rss_mb": peak_rss_mb(), "import_rss_mb": import_rss,
-                              "threads": torch.get_num_threads()}))
+    info = {"peak_rss_mb": peak_rss_mb(), "import_rss_mb": import_rss,
+            "threads": torch.get_num_threads()}
+    if spec.get("device", "cpu").startswith("cuda"):
+        info["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        info["gpu"] = torch.cuda.get_device_name()
+    say("done " + json.dumps(info))
 
 
 if __name__ == "__main__":

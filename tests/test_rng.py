@@ -64,3 +64,22 @@ def test_numpy_fast_path_is_bitwise_the_torch_hash():
                 fast = noise_at(seed(s), idx, kind, dtype)
                 ref = _noise(seed(s), idx, kind, dtype)
                 assert fast.dtype == dtype and torch.equal(fast, ref), (s, kind, dtype)
+
+
+def test_numpy_range_path_threaded_is_bitwise_the_torch_hash():
+    """noise() over a range makes its counters per chunk and splits large draws over threads;
+    the bits must not depend on either (start beyond 32 bits, a size that is not a chunk
+    multiple, 1 and 2 threads)."""
+    from zotune.rng import _NP_CHUNK, _noise
+
+    n, start = 9 * _NP_CHUNK + 123, (1 << 32) - 1000
+    ref = {kind: _noise(seed(5), torch.arange(start, start + n, dtype=torch.int64), kind,
+                        torch.float32) for kind in ("normal", "rademacher")}
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for kind in ("normal", "rademacher"):
+                assert torch.equal(noise(seed(5), start, n, kind), ref[kind]), (threads, kind)
+    finally:
+        torch.set_num_threads(old)

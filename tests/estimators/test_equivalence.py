@@ -115,6 +115,9 @@ def test_flat_step_equals_per_layer_step_bitwise(tokenizer, train_a, dual, momen
         out = [step(torch.tensor([s]), 1e-2, 1e-2, *synthetic_batch()) for s in (5, 6, 7)]
         velocity = (torch.cat([v.reshape(-1) for v in step.velocity]) if step.velocity
                     else getattr(model, VELOCITY, None))
+        if fused and momentum:  # per-tensor views of the flat buffer, which checkpoints read
+            flat = getattr(model, VELOCITY)
+            assert step.velocity[0].data_ptr() == flat.data_ptr() and torch.equal(velocity, flat)
         results.append((out, [t.clone() for t in adapter.tensors()], velocity))
     (out_a, theta_a, v_a), (out_b, theta_b, v_b) = results
     for (la, ga), (lb, gb) in zip(out_a, out_b):

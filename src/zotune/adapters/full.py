@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from zotune.adapters.lora import TrainedTensor
-from zotune.rng import noise_at
+from zotune.rng import noise
 
 
 class FullParams:
@@ -37,8 +37,8 @@ class FullParams:
     def z(self, seed: torch.Tensor, query: int, t: TrainedTensor, kind: str) -> torch.Tensor:
         """z of query `query` for one trained tensor, from the flat counter range."""
         start = query * self.numel + t.offset
-        index = torch.arange(start, start + t.tensor.numel(), dtype=torch.int64)
-        return noise_at(seed, index, kind, t.tensor.dtype).view_as(t.tensor)
+        return noise(seed, start, t.tensor.numel(), kind, t.tensor.dtype,
+                     t.tensor.device).view_as(t.tensor)
 
     @contextlib.contextmanager
     def perturbed(self, seed: torch.Tensor, query: int, scale: float, kind: str):

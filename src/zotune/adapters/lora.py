@@ -44,9 +44,10 @@ class LoRALinear(nn.Module):
         self.d_in, self.d_out, self.rank = d_in, d_out, rank
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        dtype = base.weight.dtype
-        self.lora_A = nn.Parameter(init_lora_a(rank, d_in, generator, dtype), requires_grad=train_a)
-        self.lora_B = nn.Parameter(torch.zeros(d_out, rank, dtype=dtype))
+        dtype, device = base.weight.dtype, base.weight.device  # A is drawn on the CPU generator
+        self.lora_A = nn.Parameter(init_lora_a(rank, d_in, generator, dtype).to(device),
+                                   requires_grad=train_a)
+        self.lora_B = nn.Parameter(torch.zeros(d_out, rank, dtype=dtype, device=device))
         # Set by an estimator for one forward: (A stack [R, r, d_in] or None, B stack [R, d_out, r]),
         # or a function that builds them when this layer runs.
         self.replicas = None

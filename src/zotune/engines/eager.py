@@ -35,7 +35,12 @@ class EagerEngine:
         # Full-parameter mode perturbs weights inside module calls, so the head must be called.
         self.loss = make_loss(kind, via_head_module=isinstance(self.params, FullParams))
         if o.estimator == "prge":
-            step = PRGEStep(model, self.params, self.loss, o.q, o.dual, o.noise, o.momentum)
+            # On an accelerator the flat form (theta and z as [N] / [q, N]: a few large kernels
+            # instead of a few per tensor) is the fast one; on the CPU the per-layer form keeps
+            # one layer's stacks in memory. Both give the same bits (tests/estimators).
+            flat = next(model.parameters()).device.type != "cpu"
+            step = PRGEStep(model, self.params, self.loss, o.q, o.dual, o.noise, o.momentum,
+                            fused_noise=flat)
             self._step, self.velocity = self._prge(step), step.velocity
         elif o.estimator == "rge":
             rge = RGE(model, self.params, self.loss, o.q, o.noise, o.momentum)

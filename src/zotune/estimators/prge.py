@@ -58,9 +58,9 @@ def replica_stacks(adapter: LoRAAdapter, z_of, n_query: int, eps, signs: tuple[i
     n_rep = len(signs) * n_query
     sizes = {kind: max((getattr(layer, kind).numel() for layer in adapter.layers.values()))
              for kind in ("lora_A", "lora_B")}
-    dtype = adapter.trained[0].tensor.dtype
-    b_buf = torch.empty(n_rep * sizes["lora_B"], dtype=dtype)
-    a_buf = torch.empty(n_rep * sizes["lora_A"], dtype=dtype) if adapter.train_a else None
+    like = adapter.trained[0].tensor
+    b_buf = like.new_empty(n_rep * sizes["lora_B"])
+    a_buf = like.new_empty(n_rep * sizes["lora_A"]) if adapter.train_a else None
 
     def builder(name: str, layer):
         def build():
@@ -115,9 +115,12 @@ class PRGEStep(nn.Module):
         self.q, self.dual, self.noise, self.fused_noise = q, dual, noise, fused_noise
         self.momentum = momentum
         self.velocity = None if fused_noise else momentum_buffers(adapter.tensors(), momentum)
-        if fused_noise and momentum > 0 and not hasattr(model, VELOCITY):
-            model.register_buffer(VELOCITY, torch.zeros(adapter.numel,
-                                                        dtype=adapter.trained[0].tensor.dtype))
+        if fused_noise and momentum > 0:
+            if not hasattr(model, VELOCITY):
+                model.register_buffer(VELOCITY, adapter.trained[0].tensor.new_zeros(adapter.numel))
+            flat = getattr(model, VELOCITY)  # [N]; per-tensor views, for checkpoints
+            self.velocity = [flat[t.offset: t.offset + t.tensor.numel()].view(t.tensor.shape)
+                             for t in adapter.trained]
 
     @torch.no_grad()
     def forward(self, seed: torch.Tensor, lr: torch.Tensor, eps: torch.Tensor,
@@ -126,13 +129,15 @@ class PRGEStep(nn.Module):
         flat = self.fused_noise  # the exported form
         if flat:
             theta = torch.cat([t.tensor.reshape(-1) for t in trained])  # [N]
-            z = noise(seed, 0, self.q * self.adapter.numel, self.noise, theta.dtype)
+            z = noise(seed, 0, self.q * self.adapter.numel, self.noise, theta.dtype, theta.device)
             z = z.reshape(self.q, -1)  # [q, N]
 
             def losses_for(signs):
                 return flat_replica_losses(*args, theta, z, eps, signs, batch)
         else:
-            z_list = draw(seed, trained, self.adapter.numel, self.q, self.noise)
+            # One draw over [0, q*N), viewed per tensor: the same bits as per-tensor draws,
+            # hashed on every thread.
+            z_list = draw(seed, trained, self.adapter.numel, self.q, self.noise, fused=True)
             zs = {t.name: z for t, z in zip(trained, z_list)}
 
             def losses_for(signs):

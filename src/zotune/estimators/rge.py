@@ -7,8 +7,9 @@ import torch
 
 from zotune.adapters.full import FullParams
 from zotune.estimators.prge import replica_losses
-from zotune.estimators.zo import draw, momentum_buffers, projected_gradient, update_from_seed
+from zotune.estimators.zo import momentum_buffers, projected_gradient, update_from_seed
 from zotune.loss import per_replica
+from zotune.rng import noise
 
 
 class RGE:
@@ -17,22 +18,32 @@ class RGE:
         self.q, self.noise, self.momentum = q, noise, momentum
         self.velocity = momentum_buffers(params.tensors(), momentum)
 
-    def _loss(self, seed: torch.Tensor, query: int, sign: int, eps: float, batch) -> torch.Tensor:
+    def _loss(self, seed: torch.Tensor, query: int, sign: int, eps: float, batch,
+              z_query: torch.Tensor | None) -> torch.Tensor:
         if isinstance(self.params, FullParams):
             with self.params.perturbed(seed, query, sign * eps, self.noise):
                 return per_replica(*self.loss.rows(self.model, *batch), 1)[0]
         # One replica: the adapter computes with B + sign * eps * z_query, never writing B.
-        def z_of(t):
-            return draw(seed, [t], self.params.numel, self.q, self.noise, query=query)[0]
+        def z_of(t):  # [1, *shape], a view of the query's z
+            return z_query[t.offset: t.offset + t.tensor.numel()].view(1, *t.tensor.shape)
         return replica_losses(self.model, self.params, self.loss, z_of, 1, eps, (sign,), batch)[0]
+
+    def _z(self, seed: torch.Tensor, query: int) -> torch.Tensor | None:
+        """The query's z for all LoRA tensors [N], drawn once for both signs (full-parameter mode
+        draws per tensor inside its modules instead: N is the whole model there)."""
+        if isinstance(self.params, FullParams):
+            return None
+        like, n = self.params.trained[0].tensor, self.params.numel
+        return noise(seed, query * n, n, self.noise, like.dtype, like.device)
 
     @torch.no_grad()
     def step(self, batch, seed: int, lr: float, eps: float):
         seed_t = torch.tensor([seed], dtype=torch.int64)
         plus, minus = [], []
         for i in range(self.q):
-            plus.append(self._loss(seed_t, i, 1, eps, batch))
-            minus.append(self._loss(seed_t, i, -1, eps, batch))
+            z = self._z(seed_t, i)
+            plus.append(self._loss(seed_t, i, 1, eps, batch, z))
+            minus.append(self._loss(seed_t, i, -1, eps, batch, z))
         plus, minus = torch.stack(plus), torch.stack(minus)  # [q] each
         g = projected_gradient(plus, minus, eps)
         update_from_seed(self.params.trained, self.params.numel, seed_t, g, lr, self.noise,

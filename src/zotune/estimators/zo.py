@@ -19,15 +19,17 @@ def draw(seed: torch.Tensor, trained: list[TrainedTensor], numel: int, q: int, k
          fused: bool = False, query: int | None = None) -> list[torch.Tensor]:
     """z for every trained tensor: a list of [q, *shape] tensors, or [1, *shape] for one query."""
     if fused:
-        dtype = trained[0].tensor.dtype
-        z = noise(seed, 0, q * numel, kind, dtype).reshape(q, numel)  # [q, N]
+        dtype, device = trained[0].tensor.dtype, trained[0].tensor.device
+        z = noise(seed, 0, q * numel, kind, dtype, device).reshape(q, numel)  # [q, N]
         return [z[:, t.offset: t.offset + t.tensor.numel()].reshape(q, *t.tensor.shape)
                 for t in trained]
     out = []
-    ids = torch.arange(q) if query is None else torch.tensor([query])
+    device = trained[0].tensor.device
+    ids = torch.arange(q, device=device) if query is None else torch.tensor([query], device=device)
     queries = ids.to(torch.int64).unsqueeze(1) * numel  # [q, 1]
     for t in trained:
-        index = queries + t.offset + torch.arange(t.tensor.numel(), dtype=torch.int64)  # [q, n]
+        n = t.tensor.numel()
+        index = queries + t.offset + torch.arange(n, dtype=torch.int64, device=device)  # [q, n]
         out.append(noise_at(seed, index, kind, t.tensor.dtype).reshape(-1, *t.tensor.shape))
     return out
 
