@@ -3,9 +3,10 @@
 One process, two copies of SmolLM2-135M (plain, adapted), synthetic rows of T tokens. Every round
 times, in turn: the plain forward, the whole step, and each phase of the step run on its own
 (draw z, the replica forward in which each layer builds its perturbed stacks, the update), so
-machine noise hits all alike; medians over the rounds. Then torch-profiler passes of the replica
-forward and of the plain forward (three each, in turn, every operator at its fastest), grouped by operator and input shape, splits the replica
-forward's extra time into the base GEMMs and the LoRA terms.
+machine noise hits all alike; medians over the rounds. Then torch-profiler passes of the
+replica forward and of the plain forward (three each, in turn, every operator at its fastest),
+grouped by operator and input shape, split the replica forward's extra time into the base GEMMs
+and the LoRA terms.
 
     .venv/bin/python benchmarks/profile_step.py [--q 4 --b 4 --T 64 --threads 2 --rounds 7]
 
@@ -94,7 +95,8 @@ def main() -> None:
     adapter, batch = engine.params, _batch(b, args.T, len(tok), choice)
     seed, eps, lr = torch.tensor([7], dtype=torch.int64), cfg.optim.eps, cfg.optim.lr
     signs = (1, -1)
-    z_list = draw(seed, adapter.trained, adapter.numel, q, cfg.optim.noise)
+    noise_kind = cfg.optim.noise
+    z_list = draw(seed, adapter.trained, adapter.numel, q, noise_kind, fused=True)  # as the step
     zs = {t.name: z for t, z in zip(adapter.trained, z_list)}
     stacks = replica_stacks(adapter, lambda t: zs[t.name], q, eps, signs)
     g = torch.full((q,), 0.1)
@@ -103,7 +105,7 @@ def main() -> None:
     phases = {
         "plain forward (2qb rows)": lambda: torch.no_grad()(loss.logits)(plain, *rows[:4]),
         "P-RGE step": lambda: engine.step(batch, next(step_i), lr, eps),
-        "  draw z": lambda: draw(seed, adapter.trained, adapter.numel, q, cfg.optim.noise),
+        "  draw z": lambda: draw(seed, adapter.trained, adapter.numel, q, noise_kind, fused=True),
         "  replica forward": lambda: torch.no_grad()(stacked_losses)(
             adapted, adapter, engine.loss, stacks, 2 * q, batch),
         "  update": lambda: apply_update(adapter.tensors(), [estimate(z, g) for z in z_list], 0.0,
