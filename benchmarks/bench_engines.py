@@ -4,9 +4,9 @@ linear of the decoder blocks).
 
 Each export runs in its own process (`export` subcommand: time and peak RSS), all at the same
 time; then eager and every program step interleaved, one process each (benchmarks/lockstep.py).
-Programs are kept in
---out and reused when their sidecar says they were exported by this zotune version with these
-shapes (--reexport forces a new export). Writes benchmarks/results/<name>.md and .json.
+Programs are kept in --out and reused when their sidecar says they were exported by this zotune
+version with these shapes (--reexport forces a new export). Writes benchmarks/results/<name>.md
+and .json.
 
     .venv/bin/python benchmarks/bench_engines.py [--quantize none 8da4w] [--steps 7]
     .venv/bin/python benchmarks/bench_engines.py export --quantize none --out DIR

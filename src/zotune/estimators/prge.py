@@ -52,8 +52,8 @@ def replica_stacks(adapter: LoRAAdapter, z_of, n_query: int, eps, signs: tuple[i
     [+z_1..+z_q, -z_1..-z_q], when the layer runs. z_of(trained tensor) -> its z [q, *shape].
 
     Every layer builds into the same buffers, sized for the largest, so a step holds one layer's
-    stacks instead of every layer's (SmolLM2 at q=16: 3 MB instead of 320 MB, the difference
-    between 1.08x and 1.41x the inference peak; benchmarks/results/cost.md)."""
+    stacks instead of every layer's (SmolLM2 at q=16: 3 MB instead of 320 MB; the step's peak
+    went from 1.45x the inference peak in session 3 to 1.04x, benchmarks/results/cost.md)."""
     by_name = {t.name: t for t in adapter.trained}
     n_rep = len(signs) * n_query
     sizes = {kind: max((getattr(layer, kind).numel() for layer in adapter.layers.values()))
