@@ -16,6 +16,7 @@ Writes benchmarks/results/profile-q<q>-b<b>.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from collections import defaultdict
@@ -100,14 +101,21 @@ def main() -> None:
     zs = {t.name: z for t, z in zip(adapter.trained, z_list)}
     stacks = replica_stacks(adapter, lambda t: zs[t.name], q, eps, signs)
     g = torch.full((q,), 0.1)
-    step_i = iter(range(10**6))
+    step_i = itertools.count()
+
+    @torch.no_grad()
+    def plain_forward():
+        return loss.logits(plain, *rows[:4])
+
+    @torch.no_grad()
+    def replica_forward():
+        return stacked_losses(adapted, adapter, engine.loss, stacks, 2 * q, batch)
 
     phases = {
-        "plain forward (2qb rows)": lambda: torch.no_grad()(loss.logits)(plain, *rows[:4]),
+        "plain forward (2qb rows)": plain_forward,
         "P-RGE step": lambda: engine.step(batch, next(step_i), lr, eps),
         "  draw z": lambda: draw(seed, adapter.trained, adapter.numel, q, noise_kind, fused=True),
-        "  replica forward": lambda: torch.no_grad()(stacked_losses)(
-            adapted, adapter, engine.loss, stacks, 2 * q, batch),
+        "  replica forward": replica_forward,
         "  update": lambda: apply_update(adapter.tensors(), [estimate(z, g) for z in z_list], 0.0,
                                          cfg.optim.momentum, engine.velocity),
     }
@@ -138,9 +146,8 @@ def main() -> None:
     # this shared machine swing by up to 1.7x in either model, which would swamp a 10 % split.
     runs: tuple[list, list] = ([], [])
     for _ in range(3):
-        runs[0].append(op_times(lambda: torch.no_grad()(loss.logits)(plain, *rows[:4])))
-        runs[1].append(op_times(lambda: torch.no_grad()(stacked_losses)(
-            adapted, adapter, engine.loss, stacks, 2 * q, batch)))
+        runs[0].append(op_times(plain_forward))
+        runs[1].append(op_times(replica_forward))
     ops_plain, ops_rep = ({k: min(r.get(k, 0.0) for r in rs) for k in rs[0]} for rs in runs)
     cats: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for i, ops in enumerate((ops_plain, ops_rep)):

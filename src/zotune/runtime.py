@@ -11,7 +11,6 @@ zotune's commands call `keep_heap()` once at start; ZOTUNE_MALLOC=system leaves 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -24,13 +23,9 @@ def keep_heap() -> bool:
     without glibc, e.g. on macOS or Android, where the system allocator already caches)."""
     if os.environ.get("ZOTUNE_MALLOC", "").lower() == "system":
         return False
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    # The process's own symbols: no library search (find_library would run ldconfig at start-up).
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD,
                                                                            TRIM_THRESHOLD))
