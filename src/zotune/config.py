@@ -63,6 +63,8 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     momentum: float = 0.0  # ZO-SGD heavy-ball momentum on the estimated gradient
+    normalize: str = "none"  # rms: lr divided by the running RMS of g (loss-scale free; ZO only)
+    rms_decay: float = 0.95  # decay of the running mean of g^2 that normalize: rms divides by
     noise: str = "normal"  # normal (Irwin-Hall) | rademacher
     optimizer: str = "adamw"  # fo only: sgd | adamw
     weight_decay: float = 0.0
@@ -211,6 +213,7 @@ _CHOICES = {
     ("optim", "estimator"): ("prge", "rge", "fo"),
     ("optim", "schedule"): ("constant", "linear", "cosine"),
     ("optim", "noise"): ("normal", "rademacher"),
+    ("optim", "normalize"): ("none", "rms"),
     ("optim", "optimizer"): ("sgd", "adamw"),
     ("model", "dtype"): ("float32", "float64", "bfloat16", "float16"),
 }
@@ -227,6 +230,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{section}.{key}: expected a positive integer")
     if cfg.optim.eps <= 0:
         raise ConfigError("optim.eps: expected a positive number")
+    if not 0.0 <= cfg.optim.rms_decay < 1.0:
+        raise ConfigError("optim.rms_decay: expected a number in [0, 1)")
     if cfg.train.steps < 0:
         raise ConfigError("train.steps: expected a non-negative integer")
     if cfg.adapter.kind == "full" and cfg.optim.estimator == "prge":

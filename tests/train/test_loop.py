@@ -34,6 +34,7 @@ def trained_tensors(run: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("estimator,overrides", [
     ("prge", {}),
     ("prge", {"optim.momentum": 0.9, "optim.schedule": "cosine", "adapter.kind": "lora"}),
+    ("prge", {"optim.momentum": 0.9, "optim.normalize": "rms", "optim.lr": 1e-3}),
     ("rge", {}),
     ("fo", {"optim.lr": 1e-3}),
 ])
@@ -86,6 +87,7 @@ def test_killed_run_resumes_exactly(tmp_path, tiny_folder, cls_jsonl):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"optim.momentum": 0.5, "adapter.kind": "lora"},
+                                       {"optim.momentum": 0.9, "optim.normalize": "rms"},
                                        {"optim.estimator": "rge", "optim.noise": "rademacher"}])
 def test_replay_rebuilds_the_adapter_bitwise(tmp_path, tiny_folder, cls_jsonl, overrides):
     cfg = tiny_config(tiny_folder, cls_jsonl, tmp_path / "run", **overrides)

@@ -21,6 +21,7 @@ from zotune.rng import step_seed
 from zotune.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from zotune.train.logs import JsonlLog
 from zotune.train.plot import plot_run
+from zotune.train.scale import StepScale
 from zotune.train.schedule import lr_at
 
 
@@ -67,6 +68,9 @@ class Trainer:
         self.replay = JsonlLog(self.run_dir / "replay.jsonl")
         self.ckpt_dir = self.run_dir / "checkpoint"
         self.best_dir = self.run_dir / "best"
+        # First-order optimizers (AdamW) have their own scale-free steps: normalize is ZO-only.
+        zo = cfg.optim.estimator != "fo"
+        self.scale = StepScale(cfg.optim.normalize if zo else "none", cfg.optim.rms_decay)
 
     def _eval(self, split: str, done: int, kind: str = "eval") -> dict:
         t = self.cfg.train
@@ -76,7 +80,8 @@ class Trainer:
         return result
 
     def _checkpoint(self, done: int, best: dict) -> None:
-        save_checkpoint(self.ckpt_dir, self.engine.state(), {"done": done, "best": best})
+        save_checkpoint(self.ckpt_dir, self.engine.state(),
+                        {"done": done, "best": best, "scale": self.scale.state()})
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict | None:
         """Train to cfg.train.steps (or stop after `stop_after` updates, as if killed right after
@@ -93,6 +98,8 @@ class Trainer:
             tensors, meta = load_checkpoint(self.ckpt_dir)
             self.engine.load_state(tensors)
             start, best = meta["done"], meta["best"]
+            if "scale" in meta:
+                self.scale.load_state(meta["scale"])
             self.metrics.truncate(start)
             self.replay.truncate(start)
             zero_shot = json.loads((self.run_dir / "zero_shot.json").read_text())
@@ -118,11 +125,15 @@ class Trainer:
             idx = batch_indices(len(train), o.batch_size, step, t.seed)
             batch = batch_tensors(train.index(idx), self.splits.kind)
             seed = step_seed(t.seed, step)
-            lr = lr_at(step, t.steps, o.lr, o.schedule, o.warmup_steps, o.min_lr_ratio)
+            lr_schedule = lr_at(step, t.steps, o.lr, o.schedule, o.warmup_steps, o.min_lr_ratio)
+            lr = self.scale.lr(lr_schedule)  # what the step applies, and what replay re-applies
             loss, g = self.engine.step(batch, seed, lr, o.eps)
             tokens += int(batch[1].sum()) * replicas  # real (unpadded) tokens through the model
-            if loss != loss:  # NaN: stop before it reaches a checkpoint
-                raise ZotuneError(f"loss became NaN at step {done}; lower optim.lr or optim.eps")
+            if loss != loss or not bool(torch.isfinite(torch.as_tensor(g)).all()):
+                # Stop before it reaches a checkpoint or the replay log.
+                raise ZotuneError(f"step {done}: the loss or g is not finite; lower optim.lr or "
+                                  "optim.eps")
+            self.scale.update(g)
             wall = time.perf_counter() - t0
             elapsed = wall - aside
             speed = (done - start) / elapsed
@@ -132,6 +143,7 @@ class Trainer:
             last = done == t.steps or out_of_time
             if done % t.log_every == 0 or last:
                 self.metrics.write({"type": "train", "done": done, "loss": loss, "lr": lr,
+                                    "lr_schedule": lr_schedule,
                                     "time": elapsed, "wall": wall, "steps_per_s": speed,
                                     "tokens_per_s": tokens / elapsed})
             t_aside = time.perf_counter()
