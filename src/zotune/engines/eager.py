@@ -76,14 +76,15 @@ class EagerEngine:
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         if isinstance(self.params, FullParams):
-            return {t.name: t.tensor.detach().clone() for t in self.params.trained}
+            return {n: t.detach().clone() for n, t in self.params.named_tensors()}
         return self.params.state()
 
     def state(self) -> dict[str, torch.Tensor]:
         """Everything a resume needs: trained tensors, momentum, optimizer moments."""
-        out = {f"param.{t.name}": t.tensor.detach().clone() for t in self.params.trained}
-        for t, m in zip(self.params.trained, self.velocity or []):
-            out[f"momentum.{t.name}"] = m.clone()
+        names = self.params.layout.names
+        out = {f"param.{n}": t.detach().clone() for n, t in self.params.named_tensors()}
+        for n, m in zip(names, self.velocity or []):
+            out[f"momentum.{n}"] = m.clone()
         if hasattr(self, "fo"):
             for idx, st in self.fo.opt.state_dict()["state"].items():
                 for k, v in st.items():
@@ -92,10 +93,10 @@ class EagerEngine:
 
     @torch.no_grad()
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        for t in self.params.trained:
-            t.tensor.copy_(tensors[f"param.{t.name}"])
-        for t, m in zip(self.params.trained, self.velocity or []):
-            m.copy_(tensors[f"momentum.{t.name}"])
+        for n, t in self.params.named_tensors():
+            t.copy_(tensors[f"param.{n}"])
+        for n, m in zip(self.params.layout.names, self.velocity or []):
+            m.copy_(tensors[f"momentum.{n}"])
         if hasattr(self, "fo"):
             sd = self.fo.opt.state_dict()
             state: dict[int, dict] = {}

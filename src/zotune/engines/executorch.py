@@ -43,9 +43,10 @@ from zotune.engines._graph_passes import PASSES
 from zotune.engines.et_lowering import (
     KeepStatePartitioner, attention_impl, cheap_provenance, portable_ops, quantize_8da4w,
 )
+from zotune.adapters.theta import set_theta, theta_of
 from zotune.engines.export_common import (
-    FORMAT_VERSION, EngineError, ExportCheckError, ProgramFileError, check_batch, flat_trained,
-    layout, load_flat, sidecar_path, trained_to_buffers, write_atomic,
+    FORMAT_VERSION, EngineError, ExportCheckError, ProgramFileError, check_batch, sidecar_path,
+    trained_to_buffers, write_atomic,
 )
 from zotune.engines.pte import ENGINE, METHODS, ExecuTorchEngine, PteProgram
 from zotune.estimators.prge import VELOCITY, PRGEStep, flat_update
@@ -98,7 +99,7 @@ class _GetLora(nn.Module):
         self.model, self.adapter = model, adapter
 
     def forward(self):
-        return torch.cat([t.tensor.reshape(-1) for t in self.adapter.trained])
+        return self.adapter.layout.gather(self.adapter.tensors())
 
 
 class _SetLora(nn.Module):
@@ -108,8 +109,7 @@ class _SetLora(nn.Module):
 
     @torch.no_grad()
     def forward(self, flat):
-        for t in self.adapter.trained:
-            t.tensor.copy_(flat[t.offset: t.offset + t.tensor.numel()].reshape(t.tensor.shape))
+        self.adapter.layout.scatter(flat, self.adapter.tensors())
 
 
 class _GetMomentum(nn.Module):
@@ -192,7 +192,7 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
     tol = (TOLERANCE[quantize] if tolerance is None
            else {k: float(tolerance) for k in TOLERANCE[quantize]})
     out_path = Path(out_path)
-    dtype = adapter.trained[0].tensor.dtype
+    dtype = adapter.tensors()[0].dtype
 
     trained_to_buffers(adapter)
     if quantize:
@@ -202,9 +202,9 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         say(f"8da4w: quantized {len(quantized)} linear layers (group size {group_size})")
     was_training = model.training
     model.eval()
-    theta0 = flat_trained(adapter)
-    lay = layout(adapter)
-    state_fqns = [f"model.{t.name}" for t in adapter.trained]
+    theta0 = theta_of(adapter)
+    lay = adapter.layout.to_json()
+    state_fqns = [f"model.{name}" for name in adapter.layout.names]
     if momentum:
         state_fqns.append(f"model.{VELOCITY}")
 
@@ -290,7 +290,7 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
                               lr_t, eps_t, batch, eval_in)
         seconds["check"] = time.perf_counter() - t0
     finally:
-        load_flat(adapter, theta0)  # the eager check moved theta: give the caller its own back
+        set_theta(adapter, theta0)  # the eager check moved theta: give the caller its own back
         model._buffers.pop(VELOCITY, None)
         model.train(was_training)
     say(f"parity vs eager: {check}")
@@ -352,10 +352,10 @@ def _parity_check(data: bytes, step, adapter, loss, model, theta, velocity, seed
     loss_pte, g_pte = methods["train_step"].execute([seed_t, lr_t, eps_t, *batch])
     theta_pte = methods["get_lora"].execute([])[0]
 
-    load_flat(adapter, theta)
+    set_theta(adapter, theta)
     logits_eager = loss.logits(model, *eval_in)
     loss_eager, g_eager = step(seed_t, lr_t, eps_t, *batch)
-    theta_eager = flat_trained(adapter)
+    theta_eager = theta_of(adapter)
 
     # The update the program's own g implies, computed in eager from the same z (the RNG is
     # bit-exact): checks the noise, the update and the momentum buffer whatever g came out.

@@ -24,6 +24,7 @@ from zotune.models import load_tokenizer
 from zotune.train.checkpoint import atomic_write_text
 from zotune.engines.eager import build_params
 from zotune.train.loop import Trainer
+from zotune.replay import header_layout
 from zotune.train.run import encode_splits, prepare, replay_header
 
 
@@ -59,7 +60,7 @@ def export(cfg: Config, out: str, engine: str = "executorch", quantize: str | No
 def device_train(pte: str, cfg: Config, resume: bool = False,
                  stop_after: int | None = None) -> dict | None:
     from zotune.engines.pte import ExecuTorchEngine, PteProgram, set_threads
-    from zotune.engines.export_common import read_sidecar
+    from zotune.engines.export_common import program_layout, read_sidecar
 
     if not frozen_path(pte).is_file():
         raise ZotuneError(f"{frozen_path(pte)} is missing: it is written by `zotune export` "
@@ -75,19 +76,18 @@ def device_train(pte: str, cfg: Config, resume: bool = False,
     # theta starts from the exported values: B = 0, and LoRA's trained A from its seeded init.
     if cfg.train.threads:
         set_threads(cfg.train.threads)
-    meta = read_sidecar(pte, "executorch")
-    start = {d["name"]: frozen.get(d["name"], torch.zeros(d["shape"]))
-             for d in meta["layout"]["tensors"]}
+    layout = program_layout(pte, read_sidecar(pte, "executorch"))
+    start = {e.name: frozen.get(e.name, torch.zeros(e.shape)) for e in layout}
     program = PteProgram.load(pte, lora=start, q=o.q, b=o.batch_size,
                               seq_len=cfg.data.max_length, noise=o.noise, dual=o.dual,
                               momentum=float(o.momentum))
     splits = encode_splits(cfg, load_tokenizer(cfg.model.name))
-    layout = header["layout"]
-    layers = [name for name, _, _ in layout["layers"]]
+    a = header_layout(header, frozen_path(pte)).adapter
+    layers = [name for name, _, _ in a["layers"]]
 
     def save(state, folder):
-        save_peft(folder, state, layers, layout["rank"], layout["alpha"], header["model"],
-                  layout["fan_in_fan_out"], extra={"engine": "executorch", "program": str(pte)})
+        save_peft(folder, state, layers, a["rank"], a["alpha"], header["model"],
+                  a["fan_in_fan_out"], extra={"engine": "executorch", "program": str(pte)})
 
     header = {**header, "engine": "executorch", "program": str(pte)}
     engine = ExecuTorchEngine(program, frozen)
