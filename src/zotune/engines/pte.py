@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from zotune.adapters.theta import LayoutError
+from zotune.engines.base import MOMENTUM, PARAM, part, prefixed
 from zotune.engines.export_common import (
     EngineError, ProgramFileError, check_expected, check_layout, program_layout, read_sidecar,
     verify_file,
@@ -201,8 +202,7 @@ class PteProgram:
 
 
 class ExecuTorchEngine:
-    """A loaded program behind the surface the training loop uses for every engine (the same
-    methods as EagerEngine): step, scores, state / load_state, adapter_state.
+    """A loaded program behind the engine contract (engines/base.py) the training loop drives.
 
     frozen: tensors the program does not hold but an adapter file needs (LoRA-FA's A matrices,
     e.g. `adapter.state()` of the eager adapter the program was exported from)."""
@@ -226,13 +226,11 @@ class ExecuTorchEngine:
 
     def state(self) -> dict[str, torch.Tensor]:
         """The same keys as EagerEngine.state: param.<name> and momentum.<name>."""
-        out = {f"param.{k}": v for k, v in self.program.get_lora().items()}
-        out.update({f"momentum.{k}": v for k, v in self.program.get_momentum().items()})
+        out = prefixed(self.program.get_lora(), PARAM)
+        out.update(prefixed(self.program.get_momentum(), MOMENTUM))
         return out
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        def part(prefix):
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        self.program.set_lora(part("param."))
+        self.program.set_lora(part(tensors, PARAM))
         if self.program.momentum:
-            self.program.set_momentum(part("momentum."))
+            self.program.set_momentum(part(tensors, MOMENTUM))
