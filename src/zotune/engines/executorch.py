@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 import zotune
+from zotune.io import atomic_write_bytes, atomic_write_text
 from zotune.engines._graph_passes import PASSES
 from zotune.engines.et_lowering import (
     KeepStatePartitioner, attention_impl, cheap_provenance, portable_ops, quantize_8da4w,
@@ -46,7 +47,7 @@ from zotune.engines.et_lowering import (
 from zotune.adapters.theta import set_theta, theta_of
 from zotune.engines.export_common import (
     FORMAT_VERSION, EngineError, ExportCheckError, ProgramFileError, check_batch, sidecar_path,
-    trained_to_buffers, write_atomic,
+    trained_to_buffers,
 )
 from zotune.engines.pte import ENGINE, METHODS, ExecuTorchEngine, PteProgram
 from zotune.estimators.prge import VELOCITY, PRGEStep, flat_update
@@ -316,8 +317,8 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         "check": check, "tolerance": tol,
         "size": len(data), "sha256": _sha256_bytes(data),
     }
-    write_atomic(out_path, data)
-    write_atomic(sidecar_path(out_path), json.dumps(meta, indent=1))
+    atomic_write_bytes(out_path, data)
+    atomic_write_text(sidecar_path(out_path), json.dumps(meta, indent=1))
     seconds["total"] = time.perf_counter() - t_start
     return ExportReport(str(out_path), str(sidecar_path(out_path)), len(data), meta["sha256"],
                         seconds, check, tol, portable, meta)

@@ -1,5 +1,5 @@
-"""What every exporter of the training step shares: the trained tensors as buffers, the flat layout
-of theta, a check batch, the sidecar metadata and its hash, and atomic writes.
+"""What every exporter of the training step shares: the trained tensors as buffers, a check batch,
+the sidecar metadata and its hash, and the checks a loaded program goes through.
 
 Exported programs carry the trained tensors as state (ExecuTorch: mutable buffers) or as an
 input/output pair (ONNX). Either way the host talks to them through one flat vector theta of N
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -85,21 +83,6 @@ def sha256_file(path: str | Path) -> str:
 
 def sidecar_path(path: str | Path) -> Path:
     return Path(str(path) + ".json")
-
-
-def write_atomic(path: str | Path, data: bytes | str) -> None:
-    """Write to a temporary file in the same folder, then os.replace: no reader sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_sidecar(path: str | Path, engine: str) -> dict:

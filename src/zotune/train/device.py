@@ -14,14 +14,14 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from zotune.adapters.peft_io import save_peft
 from zotune.config import Config
 from zotune.errors import ZotuneError
 from zotune.loss import ClassificationLoss
 from zotune.models import load_tokenizer
-from zotune.train.checkpoint import atomic_write_text
+from zotune.io import atomic_write_bytes, atomic_write_text
 from zotune.engines.eager import build_params
 from zotune.train.loop import Trainer
 from zotune.replay import header_layout
@@ -51,9 +51,7 @@ def export(cfg: Config, out: str, engine: str = "executorch", quantize: str | No
         cfg.data.max_length, splits.train.choice_ids.shape[1], cfg.optim.dual, cfg.optim.noise,
         quantize, out, eval_batch=cfg.train.eval_batch_size, model_name=cfg.model.name,
         momentum=cfg.optim.momentum, log=lambda msg: print(msg, flush=True))
-    tmp = frozen_path(out).with_suffix(".tmp")
-    save_file(frozen, tmp, metadata={"replay_header": json.dumps(header)})
-    tmp.replace(frozen_path(out))
+    atomic_write_bytes(frozen_path(out), save(frozen, metadata={"replay_header": json.dumps(header)}))
     return report.as_dict()
 
 

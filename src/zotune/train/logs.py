@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from zotune.train.checkpoint import atomic_write_text
+from zotune.io import atomic_write_text
 
 # Fields that differ between two runs of the same training (wall-clock measurements).
 TIMING_FIELDS = ("time", "wall", "steps_per_s", "tokens_per_s")

@@ -18,7 +18,8 @@ from zotune.errors import ZotuneError
 from zotune.eval import calibrated_accuracy, evaluate
 from zotune.loss import batch_tensors
 from zotune.rng import step_seed
-from zotune.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from zotune.io import atomic_write_text
+from zotune.train.checkpoint import load_checkpoint, save_checkpoint
 from zotune.train.logs import JsonlLog
 from zotune.train.plot import plot_run
 from zotune.train.schedule import lr_at
