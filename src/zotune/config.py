@@ -25,6 +25,7 @@ def _field(default, help: str):
 
 @dataclass
 class ModelConfig:
+    """Which model to load, and how."""
     name: str = _field("smollm2-135m", "embedded name, local folder, .gguf file, or hub id")
     dtype: str = _field("float32", "float32 | float64 | bfloat16 | float16")
     trust_remote_code: bool = _field(False, "let transformers run a model folder's own code")
@@ -32,6 +33,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """The task, its seeded train/dev/test splits, and the static shapes they are tokenised to."""
     task: str = _field("bigbench:multiemo",
                        "bigbench:<name>[/<subtask>], jsonl:<path>, mezo:<name>:<path>")
     labels: list[str] | None = _field(None, "keep only examples whose label is one of these")
@@ -49,17 +51,22 @@ class DataConfig:
 
 @dataclass
 class AdapterConfig:
+    """What is trained: LoRA-FA (A frozen from a seeded init, B trained), LoRA (both), or every
+    weight of the model (full, MeZO)."""
     kind: str = _field("lora-fa", "lora-fa (A frozen, B trained) | lora (A and B) | full")
     rank: int = _field(16, "LoRA rank r")
     alpha: float = _field(32.0, "LoRA alpha (scale alpha / r)")
     dropout: float = _field(0.0, "LoRA dropout on the adapter input")
-    targets: list[str] = _field(["all-linear"], "layers to adapt: all-linear (every linear of the "
-                                "decoder blocks), leaf names (q_proj) or full-name regexes")
+    # all-linear: every linear layer of the decoder blocks (not the LM head), whatever the
+    # family calls them (q,k,v,o,gate,up,down on Llama and Qwen2; c_attn,c_proj,c_fc on GPT-2)
+    targets: list[str] = _field(["all-linear"], "layers to adapt: all-linear, leaf names "
+                                                "(q_proj) or full-name regexes")
     init_seed: int = _field(0, "seed of LoRA's A initialisation")
 
 
 @dataclass
 class OptimConfig:
+    """One step: the estimator, its q directions and b examples, and the update rule."""
     estimator: str = _field("prge", "prge (one batched pass) | rge (sequential) | fo (backprop)")
     q: int = _field(4, "query directions per step")
     batch_size: int = _field(4, "distinct examples per step (b)")
@@ -78,6 +85,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """The run: how long, how often it evaluates, checkpoints and logs, and where it writes.
+
+    Model selection is by dev only; test is evaluated once, at the end."""
     steps: int = _field(200, "training steps")
     seed: int = _field(0, "seed of batches and step seeds")
     eval_every: int = _field(50, "evaluate on dev every N steps (and at the last)")

@@ -12,7 +12,7 @@ from zotune.engines.base import MOMENTUM, OPT, PARAM, part, prefixed
 from zotune.estimators.fo import FirstOrder
 from zotune.estimators.prge import PRGEStep
 from zotune.estimators.rge import RGE
-from zotune.loss import make_loss, trim_left_padding
+from zotune.loss import loss_inputs, make_loss, trim_left_padding
 
 
 def build_params(model, cfg: Config):
@@ -56,8 +56,9 @@ class EagerEngine:
         return run
 
     def _trim(self, batch):
+        batch = loss_inputs(batch, self.kind)
         # Generation reads the last L+1 positions, whatever the padding.
-        keep = 1 if self.kind == "classification" else batch[3].shape[1] + 1
+        keep = 1 if self.kind == "classification" else batch.target_ids.shape[1] + 1
         return trim_left_padding(batch, keep)
 
     def step(self, batch, seed: int, lr: float, eps: float):
