@@ -19,7 +19,7 @@ file. A JSON sidecar (`<file>.json`) records the shapes, the adapter layout and 
 .pte; `PteProgram.load` checks them, so a truncated, corrupted or mismatched program is refused
 with a clear error instead of failing inside the runtime.
 
-ExecuTorch traps handled here (DESIGN.md section 4): trained tensors must be buffers (not
+ExecuTorch traps handled here (docs/engines.md): trained tensors must be buffers (not
 parameters), methods share them only with MemoryPlanningPass(share_mutable_buffers=True) and
 emit_mutable_buffer_names=True, their initial values are not serialised (PteProgram always sets
 theta at load), and a delegate must never own them as constant data (methods that only read theta

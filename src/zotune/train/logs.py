@@ -33,7 +33,7 @@ class JsonlLog:
 
     def truncate(self, done: int) -> None:
         """Keep the header and the lines written at or before `done` updates (not the final
-        evaluation of an earlier, shorter run)."""
+        evaluation of a run that ended at fewer steps)."""
         kept = [r for r in self.read() if r.get("done", 0) <= done and r.get("type") != "final"]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
