@@ -108,7 +108,7 @@ def report(cost: dict, scaling: dict, m: dict, args, wall: float) -> str:
                   f"{mark(ratio(g44['prge-dual'], fo_group['fo-b16'], 'peak_rss_mb'), TARGETS['prge_vs_fo_rss'])}."]
     if scaling:
         lines += ["", "## Scaling of the P-RGE dual step", ""]
-        for key, (label, _, res) in scaling.items():
+        for label, _, res in scaling.values():
             lines += [f"| {label} | step s | step / first | peak MB |", "|---|---|---|---|"]
             first = next(iter(res.values()))
             for name, r in res.items():

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-
 from worker import _batch
+
 from zotune.config import Config
 from zotune.engines.eager import EagerEngine
 from zotune.estimators.prge import replica_stacks, stacked_losses

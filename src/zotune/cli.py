@@ -32,7 +32,7 @@ def cmd_models(args, rest):
     from zotune.models import EMBEDDED, load_model
 
     if not args.name:
-        for name, (_, filename, desc) in EMBEDDED.items():
+        for name, (_, _, desc) in EMBEDDED.items():
             print(f"{name:16s} {desc}")
         return
     model, tokenizer, source = load_model(args.name)

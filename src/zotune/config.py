@@ -16,6 +16,7 @@ import yaml
 
 from zotune.errors import ConfigError
 
+
 def _field(default, help: str):
     """A config field with the help text `zotune train --help` shows."""
     if isinstance(default, (list, dict)):

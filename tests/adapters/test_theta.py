@@ -6,9 +6,7 @@ import torch
 
 from zotune.adapters.full import FullParams
 from zotune.adapters.lora import LoRAAdapter
-from zotune.adapters.theta import (
-    LAYOUT_VERSION, LayoutError, ThetaLayout, set_theta, theta_of,
-)
+from zotune.adapters.theta import LAYOUT_VERSION, LayoutError, ThetaLayout, set_theta, theta_of
 from zotune.models.tiny import make_tiny_model
 from zotune.rng import noise
 

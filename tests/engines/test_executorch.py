@@ -14,10 +14,15 @@ import torch.nn as nn
 pytest.importorskip("executorch")
 
 from zotune.adapters.lora import LoRAAdapter  # noqa: E402
-from zotune.engines.executorch import (  # noqa: E402
-    TOLERANCE, EngineError, ExportCheckError, ProgramFileError, PteProgram, export_program,
-)
 from zotune.adapters.theta import LAYOUT_VERSION, set_theta, theta_of  # noqa: E402
+from zotune.engines.executorch import (  # noqa: E402
+    TOLERANCE,
+    EngineError,
+    ExportCheckError,
+    ProgramFileError,
+    PteProgram,
+    export_program,
+)
 from zotune.engines.export_common import sidecar_path  # noqa: E402
 from zotune.estimators.prge import PRGEStep  # noqa: E402
 from zotune.loss import ClassificationLoss  # noqa: E402

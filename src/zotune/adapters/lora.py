@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

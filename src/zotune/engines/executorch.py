@@ -40,19 +40,28 @@ import torch
 import torch.nn as nn
 
 import zotune
-from zotune.io import atomic_write_bytes, atomic_write_text
+from zotune.adapters.theta import set_theta, theta_of
 from zotune.engines._graph_passes import PASSES
 from zotune.engines.et_lowering import (
-    KeepStatePartitioner, attention_impl, cheap_provenance, portable_ops, quantize_8da4w,
+    KeepStatePartitioner,
+    attention_impl,
+    cheap_provenance,
+    portable_ops,
+    quantize_8da4w,
 )
-from zotune.adapters.theta import set_theta, theta_of
+from zotune.engines.et_parity import TOLERANCE, parity_check
 from zotune.engines.export_common import (
-    FORMAT_VERSION, EngineError, ExportCheckError, ProgramFileError, check_batch, sidecar_path,
+    FORMAT_VERSION,
+    EngineError,
+    ExportCheckError,
+    ProgramFileError,
+    check_batch,
+    sidecar_path,
     trained_to_buffers,
 )
 from zotune.engines.pte import ENGINE, METHODS, ExecuTorchEngine, PteProgram
-from zotune.engines.et_parity import TOLERANCE, parity_check
 from zotune.estimators.prge import VELOCITY, PRGEStep
+from zotune.io import atomic_write_bytes, atomic_write_text
 
 QUANTIZE = (None, "8da4w")
 

@@ -11,7 +11,12 @@ import torch
 from zotune.adapters.theta import LayoutError
 from zotune.engines.base import MOMENTUM, PARAM, part, prefixed
 from zotune.engines.export_common import (
-    EngineError, ProgramFileError, check_expected, check_layout, program_layout, read_sidecar,
+    EngineError,
+    ProgramFileError,
+    check_expected,
+    check_layout,
+    program_layout,
+    read_sidecar,
     verify_file,
 )
 
@@ -49,7 +54,7 @@ class PteProgram:
 
     @classmethod
     def load(cls, path: str | Path, *, adapter=None, lora=None, verify: bool = True,
-             **expect) -> "PteProgram":
+             **expect) -> PteProgram:
         """Open a program written by export_program.
 
         adapter: if given, its layout (names, shapes, offsets, rank, alpha) must match.

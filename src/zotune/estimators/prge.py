@@ -55,7 +55,7 @@ def replica_stacks(adapter: LoRAAdapter, z_of, n_query: int, eps, signs: tuple[i
     stacks instead of every layer's (SmolLM2 at q=16: 3 MB instead of 320 MB; the step's peak is
     1.04x the inference peak instead of 1.45x, benchmarks/README.md)."""
     n_rep = len(signs) * n_query
-    sizes = {kind: max((getattr(layer, kind).numel() for layer in adapter.layers.values()))
+    sizes = {kind: max(getattr(layer, kind).numel() for layer in adapter.layers.values())
              for kind in ("lora_A", "lora_B")}
     like = adapter.tensors()[0]
     b_buf = like.new_empty(n_rep * sizes["lora_B"])

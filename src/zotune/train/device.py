@@ -18,13 +18,13 @@ from safetensors.torch import load_file, save
 
 from zotune.adapters.peft_io import save_peft
 from zotune.config import Config
+from zotune.engines.eager import build_params
 from zotune.errors import ZotuneError
+from zotune.io import atomic_write_bytes, atomic_write_text
 from zotune.loss import ClassificationLoss
 from zotune.models import load_tokenizer
-from zotune.io import atomic_write_bytes, atomic_write_text
-from zotune.engines.eager import build_params
-from zotune.train.loop import Trainer
 from zotune.replay import header_layout
+from zotune.train.loop import Trainer
 from zotune.train.run import encode_splits, prepare, replay_header
 
 
@@ -57,8 +57,8 @@ def export(cfg: Config, out: str, engine: str = "executorch", quantize: str | No
 
 def device_train(pte: str, cfg: Config, resume: bool = False,
                  stop_after: int | None = None) -> dict | None:
-    from zotune.engines.pte import ExecuTorchEngine, PteProgram, set_threads
     from zotune.engines.export_common import program_layout, read_sidecar
+    from zotune.engines.pte import ExecuTorchEngine, PteProgram, set_threads
 
     if not frozen_path(pte).is_file():
         raise ZotuneError(f"{frozen_path(pte)} is missing: it is written by `zotune export` "

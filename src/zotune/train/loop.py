@@ -19,9 +19,9 @@ from zotune.config import Config
 from zotune.engines.base import Engine
 from zotune.errors import ZotuneError
 from zotune.eval import calibrated_accuracy, evaluate
+from zotune.io import atomic_write_text
 from zotune.loss import batch_tensors
 from zotune.rng import step_seed
-from zotune.io import atomic_write_text
 from zotune.train.checkpoint import load_checkpoint, save_checkpoint
 from zotune.train.logs import JsonlLog
 from zotune.train.plot import plot_run
