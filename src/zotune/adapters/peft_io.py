@@ -52,6 +52,14 @@ def save_peft(folder: str | Path, state: dict[str, torch.Tensor], layers: list[s
     return folder
 
 
+def save_peft_described(folder: str | Path, state: dict[str, torch.Tensor], adapter: dict,
+                        base_model: str, extra: dict | None = None) -> Path:
+    """save_peft for the adapter a theta layout describes (`ThetaLayout.adapter`)."""
+    layers = [name for name, _, _ in adapter["layers"]]
+    return save_peft(folder, state, layers, adapter["rank"], adapter["alpha"], base_model,
+                     adapter["fan_in_fan_out"], extra=extra)
+
+
 def load_peft(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """-> (adapter_config, state keyed like save_peft's input)."""
     folder = Path(folder)

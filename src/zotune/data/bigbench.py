@@ -28,14 +28,7 @@ import tempfile
 from pathlib import Path
 
 from zotune.config import DataConfig
-from zotune.data.task import (
-    Example,
-    TaskSplits,
-    check_labels,
-    fill_template,
-    label_words_for,
-    split_examples,
-)
+from zotune.data.task import Example, TaskSplits, check_labels, fill_template, label_words_for, split_examples
 from zotune.errors import DataError
 from zotune.io import atomic_write_bytes
 from zotune.paths import cache_dir

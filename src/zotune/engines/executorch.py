@@ -185,8 +185,9 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
     was_training = model.training
     model.eval()
     theta0 = theta_of(adapter)
-    plan = _Plan(model, adapter, loss, q, b, seq_len, n_choices, eval_batch or b, dual, noise,
-                 momentum, check_seed, check_lr, check_eps)
+    opts = dict(q=q, b=b, seq_len=seq_len, n_choices=n_choices, eval_batch=eval_batch or b)
+    opts.update(dual=dual, noise=noise, momentum=momentum, check=(check_seed, check_lr, check_eps))
+    plan = _Plan(model, adapter, loss, **opts)
     seconds = {}
     try:
         with _timed(seconds, "export"):
@@ -246,8 +247,9 @@ def _check_options(adapter, loss, quantize, noise, momentum, q, b, seq_len, n_ch
 class _Plan:
     """The methods to export, with the example inputs they are traced and checked with."""
 
-    def __init__(self, model, adapter, loss, q, b, seq_len, n_choices, eval_batch, dual, noise,
-                 momentum, check_seed, check_lr, check_eps):
+    def __init__(self, model, adapter, loss, *, q, b, seq_len, n_choices, eval_batch, dual, noise,
+                 momentum, check):
+        check_seed, check_lr, check_eps = check
         self.model, self.adapter, self.loss = model, adapter, loss
         self.q, self.b, self.seq_len, self.n_choices = q, b, seq_len, n_choices
         self.eval_batch, self.dual, self.noise, self.momentum = eval_batch, dual, noise, momentum

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from zotune.adapters.peft_io import save_peft
+from zotune.adapters.peft_io import save_peft_described
 from zotune.config import Config
 from zotune.engines.eager import build_params
 from zotune.errors import ZotuneError
@@ -80,12 +80,11 @@ def device_train(pte: str, cfg: Config, resume: bool = False,
                               seq_len=cfg.data.max_length, noise=o.noise, dual=o.dual,
                               momentum=float(o.momentum))
     splits = encode_splits(cfg, load_tokenizer(cfg.model.name))
-    a = header_layout(header, frozen_path(pte)).adapter
-    layers = [name for name, _, _ in a["layers"]]
+    described = header_layout(header, frozen_path(pte)).adapter
 
     def save(state, folder):
-        save_peft(folder, state, layers, a["rank"], a["alpha"], header["model"],
-                  a["fan_in_fan_out"], extra={"engine": "executorch", "program": str(pte)})
+        extra = {"engine": "executorch", "program": str(pte)}
+        save_peft_described(folder, state, described, header["model"], extra)
 
     header = {**header, "engine": "executorch", "program": str(pte)}
     engine = ExecuTorchEngine(program, frozen)

@@ -8,7 +8,7 @@ import torch
 
 from zotune import __version__
 from zotune.adapters.full import FullParams
-from zotune.adapters.peft_io import load_peft, save_peft
+from zotune.adapters.peft_io import load_peft, save_peft, save_peft_described
 from zotune.config import Config
 from zotune.data import load_task
 from zotune.data.tokenize import encode
@@ -105,8 +105,5 @@ def replay(log_path: str, out_dir: str) -> Path:
         model.save_pretrained(out_dir, safe_serialization=True)
         return Path(out_dir)
     state = replay_lora(header, steps)
-    a = layout.adapter
-    layers = [name for name, _, _ in a["layers"]]
-    return save_peft(out_dir, state, layers, a["rank"], a["alpha"], header["model"],
-                     a["fan_in_fan_out"], extra={"replayed_from": str(log_path),
-                                                 "steps": len(steps)})
+    extra = {"replayed_from": str(log_path), "steps": len(steps)}
+    return save_peft_described(out_dir, state, layout.adapter, header["model"], extra)
