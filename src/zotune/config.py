@@ -235,7 +235,7 @@ _CHOICES = {
     ("optim", "estimator"): ("prge", "rge", "fo"),
     ("optim", "schedule"): ("constant", "linear", "cosine"),
     ("optim", "noise"): ("normal", "rademacher"),
-    ("optim", "normalize"): ("none", "rms"),
+    ("optim", "normalize"): ("none", "rms", "ms"),
     ("optim", "optimizer"): ("sgd", "adamw"),
     ("model", "dtype"): ("float32", "float64", "bfloat16", "float16"),
 }
