@@ -39,6 +39,8 @@ class DataConfig:
     split_seed: int = 0
     max_length: int = 64  # static sequence length (left padding, prompt truncated on the left)
     max_target_length: int = 16  # static completion length for generation tasks
+    # multiple choice: score a choice by the mean log-probability of its tokens instead of the sum
+    length_normalize: bool = False
 
 
 @dataclass

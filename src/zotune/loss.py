@@ -89,8 +89,12 @@ class LMLoss:
 def make_loss(kind: str, via_head_module: bool = False):
     if kind == "classification":
         return ClassificationLoss(via_head_module)
-    if kind == "generation":
+    if kind in ("generation", "chat"):  # chat: target_mask covers the assistant turns
         return LMLoss()
+    if kind == "choice":
+        from zotune.loss_choice import ChoiceLoss
+
+        return ChoiceLoss()
     raise ValueError(f"unknown task kind '{kind}'")
 
 
@@ -99,6 +103,8 @@ def batch_tensors(batch, kind: str) -> tuple[torch.Tensor, ...]:
     common = (batch.input_ids, batch.attention_mask, batch.position_ids)
     if kind == "classification":
         return common + (batch.choice_ids, batch.labels)
+    if kind == "choice":
+        return common + (batch.target_ids, batch.target_mask, batch.labels)
     return common + (batch.target_ids, batch.target_mask)
 
 
@@ -107,13 +113,13 @@ def trim_left_padding(batch: tuple[torch.Tensor, ...], keep: int = 1) -> tuple[t
     `keep` positions. Exact for attention-masked models; engines with dynamic shapes use it so a
     batch of short prompts does not pay for the static length."""
     input_ids, attention_mask, position_ids, *rest = batch
-    seq_len = input_ids.shape[1]
-    used = attention_mask.any(0).nonzero()
+    seq_len = input_ids.shape[-1]  # [B, T], or [B, C, T] for multiple choice
+    used = attention_mask.reshape(-1, seq_len).any(0).nonzero()
     start = int(used[0]) if len(used) else 0
     start = min(start, seq_len - keep)
     if start <= 0:
         return batch
-    return (input_ids[:, start:], attention_mask[:, start:], position_ids[:, start:], *rest)
+    return (input_ids[..., start:], attention_mask[..., start:], position_ids[..., start:], *rest)
 
 
 def per_replica(nll: torch.Tensor, count: torch.Tensor, n_rep: int) -> torch.Tensor:

@@ -14,9 +14,8 @@ Splits, as MeZO: train and dev are drawn from the train split with the seed, tes
 (the SuperGLUE test labels are hidden). Unlike MeZO, draws are balanced across labels where possible
 (see task.py). Without a validation split all three are carved from train.
 
-COPA's choices are whole clauses (several tokens each). Its Examples keep both candidates as choices, but
-tokenize.encode scores one token per choice and refuses them: COPA needs sequence scoring (sum of the
-log-probabilities of each candidate's tokens), which is not implemented.
+COPA's choices are whole clauses (several tokens each): it is a "choice" task, each candidate scored by
+the summed log-probability of its tokens after the prompt (data/choice.py), as MeZO scores it.
 """
 
 from __future__ import annotations
@@ -165,4 +164,5 @@ def load_mezo(name: str, path: str, cfg: DataConfig) -> TaskSplits:
         tr, dev, te = split_examples(train, source=str(folder), **sizes)
     else:
         tr, dev, te = split_given(train, None, test, source=str(folder), **sizes)
-    return TaskSplits(name=f"mezo:{key}", train=tr, dev=dev, test=te, kind="classification")
+    kind = "choice" if key == "copa" else "classification"
+    return TaskSplits(name=f"mezo:{key}", train=tr, dev=dev, test=te, kind=kind)

@@ -59,7 +59,7 @@ class EagerEngine:
 
     def _trim(self, batch):
         # Generation reads the last L+1 positions, whatever the padding.
-        keep = 1 if self.kind == "classification" else batch[3].shape[1] + 1
+        keep = 1 if self.kind == "classification" else batch[3].shape[-1] + 1
         return trim_left_padding(batch, keep)
 
     def step(self, batch, seed: int, lr: float, eps: float):
@@ -68,10 +68,13 @@ class EagerEngine:
 
     @torch.no_grad()
     def scores(self, batch) -> tuple[torch.Tensor, ...]:
-        """Classification: choice logits [B, C]. Generation: (nll sum [B], token count [B])."""
+        """Classification: choice logits [B, C]. Choice: choice scores [B, C]. Generation and
+        chat: (nll sum [B], token count [B])."""
         batch = self._trim(batch)
         if self.kind == "classification":
             return (self.loss.logits(self.model, *batch[:4]),)
+        if self.kind == "choice":
+            return (self.loss.scores(self.model, *batch[:5]),)
         return self.loss.rows(self.model, *batch)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:

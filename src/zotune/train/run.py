@@ -11,6 +11,7 @@ from zotune.adapters.full import FullParams
 from zotune.adapters.peft_io import load_peft, save_peft
 from zotune.config import Config
 from zotune.data import load_task
+from zotune.data.choice import resolve_kind
 from zotune.data.tokenize import encode
 from zotune.engines.eager import EagerEngine
 from zotune.errors import ZotuneError
@@ -36,11 +37,13 @@ def encode_splits(cfg: Config, tokenizer) -> Splits:
     """The task's three splits, tokenised to the config's static shapes."""
     task = load_task(cfg.data)
     d = cfg.data
+    # Multiple choice whose choices are not all single tokens is scored as token sequences.
+    kind = resolve_kind(task.kind, task.train + task.dev + task.test, tokenizer)
 
     def tok(examples):
-        return encode(examples, tokenizer, d.max_length, d.max_target_length, task.kind)
+        return encode(examples, tokenizer, d.max_length, d.max_target_length, kind, d.length_normalize)
 
-    return Splits(task.kind, tok(task.train), tok(task.dev), tok(task.test))
+    return Splits(kind, tok(task.train), tok(task.dev), tok(task.test))
 
 
 def adapter_saver(cfg: Config, engine):
