@@ -75,7 +75,8 @@ def cmd_train(args, rest):
 
 
 def _print_summary(s: dict) -> None:
-    zs, metric = s["zero_shot"], "accuracy" if "accuracy" in s["test"] else "loss"
+    zs = s["zero_shot"]
+    metric = next(m for m in ("accuracy", "score", "loss") if m in s["test"])
     print(f"zero-shot test {metric}: {zs['test'][metric]:.4f}")
     if "test_calibrated" in zs:
         print(f"zero-shot test accuracy with a dev-chosen threshold: "
