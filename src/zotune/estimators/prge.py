@@ -125,33 +125,52 @@ class PRGEStep(nn.Module):
     @torch.no_grad()
     def forward(self, seed: torch.Tensor, lr: torch.Tensor, eps: torch.Tensor,
                 *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        trained, args = self.adapter.trained, (self.model, self.adapter, self.loss)
-        flat = self.fused_noise  # the exported form
-        if flat:
+        z = self.draw_noise(seed)
+        losses = self.losses(z, eps, *batch)  # [2q]
+        g = projected_gradient(losses[: self.q], losses[self.q:], eps)  # [q]
+        self.update(z, g, lr)
+        return losses.mean(), g
+
+    # The three parts of a step, also called one by one where g is accumulated over micro-batches
+    # (zotune.api): the same z for every micro-batch, one update at the end.
+
+    def draw_noise(self, seed: torch.Tensor):
+        """The step's z: (theta [N], z [q, N]) in the flat form, else {tensor name: z [q, *shape]}."""
+        trained = self.adapter.trained
+        if self.fused_noise:  # the exported form
             theta = torch.cat([t.tensor.reshape(-1) for t in trained])  # [N]
             z = noise(seed, 0, self.q * self.adapter.numel, self.noise, theta.dtype, theta.device)
-            z = z.reshape(self.q, -1)  # [q, N]
+            return theta, z.reshape(self.q, -1)  # [q, N]
+        # One draw over [0, q*N), viewed per tensor: the same bits as per-tensor draws, hashed on
+        # every thread.
+        z_list = draw(seed, trained, self.adapter.numel, self.q, self.noise, fused=True)
+        return {t.name: z for t, z in zip(trained, z_list)}
+
+    @torch.no_grad()
+    def losses(self, z, eps, *batch: torch.Tensor) -> torch.Tensor:
+        """Losses of the 2q replicas, sign-major [+z_1..+z_q, -z_1..-z_q]. -> [2q]"""
+        args = (self.model, self.adapter, self.loss)
+        if self.fused_noise:
+            theta, flat_z = z
 
             def losses_for(signs):
-                return flat_replica_losses(*args, theta, z, eps, signs, batch)
+                return flat_replica_losses(*args, theta, flat_z, eps, signs, batch)
         else:
-            # One draw over [0, q*N), viewed per tensor: the same bits as per-tensor draws,
-            # hashed on every thread.
-            z_list = draw(seed, trained, self.adapter.numel, self.q, self.noise, fused=True)
-            zs = {t.name: z for t, z in zip(trained, z_list)}
-
             def losses_for(signs):
-                return replica_losses(*args, lambda t: zs[t.name], self.q, eps, signs, batch)
+                return replica_losses(*args, lambda t: z[t.name], self.q, eps, signs, batch)
         if self.dual:
-            losses = losses_for((1, -1))  # [2q]
-        else:
-            losses = torch.cat([losses_for((1,)), losses_for((-1,))])  # [2q]
-        g = projected_gradient(losses[: self.q], losses[self.q:], eps)  # [q]
-        if flat:
-            new = flat_update(theta, z, g, lr, self.momentum, getattr(self.model, VELOCITY, None))
+            return losses_for((1, -1))  # [2q]
+        return torch.cat([losses_for((1,)), losses_for((-1,))])  # [2q]
+
+    @torch.no_grad()
+    def update(self, z, g: torch.Tensor, lr) -> None:
+        """ZO-SGD (with momentum) along (1/q) sum_i g_i z_i, in place."""
+        trained = self.adapter.trained
+        if self.fused_noise:
+            theta, flat_z = z
+            new = flat_update(theta, flat_z, g, lr, self.momentum, getattr(self.model, VELOCITY, None))
             for t in trained:
                 t.tensor.copy_(new[t.offset: t.offset + t.tensor.numel()].reshape(t.tensor.shape))
         else:
-            apply_update(self.adapter.tensors(), (estimate(zs[t.name], g) for t in trained), lr,
+            apply_update(self.adapter.tensors(), (estimate(z[t.name], g) for t in trained), lr,
                          self.momentum, self.velocity)
-        return losses.mean(), g
