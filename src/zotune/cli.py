@@ -8,6 +8,7 @@
     zotune export --engine executorch --config x.yaml --out model.pte [--quantize 8da4w]
     zotune device-train model.pte --config x.yaml [--resume]
     zotune replay RUN/replay.jsonl --out DIR
+    zotune export-adapter ADAPTER_DIR --format gguf|merged --out PATH [--base MODEL]
 
 Errors in the user's input print one line naming the file/line/field and exit with status 2.
 """
@@ -119,6 +120,16 @@ def cmd_replay(args, rest):
     print(f"adapter rebuilt from {args.log}: {replay(args.log, args.out)}")
 
 
+def cmd_export_adapter(args, rest):
+    from zotune.adapters.gguf_io import export_gguf, export_merged
+
+    fmt = "merged" if args.merge else args.format
+    if fmt is None:
+        raise ZotuneError("export-adapter: expected --format gguf, --format merged or --merge")
+    out = (export_gguf if fmt == "gguf" else export_merged)(args.adapter, args.out, args.base)
+    print(f"{fmt} adapter written: {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zotune", description="Forward-only fine-tuning of LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -152,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("log")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_replay)
+    s = sub.add_parser("export-adapter", help="write a PEFT adapter as a llama.cpp GGUF adapter or a merged model")
+    s.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    s.add_argument("--format", choices=["gguf", "merged"], default=None)
+    s.add_argument("--merge", action="store_true", help="the same as --format merged")
+    s.add_argument("--out", required=True, help="the .gguf file, or the merged model folder")
+    s.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+    s.set_defaults(fn=cmd_export_adapter)
     return p
 
 
@@ -159,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     keep_heap()
     try:
-        if rest and args.command in ("models", "fetch", "replay"):
+        if rest and args.command in ("models", "fetch", "replay", "export-adapter"):
             raise ZotuneError(f"{args.command}: unexpected arguments {rest}")
         args.fn(args, rest)
     except ZotuneError as e:
