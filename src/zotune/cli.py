@@ -4,7 +4,7 @@
     zotune data [--config x.yaml] [--k v]   load a task and show its splits
     zotune fetch                            prepare the embedded model and data offline caches
     zotune train --config x.yaml [--section.key value ...] [--resume]
-    zotune eval --config x.yaml [--adapter DIR] [--split test]
+    zotune eval --config x.yaml [--adapter DIR] [--split test] [--harness TASKS [--harness-include DIR]]
     zotune export --engine executorch --config x.yaml --out model.pte [--quantize 8da4w]
     zotune device-train model.pte --config x.yaml [--resume]
     zotune replay RUN/replay.jsonl --out DIR
@@ -111,6 +111,12 @@ def cmd_eval(args, rest):
     from zotune.train.run import evaluate_adapter
 
     cfg = _config(args, rest)
+    if args.harness:  # lm-evaluation-harness tasks instead of the config's task
+        from zotune.harness import run_harness
+
+        print(json.dumps(run_harness(cfg, args.adapter, args.harness, args.harness_include, args.limit),
+                         indent=1))
+        return
     print(json.dumps(evaluate_adapter(cfg, args.adapter, args.split), indent=1))
 
 
@@ -157,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["export"].add_argument("--quantize", default="none", choices=["none", "8da4w"])
     sub.choices["eval"].add_argument("--adapter", help="PEFT adapter folder")
     sub.choices["eval"].add_argument("--split", default="test", choices=["train", "dev", "test"])
+    sub.choices["eval"].add_argument("--harness", metavar="TASKS",
+                                     help="run lm-evaluation-harness tasks (comma-separated) on the adapter")
+    sub.choices["eval"].add_argument("--harness-include", action="append", default=None, metavar="DIR",
+                                     help="a folder of lm-eval task YAML files (repeatable)")
+    sub.choices["eval"].add_argument("--limit", type=int, default=None, help="--harness: examples per task")
     s = sub.add_parser("fetch", help="prepare the offline model and data caches")
     s.set_defaults(fn=cmd_fetch)
     s = sub.add_parser("replay", help="rebuild an adapter from a replay log")
