@@ -39,8 +39,8 @@ def write_chat_data(path: Path) -> None:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--only", default=",".join(KINDS))
-    p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--only", default="generation,chat,choice")
+    p.add_argument("--timeout", type=int, default=1500)
     args = p.parse_args()
     write_chat_data(ROOT / "runs" / "tasks" / "auto_categorization_chat.jsonl")
     rows = []
