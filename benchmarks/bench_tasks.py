@@ -53,18 +53,26 @@ def main():
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"{kind}: exit {proc.returncode}")
-        s = json.loads((ROOT / "runs" / "tasks" / kind / "summary.json").read_text())
-        print(f"{kind}: {wall:.0f} s", json.dumps({"zero_shot": s["zero_shot"]["test"], "test": s["test"]}),
-              flush=True)
-        rows.append((kind, s, wall))
-    write_report(rows)
+        (ROOT / "runs" / "tasks" / kind / "wall_s.txt").write_text(f"{wall:.0f}\n")
+        print(f"{kind}: {wall:.0f} s", flush=True)
+        write_report()  # after every run, from every run folder that has a summary
+
+
+def write_report() -> None:
+    rows = []
+    for kind in KINDS:
+        run = ROOT / "runs" / "tasks" / kind
+        if (run / "summary.json").is_file() and (run / "wall_s.txt").is_file():
+            rows.append((kind, json.loads((run / "summary.json").read_text()),
+                         float((run / "wall_s.txt").read_text())))
+    _report(rows)
 
 
 def fmt(d: dict, keys) -> str:
     return ", ".join(f"{k} {d[k]:.3f}" for k in keys if k in d)
 
 
-def write_report(rows) -> None:
+def _report(rows) -> None:
     out = ["# Task kinds on SmolLM2-135M: before/after a short P-RGE run", "",
            "`python benchmarks/bench_tasks.py` (each run: `zotune train --config configs/tasks/<kind>.yaml`,",
            "one thread, one run at a time). Test scores of the zero-shot model and of the adapter selected",
