@@ -14,13 +14,12 @@ import json
 import tempfile
 
 import torch
+from own_loop import FACTS, loss_fn, make_batch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import zotune
 from zotune.models import load_model, load_tokenizer
 from zotune.models.tiny import make_tiny_model
-
-from own_loop import FACTS, loss_fn, make_batch
 
 
 def main():

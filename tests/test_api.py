@@ -14,6 +14,7 @@ from zotune.loss import ClassificationLoss
 from zotune.models.tiny import make_tiny_model
 from zotune.rng import step_seed
 
+
 def batch_of(tokenizer, n=4):
     texts = [f"fact number {i} is that {i} plus one is {i + 1}" for i in range(n)]
     enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
@@ -107,17 +108,17 @@ def test_peft_model_g_is_the_two_sided_difference(tokenizer):
     batch = batch_of(tokenizer, 3)
     est = zotune.PRGE(model, lm_rows, q=2, eps=1e-3, lr=0.0, seed=3)
     randomize(est.params.tensors())
-    assert len(est.params.trained) == 6 and all(".lora_B" in t.name for t in est.params.trained)
+    assert len(est.params.layout) == 6 and all(".lora_B" in n for n in est.params.layout.names)
     start = est.state()
     _, g = est.step(batch)
-    zs = draw(torch.tensor([est.history[0]["seed"]]), est.params.trained, est.numel, 2, "normal")
+    zs = draw(torch.tensor([est.history[0]["seed"]]), est.params.layout, est.params.tensors()[0], 2, "normal")
     want = []
     with torch.no_grad():
         for i in range(2):
             ls = []
             for sign in (1, -1):
-                for t, z in zip(est.params.trained, zs):
-                    t.tensor.copy_(start[t.name] + sign * 1e-3 * z[i])
+                for (name, t), z in zip(est.params.named_tensors(), zs):
+                    t.copy_(start[name] + sign * 1e-3 * z[i])
                 ls.append(lm_rows(model, batch).mean())
             want.append((ls[0] - ls[1]) / 2e-3)
     torch.testing.assert_close(g, torch.stack(want), rtol=1e-6, atol=1e-9)
@@ -126,16 +127,16 @@ def test_peft_model_g_is_the_two_sided_difference(tokenizer):
 def test_half_precision_model_trains_an_fp32_master(tokenizer):
     model = make_tiny_model("llama", tokenizer, dtype=torch.bfloat16)
     est = zotune.PRGE(model, lm_rows, q=2, lr=1e-3, rank=4, alpha=8)
-    assert est.params.master and all(t.tensor.dtype == torch.float32 for t in est.params.trained)
+    assert est.params.master and all(t.dtype == torch.float32 for t in est.params.tensors())
     batch = batch_of(tokenizer, 2)
     before = est.state()
     _, g = est.step(batch)
-    zs = draw(torch.tensor([est.history[0]["seed"]]), est.params.trained, est.numel, 2, "normal")
-    for t, z in zip(est.params.trained, zs):
-        want = before[t.name] - 1e-3 * (g[0] * z[0] + g[1] * z[1]) / 2
-        torch.testing.assert_close(t.tensor, want, rtol=1e-6, atol=1e-9)
-        layer = est.adapter.layers[t.name.rsplit(".", 1)[0]]
-        assert layer.lora_B.dtype == torch.bfloat16 and torch.equal(layer.lora_B, t.tensor.to(torch.bfloat16))
+    zs = draw(torch.tensor([est.history[0]["seed"]]), est.params.layout, est.params.tensors()[0], 2, "normal")
+    for (name, t), z in zip(est.params.named_tensors(), zs):
+        want = before[name] - 1e-3 * (g[0] * z[0] + g[1] * z[1]) / 2
+        torch.testing.assert_close(t, want, rtol=1e-6, atol=1e-9)
+        layer = est.adapter.layers[name.rsplit(".", 1)[0]]
+        assert layer.lora_B.dtype == torch.bfloat16 and torch.equal(layer.lora_B, t.to(torch.bfloat16))
 
 
 def test_bad_loss_shape_is_a_clear_error(tokenizer):

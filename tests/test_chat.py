@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from zotune.cli import main
 from zotune.config import DataConfig

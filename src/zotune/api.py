@@ -32,8 +32,10 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from zotune.adapters.lora import LoRAAdapter, LoRALinear, TrainedTensor
-from zotune.config import Config, _set, load_config as _load_config, validate
+from zotune.adapters.lora import LoRAAdapter, LoRALinear
+from zotune.adapters.theta import ThetaLayout
+from zotune.config import Config, _set, validate
+from zotune.config import load_config as _load_config
 from zotune.errors import ConfigError, ZotuneError
 from zotune.estimators.prge import PRGEStep
 from zotune.estimators.zo import projected_gradient
@@ -114,12 +116,11 @@ def _peft_layers(model: nn.Module, train_a: bool) -> dict[str, tuple[nn.Module, 
 
 class _Trained:
     """What PRGEStep needs of an adapter, over zotune or PEFT layers: the trained tensors (fp32
-    masters for half-precision models) in a flat layout, and the switch into replica mode."""
+    masters for half-precision models) with their theta layout, and the switch into replica mode."""
 
     def __init__(self, layers: dict[str, LoRALinear], train_a: bool, peft: dict | None = None):
         self.real, self.train_a, self.peft = layers, train_a, peft or {}
-        self.layers, self.trained, self._pairs = {}, [], []
-        offset = 0
+        self.layers, self._named, self._pairs = {}, [], []
         for name, layer in layers.items():
             views = {}
             for kind in ("lora_A", "lora_B"):
@@ -131,17 +132,24 @@ class _Trained:
                     t = master
                 views[kind] = t
                 if trained:
-                    self.trained.append(TrainedTensor(f"{name}.{kind}", t, offset))
-                    offset += t.numel()
+                    self._named.append((f"{name}.{kind}", t))
             self.layers[name] = SimpleNamespace(**views)
-        self.numel = offset
+        self.layout = ThetaLayout.from_adapter(self)
+        self.numel = self.layout.numel
+
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self._named)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for _, t in self._named]
+
+    def describe(self) -> dict:
+        return {"kind": "lora" if self.train_a else "lora-fa", "peft": bool(self.peft),
+                "layers": [[name, layer.d_in, layer.d_out] for name, layer in self.real.items()]}
 
     @property
     def master(self) -> bool:
         return bool(self._pairs)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t.tensor for t in self.trained]
 
     def set_replicas(self, stacks: dict | None) -> None:
         for name, layer in self.real.items():
@@ -221,7 +229,7 @@ class PRGE:
             layers = adapter.layers
         self.adapter = adapter  # the zotune adapter, when zotune's layers are used
         self.params = _Trained(layers, train_a, {n: mod for n, (mod, _) in peft.items()})
-        device = self.params.trained[0].tensor.device
+        device = self.params.tensors()[0].device
         self._step = PRGEStep(model, self.params, None, q, dual, noise, momentum,
                               fused_noise=device.type != "cpu")
         self.steps = 0
@@ -252,7 +260,7 @@ class PRGE:
             raise ZotuneError("PRGE.apply: no accumulated batch (call accumulate(batch) first)")
         z, seed, total, n = self._pending
         self._pending = None
-        like = self.params.trained[0].tensor
+        like = self.params.tensors()[0]
         losses = (total / n).to(like.dtype)  # [2q]: each replica's mean over all examples
         g = projected_gradient(losses[: self.q], losses[self.q:], self.eps)  # [q]
         lr = self.lr if lr is None else lr
@@ -270,4 +278,4 @@ class PRGE:
 
     def state(self) -> dict[str, torch.Tensor]:
         """The trained tensors (fp32 masters where the model is half precision), by name."""
-        return {t.name: t.tensor.detach().clone() for t in self.params.trained}
+        return {n: t.detach().clone() for n, t in self.params.named_tensors()}

@@ -7,9 +7,42 @@ Every function returns per-row sums and counts, so that callers can reduce per r
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+class ClassificationInputs(NamedTuple):
+    """What ClassificationLoss takes, in its argument order."""
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [B, T]
+    choice_ids: torch.Tensor  # [B, C] token id of each candidate word
+    labels: torch.Tensor  # [B] index of the right choice
+
+
+class GenerationInputs(NamedTuple):
+    """What LMLoss takes, in its argument order."""
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [B, T]
+    target_ids: torch.Tensor  # [B, L] the completion: the last L positions
+    target_mask: torch.Tensor  # [B, L]
+
+
+class ChoiceInputs(NamedTuple):
+    """What ChoiceLoss (loss_choice.py) takes, in its argument order: every choice is a row."""
+    input_ids: torch.Tensor  # [B, C, T] prompt + choice c, left padded
+    attention_mask: torch.Tensor  # [B, C, T]
+    position_ids: torch.Tensor  # [B, C, T]
+    target_ids: torch.Tensor  # [B, C, L] the choice's tokens: the last L positions
+    target_mask: torch.Tensor  # [B, C, L] token weights (1, or 1/len when length-normalised)
+    labels: torch.Tensor  # [B] index of the right choice
+
+
+Inputs = ClassificationInputs | GenerationInputs | ChoiceInputs
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -98,14 +131,25 @@ def make_loss(kind: str, via_head_module: bool = False):
     raise ValueError(f"unknown task kind '{kind}'")
 
 
-def batch_tensors(batch, kind: str) -> tuple[torch.Tensor, ...]:
+def _inputs_class(kind: str) -> type:
+    # chat is generation with the target mask on the assistant turns
+    return {"classification": ClassificationInputs, "choice": ChoiceInputs}.get(kind, GenerationInputs)
+
+
+def batch_tensors(batch, kind: str) -> Inputs:
     """The tensors a loss takes, in order, from a tokenised Batch."""
     common = (batch.input_ids, batch.attention_mask, batch.position_ids)
     if kind == "classification":
-        return common + (batch.choice_ids, batch.labels)
+        return ClassificationInputs(*common, batch.choice_ids, batch.labels)
     if kind == "choice":
-        return common + (batch.target_ids, batch.target_mask, batch.labels)
-    return common + (batch.target_ids, batch.target_mask)
+        return ChoiceInputs(*common, batch.target_ids, batch.target_mask, batch.labels)
+    return GenerationInputs(*common, batch.target_ids, batch.target_mask)
+
+
+def loss_inputs(tensors, kind: str) -> Inputs:
+    """A plain tuple of a loss's tensors as the named tuple of its kind."""
+    cls = _inputs_class(kind)
+    return tensors if isinstance(tensors, cls) else cls(*tensors)
 
 
 def trim_left_padding(batch: tuple[torch.Tensor, ...], keep: int = 1) -> tuple[torch.Tensor, ...]:
@@ -119,7 +163,8 @@ def trim_left_padding(batch: tuple[torch.Tensor, ...], keep: int = 1) -> tuple[t
     start = min(start, seq_len - keep)
     if start <= 0:
         return batch
-    return (input_ids[..., start:], attention_mask[..., start:], position_ids[..., start:], *rest)
+    trimmed = (input_ids[..., start:], attention_mask[..., start:], position_ids[..., start:], *rest)
+    return batch._make(trimmed) if hasattr(batch, "_make") else trimmed  # named tuples stay named
 
 
 def per_replica(nll: torch.Tensor, count: torch.Tensor, n_rep: int) -> torch.Tensor:

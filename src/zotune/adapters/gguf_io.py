@@ -18,8 +18,6 @@ Merged: W <- W + (alpha / r) B A for every adapted layer, written with save_pret
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import torch
 
 from zotune.adapters.peft_io import load_peft
 from zotune.errors import ZotuneError
+from zotune.io import atomic_dir, atomic_write_bytes
 
 # Hugging Face model_type -> (gguf-py architecture name, q/k rows permuted by the converter)
 ARCHS = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False),
@@ -56,19 +55,6 @@ def _scale(config: dict) -> float:
     if config.get("use_rslora"):
         raise ZotuneError("adapter_config.json: field 'use_rslora': rsLoRA scaling is not supported")
     return float(config["lora_alpha"]) / int(config["r"])
-
-
-def _atomic_file(out: Path, write) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", dir=out.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
 
 
 def export_gguf(adapter_dir: str | Path, out: str | Path, base: str | None = None) -> Path:
@@ -103,7 +89,10 @@ def export_gguf(adapter_dir: str | Path, out: str | Path, base: str | None = Non
         tensors.append((f"{target}.lora_a", a.contiguous().numpy()))
         tensors.append((f"{target}.lora_b", b.contiguous().numpy()))
 
-    def write(tmp):
+    # GGUFWriter writes to a path: built in a scratch folder, then swapped in by the atomic writer
+    # (an adapter is a few MB).
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch) / "adapter.gguf"
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         w.add_type("adapter")
         w.add_string("adapter.type", "lora")
@@ -114,7 +103,7 @@ def export_gguf(adapter_dir: str | Path, out: str | Path, base: str | None = Non
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-    return _atomic_file(Path(out), write)
+        return atomic_write_bytes(out, tmp.read_bytes())
 
 
 @torch.no_grad()
@@ -144,16 +133,8 @@ def export_merged(adapter_dir: str | Path, out: str | Path, base: str | None = N
     _base_config(base)
     model, tokenizer, _ = load_model(base)
     merge_into(model, config, state)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp.", dir=out.parent))
-    try:
-        model.config.use_cache = True  # a served model decodes with its cache
+    model.config.use_cache = True  # a served model decodes with its cache
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)
