@@ -43,7 +43,6 @@ def main():
     p.add_argument("--timeout", type=int, default=1500)
     args = p.parse_args()
     write_chat_data(ROOT / "runs" / "tasks" / "auto_categorization_chat.jsonl")
-    rows = []
     for kind in args.only.split(","):
         cmd = [sys.executable, "-m", "zotune.cli", "train", "--config", f"configs/tasks/{kind}.yaml",
                "--train.progress", "false"]
@@ -77,7 +76,8 @@ def _report(rows) -> None:
            "`python benchmarks/bench_tasks.py` (each run: `zotune train --config configs/tasks/<kind>.yaml`,",
            "one thread, one run at a time). Test scores of the zero-shot model and of the adapter selected",
            "on dev; LoRA-FA r=16 on all 210 projections, P-RGE dual, ZO-SGD with momentum 0.9.", "",
-           "| kind | task | train/dev/test | steps (q, b) | zero-shot test | trained test (selected at step) | wall |",
+           "| kind | task | train/dev/test | steps (q, b) | zero-shot test "
+           "| trained test (selected at step) | wall |",
            "|---|---|---|---|---|---|---|"]
     for kind, s, wall in rows:
         c = s["config"]

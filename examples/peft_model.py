@@ -35,7 +35,8 @@ def main():
         base = make_tiny_model("llama", tokenizer)
     else:
         base, tokenizer, _ = load_model(args.model)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"]))
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"])
+    model = get_peft_model(base, lora)
     batch = make_batch(tokenizer, FACTS)
 
     est = zotune.PRGE(model, loss_fn, q=4, eps=1e-2, lr=args.lr)

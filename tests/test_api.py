@@ -33,7 +33,8 @@ def lm_rows(model, batch):
 
 
 def test_load_config_overrides():
-    cfg = zotune.load_config({"optim": {"q": 8}}, optim__lr=1e-3, train={"steps": 5}, **{"data.max_length": 32})
+    cfg = zotune.load_config({"optim": {"q": 8}}, optim__lr=1e-3, train={"steps": 5},
+                             **{"data.max_length": 32})
     assert (cfg.optim.q, cfg.optim.lr, cfg.train.steps, cfg.data.max_length) == (8, 1e-3, 5, 32)
     again = zotune.load_config(cfg, optim__q=2)
     assert again.optim.q == 2 and cfg.optim.q == 8  # a copy
@@ -65,12 +66,15 @@ def test_step_is_zotunes_step(tokenizer):
         randomize(adapter.tensors())
         seed = step_seed(7, 0)
         if use_api:
-            loss = ClassificationLoss()
-            est = zotune.PRGE(model, lambda m, b: loss.rows(m, *b)[0], q=3, lr=1e-2, seed=7, adapter=adapter)
+            def loss_fn(m, b):
+                return ClassificationLoss().rows(m, *b)[0]
+
+            est = zotune.PRGE(model, loss_fn, q=3, lr=1e-2, seed=7, adapter=adapter)
             _, g = est.step(batch)
             assert est.history[0]["seed"] == seed
         else:
-            _, g = PRGEStep(model, adapter, ClassificationLoss(), q=3)(torch.tensor([seed]), 1e-2, 1e-2, *batch)
+            step = PRGEStep(model, adapter, ClassificationLoss(), q=3)
+            _, g = step(torch.tensor([seed]), 1e-2, 1e-2, *batch)
         results.append((g, adapter.state()))
     (g1, s1), (g2, s2) = results
     assert torch.equal(g1, g2) and all(torch.equal(s1[k], s2[k]) for k in s1)

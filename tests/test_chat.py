@@ -43,7 +43,8 @@ def test_loss_is_on_the_assistant_turns_only(tmp_path, tokenizer):
     # the user turn between them is context, not trained
     between = tokenizer.decode(b.target_ids[0][b.target_mask[0] == 0])
     assert "And of Italy?" in between
-    assert generation_prompt(tokenizer, ex.messages).endswith("And of Italy?<|im_end|>\n<|im_start|>assistant\n")
+    prompt = generation_prompt(tokenizer, ex.messages)
+    assert prompt.endswith("And of Italy?<|im_end|>\n<|im_start|>assistant\n")
 
 
 @pytest.mark.parametrize("record,field", [
@@ -82,5 +83,6 @@ def test_chat_run_from_the_command_line(tmp_path, tiny_folder, capsys):
     capsys.readouterr()
     assert main(["train", *args, "--data.task", f"jsonl:{bad}", "--train.out_dir", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "bad.jsonl, line 40, field 'messages': conversation has no assistant turn" in err[0]
+    assert len(err) == 1
+    assert "bad.jsonl, line 40, field 'messages': conversation has no assistant turn" in err[0]
     assert not (tmp_path / "b").exists()

@@ -21,7 +21,8 @@ from zotune.loss import batch_tensors, make_loss
 from zotune.models.tiny import make_tiny_model
 
 EXAMPLES = [
-    Example("The man broke his toe because", (" he dropped a hammer on his foot", " he got a hole in his sock"), 0),
+    Example("The man broke his toe because",
+            (" he dropped a hammer on his foot", " he got a hole in his sock"), 0),
     Example("Q: the capital of France?\nA:", (" Paris", " Lyon in the south", " a small town"), 2),
     Example("It rained so", (" the ground was wet", " we sang"), 1),
 ]
@@ -155,7 +156,8 @@ def test_bad_choice_records_name_file_line_field(tmp_path, record, field):
 
 def test_choice_longer_than_max_target_length(tmp_path, tokenizer):
     rows = choice_rows(6)
-    rows[4] = {"prompt": "p", "choices": [" a", " a very long choice with many many words in it"], "answer": 0}
+    rows[4] = {"prompt": "p", "choices": [" a", " a very long choice with many many words in it"],
+               "answer": 0}
     f = write(tmp_path / "long.jsonl", rows)
     s = load_task(DataConfig(task=f"jsonl:{f}", train_size=2, dev_size=2, test_size=2))
     with pytest.raises(DataError, match="more than data.max_target_length=4") as e:

@@ -26,7 +26,8 @@ def test_harness_matches_zotunes_choice_accuracy(tmp_path, tiny_folder, tokenize
     rows = [json.loads(x) for x in open("examples/harness/tiny_mc.jsonl")]
     data = tmp_path / "mc.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    yaml = open("examples/harness/zotune_tiny_mc.yaml").read().replace("examples/harness/tiny_mc.jsonl", str(data))
+    yaml = open("examples/harness/zotune_tiny_mc.yaml").read()
+    yaml = yaml.replace("examples/harness/tiny_mc.jsonl", str(data))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "zotune_tiny_mc.yaml").write_text(yaml)
     assert main(["eval", "--model.name", tiny_folder, "--adapter", str(folder), "--harness", "zotune_tiny_mc",

@@ -84,7 +84,8 @@ def evaluate(config: str | Path | Config | dict | None = None, adapter: str | Pa
     """Evaluate the config's model, with a PEFT adapter folder if given, on a split."""
     from zotune.train.run import evaluate_adapter
 
-    return evaluate_adapter(load_config(config, **overrides), None if adapter is None else str(adapter), split)
+    cfg = load_config(config, **overrides)
+    return evaluate_adapter(cfg, None if adapter is None else str(adapter), split)
 
 
 # ----------------------------------------------------------------------------- the estimator
@@ -195,7 +196,8 @@ def _flatten(batch):
     if isinstance(batch, (tuple, list)):
         kind = type(batch)
         return tuple(batch), lambda ts: kind(ts)
-    raise ZotuneError(f"batch must be a tensor, a tuple/list or a dict of tensors, got {type(batch).__name__}")
+    raise ZotuneError("batch must be a tensor, a tuple/list or a dict of tensors, "
+                      f"got {type(batch).__name__}")
 
 
 class PRGE:

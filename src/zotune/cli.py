@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("log")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_replay)
-    s = sub.add_parser("export-adapter", help="write a PEFT adapter as a llama.cpp GGUF adapter or a merged model")
+    s = sub.add_parser("export-adapter",
+                       help="write a PEFT adapter as a llama.cpp GGUF adapter or a merged model")
     s.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     s.add_argument("--format", choices=["gguf", "merged"], default=None)
     s.add_argument("--merge", action="store_true", help="the same as --format merged")

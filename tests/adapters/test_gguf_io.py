@@ -57,8 +57,8 @@ def test_gguf_adapter_reads_back(tmp_path, adapter_dir, tiny_folder):
                 # llama.cpp's rotary layout: within each head, rows (0, hd/2, 1, hd/2+1, ...)
                 order = [h * hd + j // 2 + (j % 2) * (hd // 2) for h in range(heads) for j in range(hd)]
                 assert torch.equal(got_b, B[order]) and not torch.equal(got_b, B)
-                assert torch.equal(permute_rows(B, hf["num_attention_heads"],
-                                                hf["num_key_value_heads"] if g == "attn_k" else None), B[order])
+                n_kv = hf["num_key_value_heads"] if g == "attn_k" else None
+                assert torch.equal(permute_rows(B, hf["num_attention_heads"], n_kv), B[order])
             else:
                 assert torch.equal(got_b, B)
 

@@ -121,7 +121,8 @@ def merge_into(model, config: dict, state: dict[str, torch.Tensor]) -> None:
         if tuple(w.shape) == tuple(delta.shape[::-1]) and type(module).__name__ == "Conv1D":
             delta = delta.t()  # GPT-2's Conv1D stores [d_in, d_out]
         if tuple(w.shape) != tuple(delta.shape):
-            raise ZotuneError(f"adapter layer '{layer}': B A is {tuple(delta.shape)}, the weight {tuple(w.shape)}")
+            raise ZotuneError(f"adapter layer '{layer}': B A is {tuple(delta.shape)}, "
+                              f"the weight {tuple(w.shape)}")
         w.add_(delta.to(w.dtype))
 
 

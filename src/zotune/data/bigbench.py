@@ -10,8 +10,8 @@ need the subtask named, unless DEFAULTS picks one (multiemo -> English sentences
 
 Examples {"input", "target_scores"} are multiple choice (choices = " " + each key, or data.label_words;
 label = the highest score): scored as one-token classification when every choice is one token, else
-each choice as a token sequence (data/choice.py); {"input", "target"} are generation (first target if a list; a space is put
-in front of it, as the templates end just before the answer word).
+each choice as a token sequence (data/choice.py); {"input", "target"} are generation (first target
+if a list; a space is put in front of it, as the templates end just before the answer word).
 """
 
 from __future__ import annotations

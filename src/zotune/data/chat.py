@@ -34,7 +34,8 @@ def chat_example(obj: dict, where: dict):
         raise DataError("expected a non-empty list of {role, content} objects", field="messages", **where)
     turns = []
     for k, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
             raise DataError(f"expected an object with string 'role' and 'content', got {m!r:.80}",
                             field=f"messages[{k}]", **where)
         if m["role"] not in ROLES:
@@ -44,7 +45,8 @@ def chat_example(obj: dict, where: dict):
     assistant = [c for r, c in turns if r == "assistant"]
     if not assistant:
         raise DataError("conversation has no assistant turn (nothing to train on)", field="messages", **where)
-    return Example(prompt="", target=assistant[-1], messages=tuple(turns), origin=(where["file"], where["line"]))
+    return Example(prompt="", target=assistant[-1], messages=tuple(turns),
+                   origin=(where["file"], where["line"]))
 
 
 def _template(tokenizer, turns, generation_prompt: bool = False) -> str:
@@ -58,7 +60,8 @@ def _check_template(tokenizer) -> None:
                         "them to {prompt, completion})", field="model.name")
 
 
-def render(tokenizer, turns: Sequence[tuple[str, str]], where: dict | None = None) -> tuple[str, list[tuple[int, int]]]:
+def render(tokenizer, turns: Sequence[tuple[str, str]],
+           where: dict | None = None) -> tuple[str, list[tuple[int, int]]]:
     """-> (the rendered conversation, character spans [start, end) of its assistant turns)."""
     _check_template(tokenizer)
     where = where or {}
@@ -100,7 +103,8 @@ def encode_chat(examples: Sequence, tokenizer, T: int, L: int):
         trained = [any(s <= start < e for s, e in spans) and end > start for start, end in offsets]
         first = trained.index(True) if any(trained) else None
         if first is None:
-            raise DataError(f"example {i}: the assistant turns have no tokens", field="messages", **ex.where())
+            raise DataError(f"example {i}: the assistant turns have no tokens", field="messages",
+                            **ex.where())
         if len(ids) - first > L:
             raise DataError(f"example {i}: the assistant part of the conversation (first assistant token to "
                             f"the end) is {len(ids) - first} tokens, more than data.max_target_length={L}",

@@ -62,8 +62,9 @@ def encode_choice(examples: Sequence, tokenizer, T: int, L: int, length_normaliz
     from zotune.data.tokenize import Batch, _assemble, _context, _pad_id, special_prefix
 
     if not 1 <= L < T:
-        raise DataError(f"max_target_length {L} must be at least 1 and below max_length {T} (a choice's "
-                        "first token is predicted from the position before it)", field="data.max_target_length")
+        raise DataError(f"max_target_length {L} must be at least 1 and below max_length {T} (a "
+                        "choice's first token is predicted from the position before it)",
+                        field="data.max_target_length")
     for i, ex in enumerate(examples):
         if len(ex.choices) < 2:
             raise DataError(f"example {i} has {len(ex.choices)} choices; multiple choice needs at least 2",

@@ -107,8 +107,10 @@ def _read(path: Path, cfg: DataConfig):
             prompt = get_field(obj, "prompt", str, path, line)
             check_choices(obj.get("choices"), obj.get("answer"), where)
             if not _too_long(prompt, cfg):
-                rows.append(Example(prompt=prompt if cfg.template is None else fill_template(cfg.template, prompt),
-                                    choices=tuple(obj["choices"]), label=obj["answer"], origin=(str(path), line)))
+                if cfg.template is not None:
+                    prompt = fill_template(cfg.template, prompt)
+                rows.append(Example(prompt=prompt, choices=tuple(obj["choices"]), label=obj["answer"],
+                                    origin=(str(path), line)))
         elif fmt == "chat":
             rows.append(chat_example(obj, where))
         elif fmt == "text":
@@ -145,8 +147,8 @@ def jsonl_examples(paths: Sequence[str | Path], cfg: DataConfig) -> tuple[str, l
                             f"{fmt!r} records", field="data.labels" if cfg.labels is not None else "data.label_words")
         if fmt in ("choice", "chat"):
             if fmt == "chat" and cfg.template is not None:
-                raise DataError(f"{paths[0]}: chat records use the model's chat template; leave data.template "
-                                "unset", field="data.template")
+                raise DataError(f"{paths[0]}: chat records use the model's chat template; leave "
+                                "data.template unset", field="data.template")
             return fmt, [rows for _, rows in read]
         # prompt/completion records name their line (a completion that does not fit is an error);
         # {"text"} records do not (they are cut to max_target_length).

@@ -113,7 +113,8 @@ def _answers(row: dict, name: str, key: str, where: dict) -> list[str]:
     value = row.get(name)
     texts = value.get(key) if isinstance(value, dict) else value
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-        raise DataError(f"expected a non-empty list of answer strings (or {{{key}: [...]}})", field=name, **where)
+        raise DataError(f"expected a non-empty list of answer strings (or {{{key}: [...]}})", field=name,
+                        **where)
     return texts
 
 
@@ -124,7 +125,8 @@ def generative_example(task_name: str, row: dict, where: dict) -> Example:
         for f in ("title", "context"):
             get_field(row, f, str, **where)
         answer = _answers(row, "answers", "text", where)[0]
-        prompt = f"Title: {row['title']}\nContext: {row['context']}\nQuestion: {row['question'].strip()}\nAnswer:"
+        prompt = (f"Title: {row['title']}\nContext: {row['context']}\n"
+                  f"Question: {row['question'].strip()}\nAnswer:")
     else:  # drop
         get_field(row, "passage", str, **where)
         answer = _answers(row, "answers_spans", "spans", where)[0]
