@@ -4,10 +4,11 @@
     zotune data [--config x.yaml] [--k v]   load a task and show its splits
     zotune fetch                            prepare the embedded model and data offline caches
     zotune train --config x.yaml [--section.key value ...] [--resume]
-    zotune eval --config x.yaml [--adapter DIR] [--split test]
+    zotune eval --config x.yaml [--adapter DIR] [--split test] [--harness TASKS [--harness-include DIR]]
     zotune export --engine executorch --config x.yaml --out model.pte [--quantize 8da4w]
     zotune device-train model.pte --config x.yaml [--resume]
     zotune replay RUN/replay.jsonl --out DIR
+    zotune export-adapter ADAPTER_DIR --format gguf|merged --out PATH [--base MODEL]
 
 Errors in the user's input print one line naming the file/line/field and exit with status 2.
 """
@@ -75,7 +76,8 @@ def cmd_train(args, rest):
 
 
 def _print_summary(s: dict) -> None:
-    zs, metric = s["zero_shot"], "accuracy" if "accuracy" in s["test"] else "loss"
+    zs = s["zero_shot"]
+    metric = next(m for m in ("accuracy", "score", "loss") if m in s["test"])
     print(f"zero-shot test {metric}: {zs['test'][metric]:.4f}")
     if "test_calibrated" in zs:
         print(f"zero-shot test accuracy with a dev-chosen threshold: "
@@ -109,6 +111,12 @@ def cmd_eval(args, rest):
     from zotune.train.run import evaluate_adapter
 
     cfg = _config(args, rest)
+    if args.harness:  # lm-evaluation-harness tasks instead of the config's task
+        from zotune.harness import run_harness
+
+        print(json.dumps(run_harness(cfg, args.adapter, args.harness, args.harness_include, args.limit),
+                         indent=1))
+        return
     print(json.dumps(evaluate_adapter(cfg, args.adapter, args.split), indent=1))
 
 
@@ -116,6 +124,16 @@ def cmd_replay(args, rest):
     from zotune.train.run import replay
 
     print(f"adapter rebuilt from {args.log}: {replay(args.log, args.out)}")
+
+
+def cmd_export_adapter(args, rest):
+    from zotune.adapters.gguf_io import export_gguf, export_merged
+
+    fmt = "merged" if args.merge else args.format
+    if fmt is None:
+        raise ZotuneError("export-adapter: expected --format gguf, --format merged or --merge")
+    out = (export_gguf if fmt == "gguf" else export_merged)(args.adapter, args.out, args.base)
+    print(f"{fmt} adapter written: {out}")
 
 
 def _config_epilog() -> str:
@@ -152,12 +170,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["export"].add_argument("--quantize", default="none", choices=["none", "8da4w"])
     sub.choices["eval"].add_argument("--adapter", help="PEFT adapter folder")
     sub.choices["eval"].add_argument("--split", default="test", choices=["train", "dev", "test"])
+    sub.choices["eval"].add_argument("--harness", metavar="TASKS",
+                                     help="run lm-evaluation-harness tasks (comma-separated) on the adapter")
+    sub.choices["eval"].add_argument("--harness-include", action="append", default=None, metavar="DIR",
+                                     help="a folder of lm-eval task YAML files (repeatable)")
+    sub.choices["eval"].add_argument("--limit", type=int, default=None, help="--harness: examples per task")
     s = sub.add_parser("fetch", help="prepare the offline model and data caches")
     s.set_defaults(fn=cmd_fetch)
     s = sub.add_parser("replay", help="rebuild an adapter from a replay log")
     s.add_argument("log")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_replay)
+    s = sub.add_parser("export-adapter",
+                       help="write a PEFT adapter as a llama.cpp GGUF adapter or a merged model")
+    s.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    s.add_argument("--format", choices=["gguf", "merged"], default=None)
+    s.add_argument("--merge", action="store_true", help="the same as --format merged")
+    s.add_argument("--out", required=True, help="the .gguf file, or the merged model folder")
+    s.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+    s.set_defaults(fn=cmd_export_adapter)
     return p
 
 
@@ -165,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     keep_heap()
     try:
-        if rest and args.command in ("models", "fetch", "replay"):
+        if rest and args.command in ("models", "fetch", "replay", "export-adapter"):
             raise ZotuneError(f"{args.command}: unexpected arguments {rest}")
         args.fn(args, rest)
     except ZotuneError as e:

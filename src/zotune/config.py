@@ -48,6 +48,8 @@ class DataConfig:
     max_length: int = _field(64, "static sequence length (left padding, prompt truncated on the "
                                  "left)")
     max_target_length: int = _field(16, "static completion length for generation tasks")
+    length_normalize: bool = _field(False, "multiple choice: score a choice by the mean log-probability of "
+                                          "its tokens instead of the sum")
 
 
 @dataclass

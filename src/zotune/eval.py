@@ -17,7 +17,7 @@ from zotune.loss import batch_tensors
 def collect_scores(engine, batch, kind: str, eval_batch_size: int):
     """Engine scores for every row, in chunks (static-shape engines pad chunks themselves)."""
     # Dynamic-shape engines trim padding per chunk: group prompts of similar length together.
-    order = batch.attention_mask.sum(1).argsort(stable=True)
+    order = batch.attention_mask.reshape(len(batch), -1).sum(1).argsort(stable=True)
     parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, len(batch), eval_batch_size):
         chunk = batch.index(order[start: start + eval_batch_size])
@@ -29,7 +29,7 @@ def collect_scores(engine, batch, kind: str, eval_batch_size: int):
 def evaluate(engine, batch, kind: str, eval_batch_size: int = 32) -> dict:
     if len(batch) == 0:
         return {}
-    if kind == "classification":
+    if kind in ("classification", "choice"):  # choice: logits are the choices' scores
         (logits,) = collect_scores(engine, batch, kind, eval_batch_size)  # [n, C]
         pred = logits.argmax(-1)
         logp = torch.log_softmax(logits.float(), -1)

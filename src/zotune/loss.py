@@ -32,6 +32,19 @@ class GenerationInputs(NamedTuple):
     target_mask: torch.Tensor  # [B, L]
 
 
+class ChoiceInputs(NamedTuple):
+    """What ChoiceLoss (loss_choice.py) takes, in its argument order: every choice is a row."""
+    input_ids: torch.Tensor  # [B, C, T] prompt + choice c, left padded
+    attention_mask: torch.Tensor  # [B, C, T]
+    position_ids: torch.Tensor  # [B, C, T]
+    target_ids: torch.Tensor  # [B, C, L] the choice's tokens: the last L positions
+    target_mask: torch.Tensor  # [B, C, L] token weights (1, or 1/len when length-normalised)
+    labels: torch.Tensor  # [B] index of the right choice
+
+
+Inputs = ClassificationInputs | GenerationInputs | ChoiceInputs
+
+
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Softmax in fp32 even for half-precision models (fp64 models stay fp64)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -109,22 +122,33 @@ class LMLoss:
 def make_loss(kind: str, via_head_module: bool = False):
     if kind == "classification":
         return ClassificationLoss(via_head_module)
-    if kind == "generation":
+    if kind in ("generation", "chat"):  # chat: target_mask covers the assistant turns
         return LMLoss()
+    if kind == "choice":
+        from zotune.loss_choice import ChoiceLoss
+
+        return ChoiceLoss()
     raise ValueError(f"unknown task kind '{kind}'")
 
 
-def batch_tensors(batch, kind: str) -> ClassificationInputs | GenerationInputs:
+def _inputs_class(kind: str) -> type:
+    # chat is generation with the target mask on the assistant turns
+    return {"classification": ClassificationInputs, "choice": ChoiceInputs}.get(kind, GenerationInputs)
+
+
+def batch_tensors(batch, kind: str) -> Inputs:
     """The tensors a loss takes, in order, from a tokenised Batch."""
     common = (batch.input_ids, batch.attention_mask, batch.position_ids)
     if kind == "classification":
         return ClassificationInputs(*common, batch.choice_ids, batch.labels)
+    if kind == "choice":
+        return ChoiceInputs(*common, batch.target_ids, batch.target_mask, batch.labels)
     return GenerationInputs(*common, batch.target_ids, batch.target_mask)
 
 
-def loss_inputs(tensors, kind: str) -> ClassificationInputs | GenerationInputs:
+def loss_inputs(tensors, kind: str) -> Inputs:
     """A plain tuple of a loss's tensors as the named tuple of its kind."""
-    cls = ClassificationInputs if kind == "classification" else GenerationInputs
+    cls = _inputs_class(kind)
     return tensors if isinstance(tensors, cls) else cls(*tensors)
 
 
@@ -133,13 +157,13 @@ def trim_left_padding(batch: tuple[torch.Tensor, ...], keep: int = 1) -> tuple[t
     `keep` positions. Exact for attention-masked models; engines with dynamic shapes use it so a
     batch of short prompts does not pay for the static length."""
     input_ids, attention_mask, position_ids, *rest = batch
-    seq_len = input_ids.shape[1]
-    used = attention_mask.any(0).nonzero()
+    seq_len = input_ids.shape[-1]  # [B, T], or [B, C, T] for multiple choice
+    used = attention_mask.reshape(-1, seq_len).any(0).nonzero()
     start = int(used[0]) if len(used) else 0
     start = min(start, seq_len - keep)
     if start <= 0:
         return batch
-    trimmed = (input_ids[:, start:], attention_mask[:, start:], position_ids[:, start:], *rest)
+    trimmed = (input_ids[..., start:], attention_mask[..., start:], position_ids[..., start:], *rest)
     return batch._make(trimmed) if hasattr(batch, "_make") else trimmed  # named tuples stay named
 
 

@@ -114,14 +114,20 @@ def test_jsonl_folder(tmp_path):
     assert s.test[0].choices == ("Yes", "No")
 
 
-def test_copa_loads_but_needs_sequence_scoring(tmp_path, tokenizer):
+def test_copa_is_scored_as_sequences(tmp_path, tokenizer):
     rows = [{**CASES["copa"][0], "premise": f"Event {i} happened.", "label": i % 2} for i in range(20)]
     write_jsonl(tmp_path / "copa" / "train.jsonl", rows[:14])
     write_jsonl(tmp_path / "copa" / "validation.jsonl", rows[14:])
     s = load_task(cfg(f"mezo:copa:{tmp_path / 'copa'}", train_size=8, dev_size=4))
     assert s.sizes() == {"train": 8, "dev": 4, "test": 6}
-    with pytest.raises(DataError, match=r"example 0: choice .* tokens.*sequences"):
-        encode(s.train, tokenizer, 64, 8, s.kind)
+    assert s.kind == "choice"
+    b = encode(s.train, tokenizer, 64, 16, s.kind)
+    assert b.kind == "choice" and b.input_ids.shape == (8, 2, 64) and b.target_mask.shape == (8, 2, 16)
+    for i, ex in enumerate(s.train):  # each row is prompt + that choice, the choice under the mask
+        for k, choice in enumerate(ex.choices):
+            n = len(tokenizer(choice, add_special_tokens=False)["input_ids"])
+            assert b.target_mask[i, k].sum() == n
+            assert tokenizer.decode(b.target_ids[i, k, -n:]) == choice
 
 
 def test_sst2_encodes(tmp_path, tokenizer):

@@ -58,6 +58,10 @@ class LoRALinear(nn.Module):
             xa = F.linear(self.dropout(x), self.lora_A)  # [..., r]
             return y + self.scale * F.linear(xa, self.lora_B)
         a_stack, b_stack = self.replicas() if callable(self.replicas) else self.replicas
+        # Stacks built from fp32 master copies of a half-precision model's B (zotune.api) are cast
+        # to the activations' dtype here; for stacks already in that dtype .to is a no-op.
+        b_stack = b_stack.to(y.dtype)
+        a_stack = None if a_stack is None else a_stack.to(x.dtype)
         n_rep = b_stack.shape[0]
         xr = x.reshape(n_rep, -1, self.d_in)  # x: [R*b, T, d_in] -> [R, b*T, d_in]
         if a_stack is None:

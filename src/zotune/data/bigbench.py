@@ -8,9 +8,10 @@ file: a second load touches the archive not at all.
 Names: `multiemo` or `multiemo/all_sentence_en` (a subtask folder). Tasks that exist only as subtasks
 need the subtask named, unless DEFAULTS picks one (multiemo -> English sentences).
 
-Examples {"input", "target_scores"} are classification (choices = " " + each key, or data.label_words;
-label = the highest score); {"input", "target"} are generation (first target if a list; a space is put
-in front of it, as the templates end just before the answer word).
+Examples {"input", "target_scores"} are multiple choice (choices = " " + each key, or data.label_words;
+label = the highest score): scored as one-token classification when every choice is one token, else
+each choice as a token sequence (data/choice.py); {"input", "target"} are generation (first target
+if a list; a space is put in front of it, as the templates end just before the answer word).
 """
 
 from __future__ import annotations
@@ -182,8 +183,8 @@ def task_examples(task: dict, cfg: DataConfig, defaults: dict, source: str) -> t
 
     if all("target_scores" in ex for ex in raw):
         for i, ex in enumerate(raw):
-            if not isinstance(ex["target_scores"], dict) or not ex["target_scores"]:
-                raise DataError("expected a non-empty mapping of choice -> score", file=source,
+            if not isinstance(ex["target_scores"], dict) or len(ex["target_scores"]) < 2:
+                raise DataError("expected a mapping of at least 2 choices -> score", file=source,
                                 field=f"examples[{i}].target_scores")
         all_labels = list(dict.fromkeys(k for ex in raw for k in ex["target_scores"]))
         labels = cfg.labels if cfg.labels is not None else defaults.get("labels")

@@ -1,8 +1,17 @@
-"""JSONL files, one JSON object per line, in one of three formats (the first record decides):
+"""JSONL files, one JSON object per line, in one of five formats (the first record decides):
 
     {"text": ...}                      language modelling on the whole text (prompt "", target text)
     {"prompt": ..., "completion": ...} generation
     {"input": ..., "label": ...}       classification; label word = data.label_words[label], else " " + label
+    {"prompt": ..., "choices": [...], "answer": i}
+                                       multiple choice; each choice is appended to the prompt verbatim
+                                       (start it with a space where one belongs) and scored as a sequence
+    {"messages": [{"role", "content"}, ...]}
+                                       a conversation, rendered by the model's chat template (data/chat.py)
+
+A completion (or choice, or the assistant part of a chat) longer than data.max_target_length tokens is
+an error naming its line; {"text"} records are cut to that length instead, as language modelling on
+long texts expects.
 
 data.template (with {input}) is applied to `input` and `prompt`. data.labels keeps only the listed
 labels (and fixes the order of the choices). Any bad line is an error naming file, line and field.
@@ -15,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from zotune.config import DataConfig
+from zotune.data.chat import chat_example
+from zotune.data.choice import check_choices
 from zotune.data.task import (
     Example,
     TaskSplits,
@@ -26,7 +37,8 @@ from zotune.data.task import (
 )
 from zotune.errors import DataError
 
-FORMATS = {"text": ("text",), "prompt": ("prompt", "completion"), "classification": ("input", "label")}
+FORMATS = {"text": ("text",), "prompt": ("prompt", "completion"), "classification": ("input", "label"),
+           "choice": ("prompt", "choices", "answer"), "chat": ("messages",)}
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
@@ -67,12 +79,16 @@ def get_field(obj: dict, name: str, types: type | tuple[type, ...], file: str | 
 def _format_of(obj: dict, path: Path, line: int) -> str:
     if "text" in obj:
         return "text"
+    if "messages" in obj:
+        return "chat"
+    if "choices" in obj:
+        return "choice"
     if "prompt" in obj or "completion" in obj:
         return "prompt"
     if "input" in obj or "label" in obj:
         return "classification"
-    raise DataError(f"unknown record format (keys {sorted(obj)}): expected {{text}}, {{prompt, completion}} "
-                    "or {input, label}", file=str(path), line=line)
+    raise DataError(f"unknown record format (keys {sorted(obj)}): expected {{text}}, {{prompt, completion}}, "
+                    "{input, label}, {prompt, choices, answer} or {messages}", file=str(path), line=line)
 
 
 def _too_long(text: str, cfg: DataConfig) -> bool:
@@ -80,12 +96,24 @@ def _too_long(text: str, cfg: DataConfig) -> bool:
 
 
 def _read(path: Path, cfg: DataConfig):
-    """(format, rows): rows are (line, prompt, target) or, for classification, (line, prompt, label str)."""
+    """(format, rows): rows are (line, prompt, target), for classification (line, prompt, label str),
+    for choice and chat an Example."""
     records = read_jsonl(path)
     fmt = _format_of(records[0][1], path, records[0][0])
     rows = []
     for line, obj in records:
-        if fmt == "text":
+        where = {"file": str(path), "line": line}
+        if fmt == "choice":
+            prompt = get_field(obj, "prompt", str, path, line)
+            check_choices(obj.get("choices"), obj.get("answer"), where)
+            if not _too_long(prompt, cfg):
+                if cfg.template is not None:
+                    prompt = fill_template(cfg.template, prompt)
+                rows.append(Example(prompt=prompt, choices=tuple(obj["choices"]), label=obj["answer"],
+                                    origin=(str(path), line)))
+        elif fmt == "chat":
+            rows.append(chat_example(obj, where))
+        elif fmt == "text":
             text = get_field(obj, "text", str, path, line)
             if not _too_long(text, cfg):
                 rows.append((line, "", text))
@@ -94,7 +122,7 @@ def _read(path: Path, cfg: DataConfig):
             completion = get_field(obj, "completion", str, path, line)
             if not _too_long(prompt, cfg):
                 rows.append((line, prompt if cfg.template is None else fill_template(cfg.template, prompt),
-                             completion))
+                             completion, (str(path), line)))
         else:
             text = get_field(obj, "input", str, path, line)
             label = get_field(obj, "label", (str, int), path, line)
@@ -117,7 +145,15 @@ def jsonl_examples(paths: Sequence[str | Path], cfg: DataConfig) -> tuple[str, l
         if cfg.labels is not None or cfg.label_words is not None:
             raise DataError(f"{paths[0]}: labels apply to classification files ({{input, label}}), not "
                             f"{fmt!r} records", field="data.labels" if cfg.labels is not None else "data.label_words")
-        return "generation", [[Example(prompt=pr, target=t) for _, pr, t in rows] for _, rows in read]
+        if fmt in ("choice", "chat"):
+            if fmt == "chat" and cfg.template is not None:
+                raise DataError(f"{paths[0]}: chat records use the model's chat template; leave "
+                                "data.template unset", field="data.template")
+            return fmt, [rows for _, rows in read]
+        # prompt/completion records name their line (a completion that does not fit is an error);
+        # {"text"} records do not (they are cut to max_target_length).
+        return "generation", [[Example(prompt=r[1], target=r[2], origin=r[3] if len(r) > 3 else None)
+                               for r in rows] for _, rows in read]
 
     # Choices: data.labels order, else data.label_words order, else order of first appearance.
     check_labels(cfg.labels)

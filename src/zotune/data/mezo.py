@@ -1,4 +1,5 @@
-"""The MeZO task family (SST-2, RTE, BoolQ, CB, WiC, WSC, MultiRC, COPA) with MeZO's prompts.
+"""The MeZO task family (SST-2, RTE, BoolQ, CB, WiC, WSC, MultiRC, COPA; SQuAD and DROP) with MeZO's
+prompts.
 
 Prompts and verbalizers follow princeton-nlp/MeZO, large_models/templates.py (SST2Template, RTETemplate,
 BoolQTemplateV3 - MeZO's default for BoolQ -, CBTemplate, WICTemplate, WSCTemplate, MultiRCTemplate,
@@ -14,9 +15,13 @@ Splits, as MeZO: train and dev are drawn from the train split with the seed, tes
 (the SuperGLUE test labels are hidden). Unlike MeZO, draws are balanced across labels where possible
 (see task.py). Without a validation split all three are carved from train.
 
-COPA's choices are whole clauses (several tokens each). Its Examples keep both candidates as choices, but
-tokenize.encode scores one token per choice and refuses them: COPA needs sequence scoring (sum of the
-log-probabilities of each candidate's tokens), which is not implemented.
+COPA's choices are whole clauses (several tokens each): it is a "choice" task, each candidate scored by
+the summed log-probability of its tokens after the prompt (data/choice.py), as MeZO scores it.
+
+SQuAD and DROP are generation tasks (MeZO's SQuADv2Template and DROPTemplate prompts, the first
+reference answer as the completion), judged by generating (eval_generate.py). Rows in the Hugging Face
+layouts: SQuAD {title, context, question, answers: {text: [...]}} (or answers: [...]), DROP {passage,
+question, answers_spans: {spans: [...]}}.
 """
 
 from __future__ import annotations
@@ -104,8 +109,38 @@ def _label(task: MezoTask, row: dict, where: dict) -> int:
     return index
 
 
+def _answers(row: dict, name: str, key: str, where: dict) -> list[str]:
+    value = row.get(name)
+    texts = value.get(key) if isinstance(value, dict) else value
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise DataError(f"expected a non-empty list of answer strings (or {{{key}: [...]}})", field=name,
+                        **where)
+    return texts
+
+
+def generative_example(task_name: str, row: dict, where: dict) -> Example:
+    origin = (where["file"], where.get("line"))
+    get_field(row, "question", str, **where)
+    if task_name == "squad":
+        for f in ("title", "context"):
+            get_field(row, f, str, **where)
+        answer = _answers(row, "answers", "text", where)[0]
+        prompt = (f"Title: {row['title']}\nContext: {row['context']}\n"
+                  f"Question: {row['question'].strip()}\nAnswer:")
+    else:  # drop
+        get_field(row, "passage", str, **where)
+        answer = _answers(row, "answers_spans", "spans", where)[0]
+        prompt = f"Passage: {row['passage']}\nQuestion: {row['question'].strip()}\nAnswer:"
+    return Example(prompt=prompt, target=" " + answer.strip(), origin=origin)
+
+
+GENERATIVE = ("squad", "drop")
+
+
 def row_example(task_name: str, row: dict, where: dict) -> Example:
     """One GLUE/SuperGLUE row -> Example. where = {"file": ..., "line": ...} for error messages."""
+    if task_name in GENERATIVE:
+        return generative_example(task_name, row, where)
     task = TASKS[task_name]
     for f in task.fields:
         get_field(row, f, str, **where)
@@ -140,8 +175,9 @@ def _read_split(task_name: str, folder: Path, split: str) -> list[Example] | Non
 
 def load_mezo(name: str, path: str, cfg: DataConfig) -> TaskSplits:
     key = ALIASES.get(name.lower(), name.lower())
-    if key not in TASKS:
-        raise DataError(f"unknown MeZO task '{name}' (expected one of {sorted(TASKS)})", field="data.task")
+    if key not in TASKS and key not in GENERATIVE:
+        raise DataError(f"unknown MeZO task '{name}' (expected one of {sorted(TASKS) + list(GENERATIVE)})",
+                        field="data.task")
     if not path:
         raise DataError(f"expected mezo:{name}:<folder> (a datasets save_to_disk folder or a folder of "
                         "train.jsonl and validation.jsonl)", field="data.task")
@@ -165,4 +201,5 @@ def load_mezo(name: str, path: str, cfg: DataConfig) -> TaskSplits:
         tr, dev, te = split_examples(train, source=str(folder), **sizes)
     else:
         tr, dev, te = split_given(train, None, test, source=str(folder), **sizes)
-    return TaskSplits(name=f"mezo:{key}", train=tr, dev=dev, test=te, kind="classification")
+    kind = "choice" if key == "copa" else "generation" if key in GENERATIVE else "classification"
+    return TaskSplits(name=f"mezo:{key}", train=tr, dev=dev, test=te, kind=kind)

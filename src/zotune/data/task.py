@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from zotune.errors import DataError
 
-KINDS = ("classification", "generation")
+# classification: one token per choice, scored at the answer position; choice: each choice a token
+# sequence, scored by its summed log-probability (data/choice.py); generation: loss on the completion
+# tokens; chat: a conversation through the model's chat template, loss on the assistant turns
+# (data/chat.py).
+KINDS = ("classification", "generation", "choice", "chat")
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,14 @@ class Example:
     prompt: str  # text up to where the answer starts
     choices: tuple[str, ...] = ()  # classification: candidate label words, e.g. (" positive", " negative")
     label: int | None = None  # classification: index into choices
-    target: str | None = None  # generation: completion text
+    target: str | None = None  # generation: completion text (chat: the last assistant turn)
+    messages: tuple[tuple[str, str], ...] | None = None  # chat: (role, content) of every turn
+    # (file, line) of the record, for errors found when tokenising; not part of equality
+    origin: tuple[str, int | None] | None = field(default=None, compare=False)
+
+    def where(self) -> dict:
+        """file/line keyword arguments of a DataError about this example."""
+        return {} if self.origin is None else {"file": self.origin[0], "line": self.origin[1]}
 
 
 @dataclass
@@ -34,7 +45,7 @@ class TaskSplits:
     train: list[Example]
     dev: list[Example]
     test: list[Example]
-    kind: str  # "classification" | "generation"
+    kind: str  # one of KINDS
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "dev": len(self.dev), "test": len(self.test)}
@@ -66,9 +77,12 @@ def label_words_for(labels: Sequence[str], label_words: dict[str, str] | None, s
 
 # ----------------------------------------------------------------------------- splitting
 
-def _key(ex: Example) -> tuple[str, str | None]:
+def _key(ex: Example) -> tuple:
     # Classification: the prompt alone identifies an example. Generation: prompt and target (an LM file
-    # has prompt "" everywhere, and one prompt may legitimately have several completions).
+    # has prompt "" everywhere, and one prompt may legitimately have several completions). Chat: the
+    # whole conversation.
+    if ex.messages is not None:
+        return (ex.messages,)
     return (ex.prompt, None) if ex.choices else (ex.prompt, ex.target)
 
 

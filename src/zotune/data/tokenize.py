@@ -34,6 +34,8 @@ class Batch:
 
     @property
     def kind(self) -> str:
+        if self.input_ids.dim() == 3:  # [b, C, T]: one row per choice (data/choice.py)
+            return "choice"
         return "classification" if self.choice_ids is not None else "generation"
 
     def __len__(self) -> int:
@@ -144,7 +146,10 @@ def _encode_generation(examples: Sequence[Example], tokenizer, T: int, L: int) -
     prompts = tokenizer([ex.prompt for ex in examples], add_special_tokens=False)["input_ids"]
     targets = tokenizer([ex.target for ex in examples], add_special_tokens=False)["input_ids"]
     rows, n_target, n_context = [], [], []
-    for ids, tgt in zip(prompts, targets):
+    for i, (ex, ids, tgt) in enumerate(zip(examples, prompts, targets)):
+        if ex.origin is not None and len(tgt) + len(eos) > L:  # a user's record: never cut silently
+            raise DataError(f"example {i}: completion is {len(tgt)} tokens{' + end-of-text' if eos else ''}, "
+                            f"more than data.max_target_length={L}", field="completion", **ex.where())
         completion = (tgt + eos)[:L]  # completion keeps its beginning; the prompt loses its beginning
         context = _context(prefix, ids, T - len(completion))
         rows.append(context + completion)
@@ -161,8 +166,9 @@ def _encode_generation(examples: Sequence[Example], tokenizer, T: int, L: int) -
     return Batch(input_ids, attention_mask, position_ids, target_ids=target_ids, target_mask=target_mask)
 
 
-def encode(examples: Sequence[Example], tokenizer, max_length: int, max_target_length: int, kind: str) -> Batch:
-    """Tokenize examples into one Batch of shape [len(examples), max_length]."""
+def encode(examples: Sequence[Example], tokenizer, max_length: int, max_target_length: int, kind: str,
+           length_normalize: bool = False) -> Batch:
+    """Tokenize examples into one Batch of shape [len(examples), max_length] ([.., C, ..] for choice)."""
     if kind not in KINDS:
         raise DataError(f"unknown kind {kind!r} (expected one of {list(KINDS)})", field="kind")
     if not examples:
@@ -171,4 +177,12 @@ def encode(examples: Sequence[Example], tokenizer, max_length: int, max_target_l
         raise DataError(f"max_length must be positive, got {max_length}", field="data.max_length")
     if kind == "classification":
         return _encode_classification(examples, tokenizer, max_length)
+    if kind == "choice":
+        from zotune.data.choice import encode_choice
+
+        return encode_choice(examples, tokenizer, max_length, max_target_length, length_normalize)
+    if kind == "chat":
+        from zotune.data.chat import encode_chat
+
+        return encode_chat(examples, tokenizer, max_length, max_target_length)
     return _encode_generation(examples, tokenizer, max_length, max_target_length)

@@ -57,8 +57,8 @@ class EagerEngine:
 
     def _trim(self, batch):
         batch = loss_inputs(batch, self.kind)
-        # Generation reads the last L+1 positions, whatever the padding.
-        keep = 1 if self.kind == "classification" else batch.target_ids.shape[1] + 1
+        # Generation and choice read the last L+1 positions, whatever the padding.
+        keep = 1 if self.kind == "classification" else batch.target_ids.shape[-1] + 1
         return trim_left_padding(batch, keep)
 
     def step(self, batch, seed: int, lr: float, eps: float):
@@ -67,10 +67,13 @@ class EagerEngine:
 
     @torch.no_grad()
     def scores(self, batch) -> tuple[torch.Tensor, ...]:
-        """Classification: choice logits [B, C]. Generation: (nll sum [B], token count [B])."""
+        """Classification: choice logits [B, C]. Choice: choice scores [B, C]. Generation and
+        chat: (nll sum [B], token count [B])."""
         batch = self._trim(batch)
         if self.kind == "classification":
             return (self.loss.logits(self.model, *batch[:4]),)
+        if self.kind == "choice":
+            return (self.loss.scores(self.model, *batch[:5]),)
         return self.loss.rows(self.model, *batch)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:

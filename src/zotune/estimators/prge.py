@@ -122,33 +122,51 @@ class PRGEStep(nn.Module):
     @torch.no_grad()
     def forward(self, seed: torch.Tensor, lr: torch.Tensor, eps: torch.Tensor,
                 *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        layout, args = self.adapter.layout, (self.model, self.adapter, self.loss)
-        tensors = self.adapter.tensors()  # read now: under tracing they are the traced buffers
-        flat = self.fused_noise  # the exported form
-        if flat:
+        z = self.draw_noise(seed)
+        losses = self.losses(z, eps, *batch)  # [2q]
+        g = projected_gradient(losses[: self.q], losses[self.q:], eps)  # [q]
+        self.update(z, g, lr)
+        return losses.mean(), g
+
+    # The three parts of a step, also called one by one where g is accumulated over micro-batches
+    # (zotune.api): the same z for every micro-batch, one update at the end. Each reads the
+    # trained tensors when called: under tracing they are the traced buffers.
+
+    def draw_noise(self, seed: torch.Tensor):
+        """The step's z: (theta [N], z [q, N]) in the flat form, else {tensor name: z [q, *shape]}."""
+        layout, tensors = self.adapter.layout, self.adapter.tensors()
+        if self.fused_noise:  # the exported form
             theta = layout.gather(tensors)  # [N]
             z = noise(seed, 0, self.q * layout.numel, self.noise, theta.dtype, theta.device)
-            z = z.reshape(self.q, -1)  # [q, N]
+            return theta, z.reshape(self.q, -1)  # [q, N]
+        # One draw over [0, q*N), viewed per tensor: the same bits as per-tensor draws, hashed on
+        # every thread.
+        return dict(zip(layout.names, draw(seed, layout, tensors[0], self.q, self.noise, fused=True)))
+
+    @torch.no_grad()
+    def losses(self, z, eps, *batch: torch.Tensor) -> torch.Tensor:
+        """Losses of the 2q replicas, sign-major [+z_1..+z_q, -z_1..-z_q]. -> [2q]"""
+        args = (self.model, self.adapter, self.loss)
+        if self.fused_noise:
+            theta, flat_z = z
 
             def losses_for(signs):
-                return flat_replica_losses(*args, theta, z, eps, signs, batch)
+                return flat_replica_losses(*args, theta, flat_z, eps, signs, batch)
         else:
-            # One draw over [0, q*N), viewed per tensor: the same bits as per-tensor draws,
-            # hashed on every thread.
-            zs = dict(zip(layout.names, draw(seed, layout, tensors[0], self.q, self.noise,
-                                             fused=True)))
-
             def losses_for(signs):
-                return replica_losses(*args, zs.__getitem__, self.q, eps, signs, batch)
+                return replica_losses(*args, z.__getitem__, self.q, eps, signs, batch)
         if self.dual:
-            losses = losses_for((1, -1))  # [2q]
-        else:
-            losses = torch.cat([losses_for((1,)), losses_for((-1,))])  # [2q]
-        g = projected_gradient(losses[: self.q], losses[self.q:], eps)  # [q]
-        if flat:
-            new = flat_update(theta, z, g, lr, self.momentum, getattr(self.model, VELOCITY, None))
+            return losses_for((1, -1))  # [2q]
+        return torch.cat([losses_for((1,)), losses_for((-1,))])  # [2q]
+
+    @torch.no_grad()
+    def update(self, z, g: torch.Tensor, lr) -> None:
+        """ZO-SGD (with momentum) along (1/q) sum_i g_i z_i, in place."""
+        layout, tensors = self.adapter.layout, self.adapter.tensors()
+        if self.fused_noise:
+            theta, flat_z = z
+            new = flat_update(theta, flat_z, g, lr, self.momentum, getattr(self.model, VELOCITY, None))
             layout.scatter(new, tensors)
         else:
-            apply_update(tensors, (estimate(zs[name], g) for name in layout.names), lr,
+            apply_update(tensors, (estimate(z[name], g) for name in layout.names), lr,
                          self.momentum, self.velocity)
-        return losses.mean(), g

@@ -42,7 +42,9 @@ def export(cfg: Config, out: str, engine: str = "executorch", quantize: str | No
                           "(optim.estimator prge, adapter.kind lora-fa or lora)")
     model, _, splits = prepare(cfg)
     if splits.kind != "classification":
-        raise ZotuneError("export: only classification tasks can be exported so far")
+        raise ZotuneError(f"export: this is a {splits.kind} task; the exported step computes the "
+                          "one-token classification loss only. Multiple choice with multi-token answers, "
+                          "generation and chat train with `zotune train` (eager PyTorch)")
     adapter = build_params(model, cfg)
     header = replay_header(cfg, adapter)
     frozen = {k: v for k, v in adapter.state().items() if k.endswith("lora_A")}

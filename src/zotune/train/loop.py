@@ -36,6 +36,7 @@ class Splits:
     train: object
     dev: object
     test: object
+    examples: dict | None = None  # split name -> its Examples (generation is judged on their text)
 
 
 def batch_indices(n: int, b: int, step: int, seed: int) -> torch.Tensor:
@@ -53,8 +54,11 @@ def peak_rss_mb() -> float:
 
 
 def _score(result: dict) -> float:
-    """Higher is better: accuracy for classification, minus loss for generation."""
-    return result["accuracy"] if "accuracy" in result else -result["loss"]
+    """Higher is better: accuracy for classification, the generation score when generation is
+    judged (eval_generate.PRIMARY), else minus the loss."""
+    if "accuracy" in result:
+        return result["accuracy"]
+    return result["score"] if "score" in result else -result["loss"]
 
 
 def _public(result: dict) -> dict:
@@ -99,8 +103,9 @@ class _Clock:
 
 class Trainer:
     def __init__(self, cfg: Config, engine: Engine, splits: Splits, run_dir: Path, save_adapter,
-                 replay_header: dict | None = None):
+                 replay_header: dict | None = None, judge=None):
         self.cfg, self.engine, self.splits = cfg, engine, splits
+        self.judge = judge  # split name -> generation metrics (eval_generate), or None
         self.run_dir = Path(run_dir)
         self.save_adapter = save_adapter  # (state, folder) -> None
         self.replay_header = replay_header
@@ -116,6 +121,8 @@ class Trainer:
         t = self.cfg.train
         batch = getattr(self.splits, split)
         result = evaluate(self.engine, batch, self.splits.kind, t.eval_batch_size)
+        if self.judge is not None:
+            result.update(self.judge(split))
         self.metrics.write({"type": kind, "split": split, "done": done, **_public(result)})
         return result
 

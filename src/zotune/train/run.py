@@ -11,10 +11,12 @@ from zotune.adapters.full import FullParams
 from zotune.adapters.peft_io import load_peft, save_peft, save_peft_described
 from zotune.config import Config
 from zotune.data import load_task
+from zotune.data.choice import resolve_kind
 from zotune.data.tokenize import encode
 from zotune.engines.eager import EagerEngine
 from zotune.errors import ZotuneError
 from zotune.eval import evaluate
+from zotune.eval_generate import judge_generation, judgeable
 from zotune.models import load_model
 from zotune.replay import header_layout, read_replay_log, replay_lora, replay_steps
 from zotune.train.loop import Splits, Trainer
@@ -36,11 +38,14 @@ def encode_splits(cfg: Config, tokenizer) -> Splits:
     """The task's three splits, tokenised to the config's static shapes."""
     task = load_task(cfg.data)
     d = cfg.data
+    # Multiple choice whose choices are not all single tokens is scored as token sequences.
+    kind = resolve_kind(task.kind, task.train + task.dev + task.test, tokenizer)
 
     def tok(examples):
-        return encode(examples, tokenizer, d.max_length, d.max_target_length, task.kind)
+        return encode(examples, tokenizer, d.max_length, d.max_target_length, kind, d.length_normalize)
 
-    return Splits(task.kind, tok(task.train), tok(task.dev), tok(task.test))
+    return Splits(kind, tok(task.train), tok(task.dev), tok(task.test),
+                  examples={"train": task.train, "dev": task.dev, "test": task.test})
 
 
 def adapter_saver(cfg: Config, engine):
@@ -67,16 +72,30 @@ def replay_header(cfg: Config, params) -> dict:
     return header
 
 
+def generation_judge(cfg: Config, model, tokenizer, splits: Splits):
+    """split name -> generation metrics, for generation and chat tasks whose examples have prompts;
+    None otherwise (scored by loss only)."""
+    if splits.kind not in ("generation", "chat") or not judgeable(splits.examples["dev"]):
+        return None
+    d, t = cfg.data, cfg.train
+
+    def judge(split: str) -> dict:
+        return judge_generation(model, tokenizer, splits.examples[split], splits.kind, d.max_length,
+                                d.max_target_length, t.eval_batch_size, t.progress)
+    return judge
+
+
 def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> dict | None:
-    model, _, splits = prepare(cfg)
+    model, tokenizer, splits = prepare(cfg)
     engine = EagerEngine(model, cfg, splits.kind)
     trainer = Trainer(cfg, engine, splits, Path(cfg.train.out_dir), adapter_saver(cfg, engine),
-                      replay_header(cfg, engine.params))
+                      replay_header(cfg, engine.params),
+                      judge=generation_judge(cfg, model, tokenizer, splits))
     return trainer.run(resume=resume, stop_after=stop_after)
 
 
 def evaluate_adapter(cfg: Config, adapter_dir: str | None, split: str = "test") -> dict:
-    model, _, splits = prepare(cfg)
+    model, tokenizer, splits = prepare(cfg)
     engine = EagerEngine(model, cfg, splits.kind)
     if adapter_dir:
         config, state = load_peft(adapter_dir)
@@ -89,6 +108,9 @@ def evaluate_adapter(cfg: Config, adapter_dir: str | None, split: str = "test") 
                               f"(was it trained with other adapter.targets?)")
         engine.params.load_state(state)
     result = evaluate(engine, getattr(splits, split), splits.kind, cfg.train.eval_batch_size)
+    judge = generation_judge(cfg, model, tokenizer, splits)
+    if judge is not None:
+        result.update(judge(split))
     return {k: v for k, v in result.items() if k != "logits"}
 
 
