@@ -32,7 +32,6 @@ import copy
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,12 +43,12 @@ from zotune.engines.et_lowering import (
     KeepStatePartitioner, attention_impl, cheap_provenance, portable_ops, quantize_8da4w,
 )
 from zotune.engines.export_common import (
-    FORMAT_VERSION, EngineError, ExportCheckError, ProgramFileError, check_batch, flat_trained,
-    layout, load_flat, sidecar_path, trained_to_buffers, write_atomic,
+    EXACT, FORMAT_VERSION, FP32, EngineError, ExportCheckError, ExportReport, ProgramFileError,
+    check_batch, check_values, flat_trained, gate, layout, load_flat, parity_metrics,
+    sha256_bytes, sidecar_path, trained_to_buffers, write_atomic,
 )
 from zotune.engines.pte import ENGINE, METHODS, ExecuTorchEngine, PteProgram
-from zotune.estimators.prge import VELOCITY, PRGEStep, flat_update
-from zotune.rng import noise as rng_noise
+from zotune.estimators.prge import VELOCITY, PRGEStep
 
 QUANTIZE = (None, "8da4w")
 # Parity after one step, max abs differences (the metrics: _parity_check). An fp32 program must
@@ -60,10 +59,9 @@ QUANTIZE = (None, "8da4w")
 # and 2.0e-2 in the loss). The loss differences behind g are of that size too, so g and theta
 # after a step cannot be compared with eager's; what is checked exactly instead is that the
 # program applies the update its own g implies ("update", "momentum").
-_EXACT = {"set_get": 1e-5, "update": 1e-5, "momentum": 1e-5}
 TOLERANCE = {
-    None: {**_EXACT, "forward": 1e-5, "loss": 1e-5, "loss_diff": 1e-5, "theta": 1e-5},
-    "8da4w": {**_EXACT, "forward": 5e-2, "loss": 5e-2},
+    None: FP32,
+    "8da4w": {**EXACT, "forward": 5e-2, "loss": 5e-2},
 }
 
 
@@ -132,26 +130,6 @@ class _SetMomentum(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-
-@dataclass
-class ExportReport:
-    path: str
-    sidecar: str
-    size: int
-    sha256: str
-    seconds: dict = field(default_factory=dict)  # export / lower / emit / check / total
-    check: dict = field(default_factory=dict)  # max abs differences against eager
-    tolerance: dict = field(default_factory=dict)  # metric -> max allowed (gated metrics only)
-    portable_ops: dict = field(default_factory=dict)  # non-delegated ops per method
-    meta: dict = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
-
 
 def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int, n_choices: int,
                    dual: bool = True, noise: str = "normal", quantize: str | None = None,
@@ -282,10 +260,7 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
 
         # Parity: the lowered program against eager PyTorch, from the same (nonzero) theta.
         t0 = time.perf_counter()
-        theta_c = (torch.randn(theta0.shape, generator=torch.Generator().manual_seed(check_seed))
-                   * 0.02).to(dtype)
-        velocity_c = (torch.randn(theta0.shape, generator=torch.Generator().manual_seed(
-            check_seed + 1)) * 0.1).to(dtype) if momentum else None
+        theta_c, velocity_c = check_values(theta0, momentum, check_seed)
         check = _parity_check(data, step, adapter, loss, model, theta_c, velocity_c, seed_t,
                               lr_t, eps_t, batch, eval_in)
         seconds["check"] = time.perf_counter() - t0
@@ -294,12 +269,7 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         model._buffers.pop(VELOCITY, None)
         model.train(was_training)
     say(f"parity vs eager: {check}")
-    bad = {k: v for k, v in check.items() if k in tol and not (v <= tol[k])}  # NaN is bad
-    if bad:
-        raise ExportCheckError(
-            "the lowered ExecuTorch program differs from eager PyTorch beyond tolerance: "
-            + ", ".join(f"{k} {v:.3g} > {tol[k]:g}" for k, v in bad.items())
-            + f"; nothing was written to {out_path}")
+    gate(check, tol, "lowered ExecuTorch program", out_path)
 
     meta = {
         "format": FORMAT_VERSION, "engine": ENGINE, "methods": methods,
@@ -314,18 +284,13 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         "init": "zeros" if not theta0.any() else "given",
         "zotune": zotune.__version__, "torch": torch.__version__, "executorch": _et_version(),
         "check": check, "tolerance": tol,
-        "size": len(data), "sha256": _sha256_bytes(data),
+        "size": len(data), "sha256": sha256_bytes(data),
     }
     write_atomic(out_path, data)
     write_atomic(sidecar_path(out_path), json.dumps(meta, indent=1))
     seconds["total"] = time.perf_counter() - t_start
     return ExportReport(str(out_path), str(sidecar_path(out_path)), len(data), meta["sha256"],
                         seconds, check, tol, portable, meta)
-
-
-def _sha256_bytes(data: bytes) -> str:
-    import hashlib
-    return hashlib.sha256(data).hexdigest()
 
 
 def _et_version() -> str:
@@ -346,38 +311,14 @@ def _parity_check(data: bytes, step, adapter, loss, model, theta, velocity, seed
     methods["set_lora"].execute([theta.clone()])
     if velocity is not None:
         methods["set_momentum"].execute([velocity.clone()])
-        getattr(model, VELOCITY).copy_(velocity)
-    got = methods["get_lora"].execute([])[0]
-    logits_pte = methods["forward"].execute(list(eval_in))[0]
-    loss_pte, g_pte = methods["train_step"].execute([seed_t, lr_t, eps_t, *batch])
-    theta_pte = methods["get_lora"].execute([])[0]
-
-    load_flat(adapter, theta)
-    logits_eager = loss.logits(model, *eval_in)
-    loss_eager, g_eager = step(seed_t, lr_t, eps_t, *batch)
-    theta_eager = flat_trained(adapter)
-
-    # The update the program's own g implies, computed in eager from the same z (the RNG is
-    # bit-exact): checks the noise, the update and the momentum buffer whatever g came out.
-    z = rng_noise(seed_t, 0, step.q * theta.numel(), step.noise, theta.dtype)
-    z = z.reshape(step.q, -1)  # [q, N]
-    v_expected = None if velocity is None else velocity.clone()
-    theta_expected = flat_update(theta, z, g_pte, lr_t, step.momentum, v_expected)
-    momentum = {}
+    got = {"get": methods["get_lora"].execute([])[0],
+           "logits": methods["forward"].execute(list(eval_in))[0]}
+    got["loss"], got["g"] = methods["train_step"].execute([seed_t, lr_t, eps_t, *batch])
+    got["theta"] = methods["get_lora"].execute([])[0]
     if velocity is not None:
-        momentum["momentum"] = _max_diff(methods["get_momentum"].execute([])[0], v_expected)
-    return {
-        "set_get": _max_diff(got, theta),
-        # Logits are compared relative to their scale (real LMs give logits of 10-30).
-        "forward": _max_diff(logits_pte, logits_eager)
-        / max(1.0, float(logits_eager.abs().max())),
-        "loss": _max_diff(loss_pte, loss_eager),
-        # g = (l+ - l-) / (2 eps): compare the loss differences it comes from.
-        "loss_diff": _max_diff(g_pte * 2 * eps_t, g_eager * 2 * eps_t),
-        "theta": _max_diff(theta_pte, theta_eager),
-        "update": _max_diff(theta_pte, theta_expected),
-        **momentum,
-    }
+        got["velocity"] = methods["get_momentum"].execute([])[0]
+    return parity_metrics(got, step, adapter, loss, model, theta, velocity, seed_t, lr_t, eps_t,
+                          batch, eval_in)
 
 
 __all__ = ["export_program", "ExportReport", "PteProgram", "ExecuTorchEngine", "ENGINE",

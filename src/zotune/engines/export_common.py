@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -226,3 +227,114 @@ def check_layout(path, meta: dict, adapter) -> None:
         detail = f" (differing tensors: {sorted(names)[:4]})" if names else " (shapes or offsets)"
         raise ProgramFileError(f"{path}: adapter layout differs from this adapter{detail}; "
                                "re-export it")
+
+
+# ---------------------------------------------------------------------------------------------
+# What every exporter reports and checks before it writes a program.
+
+@dataclass
+class ExportReport:
+    path: str
+    sidecar: str
+    size: int
+    sha256: str
+    seconds: dict = field(default_factory=dict)  # export / lower / emit / check / total
+    check: dict = field(default_factory=dict)  # max abs differences against eager
+    tolerance: dict = field(default_factory=dict)  # metric -> max allowed (gated metrics only)
+    portable_ops: dict = field(default_factory=dict)  # non-delegated ops per method (ExecuTorch)
+    meta: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# Metrics every program is held to exactly (1e-5), whatever its arithmetic: set/get of theta,
+# and the update (and momentum buffer) the program's own g implies.
+EXACT = {"set_get": 1e-5, "update": 1e-5, "momentum": 1e-5}
+# An fp32 program matches eager everywhere.
+FP32 = {**EXACT, "forward": 1e-5, "loss": 1e-5, "loss_diff": 1e-5, "theta": 1e-5}
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_values(theta: torch.Tensor, momentum: float, seed: int) -> tuple:
+    """A nonzero theta [N] (and momentum buffer) for the parity check: at zero the LoRA-FA
+    forward would not depend on theta at all."""
+    dtype = theta.dtype
+    theta_c = (torch.randn(theta.shape, generator=torch.Generator().manual_seed(seed))
+               * 0.02).to(dtype)
+    velocity_c = (torch.randn(theta.shape, generator=torch.Generator().manual_seed(seed + 1))
+                  * 0.1).to(dtype) if momentum else None
+    return theta_c, velocity_c
+
+
+@torch.no_grad()
+def parity_metrics(program: dict, step, adapter, loss, model, theta, velocity, seed_t, lr_t,
+                   eps_t, batch, eval_in) -> dict:
+    """Max abs differences between what a program computed from (theta, velocity) and eager
+    PyTorch from the same state. program: {"get": theta read back after setting it, "logits":
+    forward on eval_in, "loss", "g": one train step on batch, "theta" and (with momentum)
+    "velocity": the state after it}. `step` is the eager PRGEStep (fused noise); the model's
+    VELOCITY buffer is set to `velocity` here."""
+    from zotune.estimators.prge import VELOCITY, flat_update
+    from zotune.rng import noise as rng_noise
+
+    load_flat(adapter, theta)
+    if velocity is not None:
+        getattr(model, VELOCITY).copy_(velocity)
+    logits_eager = loss.logits(model, *eval_in)
+    loss_eager, g_eager = step(seed_t, lr_t, eps_t, *batch)
+    theta_eager = flat_trained(adapter)
+
+    # The update the program's own g implies, computed in eager from the same z (the RNG is
+    # bit-exact): checks the noise, the update and the momentum buffer whatever g came out.
+    g_p = torch.as_tensor(program["g"])
+    z = rng_noise(seed_t, 0, step.q * theta.numel(), step.noise, theta.dtype)
+    z = z.reshape(step.q, -1)  # [q, N]
+    v_expected = None if velocity is None else velocity.clone()
+    theta_expected = flat_update(theta, z, g_p, lr_t, step.momentum, v_expected)
+    extra = {}
+    if velocity is not None:
+        extra["momentum"] = max_diff(program["velocity"], v_expected)
+    logits_p = torch.as_tensor(program["logits"])
+    return {
+        "set_get": max_diff(program["get"], theta),
+        # Logits are compared relative to their scale (real LMs give logits of 10-30).
+        "forward": max_diff(logits_p, logits_eager) / max(1.0, float(logits_eager.abs().max())),
+        "loss": max_diff(torch.as_tensor(program["loss"]).reshape(()), loss_eager),
+        # g = (l+ - l-) / (2 eps): compare the loss differences it comes from.
+        "loss_diff": max_diff(g_p * 2 * eps_t, g_eager * 2 * eps_t),
+        "theta": max_diff(program["theta"], theta_eager),
+        "update": max_diff(program["theta"], theta_expected),
+        **extra,
+    }
+
+
+def gate(check: dict, tol: dict, what: str, out_path) -> None:
+    """Raise ExportCheckError naming every metric above its tolerance (NaN counts as above)."""
+    bad = {k: v for k, v in check.items() if k in tol and not (v <= tol[k])}
+    if bad:
+        raise ExportCheckError(
+            f"the {what} differs from eager PyTorch beyond tolerance: "
+            + ", ".join(f"{k} {v:.3g} > {tol[k]:g}" for k, v in bad.items())
+            + f"; nothing was written to {out_path}")
+
+
+def read_engine(path: str | Path) -> str:
+    """The engine named in a program's metadata (for picking the runtime that opens it)."""
+    side = sidecar_path(path)
+    try:
+        engine = json.loads(side.read_text()).get("engine")
+    except (OSError, ValueError, AttributeError):
+        engine = None
+    if engine:
+        return str(engine)
+    suffix = Path(path).suffix
+    return {".pte": "executorch", ".onnx": "onnx"}.get(suffix, "executorch")
