@@ -43,9 +43,9 @@ from zotune.engines.et_lowering import (
     KeepStatePartitioner, attention_impl, cheap_provenance, portable_ops, quantize_8da4w,
 )
 from zotune.engines.export_common import (
-    EXACT, FORMAT_VERSION, FP32, EngineError, ExportCheckError, ExportReport, ProgramFileError,
-    check_batch, check_values, flat_trained, gate, layout, load_flat, parity_metrics,
-    sha256_bytes, sidecar_path, trained_to_buffers, write_atomic,
+    EXACT, FORMAT_VERSION, FP32, ChoiceForward, EngineError, ExportCheckError, ExportReport,
+    ProgramFileError, check_batch, check_options, check_values, flat_trained, gate, layout,
+    load_flat, parity_metrics, sha256_bytes, sidecar_path, trained_to_buffers, write_atomic,
 )
 from zotune.engines.pte import ENGINE, METHODS, ExecuTorchEngine, PteProgram
 from zotune.estimators.prge import VELOCITY, PRGEStep
@@ -70,24 +70,7 @@ TOLERANCE = {
 # model under the same attribute name ("model"), so a trained buffer has the same fully qualified
 # name in every method: that is what share_mutable_buffers keys on.
 
-class _Forward(nn.Module):
-    """Choice logits with the current theta. The adapted layers run in replica mode with a single
-    replica, so theta enters only through bmm (never as a linear weight a backend could pack)."""
-
-    def __init__(self, model, adapter, loss):
-        super().__init__()
-        self.model, self.adapter, self.loss = model, adapter, loss
-
-    def forward(self, input_ids, attention_mask, position_ids, choice_ids):
-        stacks = {}
-        for name, layer in self.adapter.layers.items():
-            a = layer.lora_A.unsqueeze(0) if self.adapter.train_a else None
-            stacks[name] = (a, layer.lora_B.unsqueeze(0))
-        self.adapter.set_replicas(stacks)
-        try:
-            return self.loss.logits(self.model, input_ids, attention_mask, position_ids, choice_ids)
-        finally:
-            self.adapter.set_replicas(None)
+_Forward = ChoiceForward
 
 
 class _GetLora(nn.Module):
@@ -153,19 +136,7 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
     say = log or (lambda msg: None)
     if quantize not in QUANTIZE:
         raise EngineError(f"quantize: expected one of {QUANTIZE}, got {quantize!r}")
-    if noise not in ("normal", "rademacher"):
-        raise EngineError(f"noise: expected 'normal' or 'rademacher', got {noise!r}")
-    if not hasattr(adapter, "layers"):
-        raise EngineError("the ExecuTorch engine exports LoRA / LoRA-FA adapters only "
-                          "(full-parameter training has no compact trained state)")
-    if getattr(loss, "kind", None) != "classification" or getattr(loss, "via_head_module", False):
-        raise EngineError("the ExecuTorch engine exports the classification loss "
-                          "(label-word logits at the last position)")
-    if not 0.0 <= momentum < 1.0:
-        raise EngineError(f"momentum: expected a value in [0, 1), got {momentum!r}")
-    for name, v in (("q", q), ("b", b), ("seq_len", seq_len), ("n_choices", n_choices)):
-        if int(v) < 1 or (name == "n_choices" and v < 2):
-            raise EngineError(f"{name} must be a positive integer (n_choices >= 2), got {v}")
+    check_options(adapter, loss, q, b, seq_len, n_choices, noise, momentum, "ExecuTorch")
     eval_batch = eval_batch or b
     tol = (TOLERANCE[quantize] if tolerance is None
            else {k: float(tolerance) for k in TOLERANCE[quantize]})

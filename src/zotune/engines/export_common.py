@@ -82,6 +82,44 @@ def trained_to_buffers(adapter) -> list[str]:
     return names
 
 
+class ChoiceForward(nn.Module):
+    """Choice logits with the current theta (the evaluation program). The adapted layers run in
+    replica mode with a single replica, so theta enters only through bmm (never as a linear
+    weight a backend could pack or quantize)."""
+
+    def __init__(self, model, adapter, loss):
+        super().__init__()
+        self.model, self.adapter, self.loss = model, adapter, loss
+
+    def forward(self, input_ids, attention_mask, position_ids, choice_ids):
+        stacks = {}
+        for name, layer in self.adapter.layers.items():
+            a = layer.lora_A.unsqueeze(0) if self.adapter.train_a else None
+            stacks[name] = (a, layer.lora_B.unsqueeze(0))
+        self.adapter.set_replicas(stacks)
+        try:
+            return self.loss.logits(self.model, input_ids, attention_mask, position_ids, choice_ids)
+        finally:
+            self.adapter.set_replicas(None)
+
+
+def check_options(adapter, loss, q, b, seq_len, n_choices, noise, momentum, what: str) -> None:
+    """What every exporter of the step supports, checked before any tracing."""
+    if noise not in ("normal", "rademacher"):
+        raise EngineError(f"noise: expected 'normal' or 'rademacher', got {noise!r}")
+    if not hasattr(adapter, "layers"):
+        raise EngineError(f"the {what} engine exports LoRA / LoRA-FA adapters only "
+                          "(full-parameter training has no compact trained state)")
+    if getattr(loss, "kind", None) != "classification" or getattr(loss, "via_head_module", False):
+        raise EngineError(f"the {what} engine exports the classification loss "
+                          "(label-word logits at the last position)")
+    if not 0.0 <= momentum < 1.0:
+        raise EngineError(f"momentum: expected a value in [0, 1), got {momentum!r}")
+    for name, v in (("q", q), ("b", b), ("seq_len", seq_len), ("n_choices", n_choices)):
+        if int(v) < 1 or (name == "n_choices" and v < 2):
+            raise EngineError(f"{name} must be a positive integer (n_choices >= 2), got {v}")
+
+
 def layout(adapter) -> dict:
     """The adapter layout an exported program was built for (JSON-ready)."""
     return {

@@ -1,5 +1,5 @@
-"""`zotune export` and `zotune device-train`: the training step as an ExecuTorch program, and the
-driver that trains with the ExecuTorch runtime alone executing it.
+"""`zotune export` and `zotune device-train`: the training step as an exported program (ExecuTorch
+.pte or ONNX), and the one driver that trains with that engine's runtime alone executing it.
 
 The host only tokenises, batches, chooses seeds and the schedule, evaluates through the program's
 `forward` method and writes files: it never loads the model weights. Beside the .pte the exporter
@@ -31,11 +31,19 @@ def frozen_path(pte: str | Path) -> Path:
     return Path(str(pte) + ".frozen.safetensors")
 
 
-def export(cfg: Config, out: str, engine: str = "executorch", quantize: str | None = None) -> dict:
-    from zotune.engines.executorch import export_program
+ENGINES = ("executorch", "onnx")
 
-    if engine != "executorch":
-        raise ZotuneError(f"--engine: expected executorch, got '{engine}'")
+
+def export(cfg: Config, out: str, engine: str = "executorch", quantize: str | None = None,
+           block_size: int | None = None) -> dict:
+    if engine not in ENGINES:
+        raise ZotuneError(f"--engine: expected one of {list(ENGINES)}, got '{engine}'")
+    if engine == "onnx":
+        from zotune.engines.onnx import export_program
+        options = {"block_size": block_size or 32, "threads": cfg.train.threads}
+    else:
+        from zotune.engines.executorch import export_program
+        options = {"group_size": block_size or 32}
     if cfg.optim.estimator != "prge" or cfg.adapter.kind == "full":
         raise ZotuneError("export: the exported step is P-RGE on a LoRA / LoRA-FA adapter "
                           "(optim.estimator prge, adapter.kind lora-fa or lora)")
@@ -49,48 +57,71 @@ def export(cfg: Config, out: str, engine: str = "executorch", quantize: str | No
         model, adapter, ClassificationLoss(), cfg.optim.q, cfg.optim.batch_size,
         cfg.data.max_length, splits.train.choice_ids.shape[1], cfg.optim.dual, cfg.optim.noise,
         quantize, out, eval_batch=cfg.train.eval_batch_size, model_name=cfg.model.name,
-        momentum=cfg.optim.momentum, log=lambda msg: print(msg, flush=True))
+        momentum=cfg.optim.momentum, log=lambda msg: print(msg, flush=True), **options)
     tmp = frozen_path(out).with_suffix(".tmp")
     save_file(frozen, tmp, metadata={"replay_header": json.dumps(header)})
     tmp.replace(frozen_path(out))
     return report.as_dict()
 
 
+def check_adapter(pte, header: dict, meta: dict, cfg: Config) -> None:
+    """The adapter the program was exported with against the config's (kind, rank, alpha,
+    targets)."""
+    a, layout = cfg.adapter, header.get("layout", {})
+    have = {"adapter.kind": header.get("adapter_kind"), "adapter.rank": layout.get("rank"),
+            "adapter.alpha": layout.get("alpha"),
+            "adapter.targets": meta.get("layout", {}).get("targets")}
+    want = {"adapter.kind": a.kind, "adapter.rank": a.rank, "adapter.alpha": a.alpha,
+            "adapter.targets": list(a.targets)}
+    wrong = [f"{k}: program has {have[k]!r}, config has {v!r}" for k, v in want.items()
+             if have[k] != v]
+    if wrong:
+        raise ZotuneError(f"{pte}: exported for another adapter (" + "; ".join(wrong)
+                          + "); re-export it")
+
+
 def device_train(pte: str, cfg: Config, resume: bool = False,
                  stop_after: int | None = None) -> dict | None:
-    from zotune.engines.pte import ExecuTorchEngine, PteProgram, set_threads
-    from zotune.engines.export_common import read_sidecar
+    from zotune.engines.export_common import read_engine, read_sidecar
+    from zotune.engines.program import ProgramEngine, runtime
 
+    engine_name = read_engine(pte)  # the runtime is the one the program's metadata names
+    meta = read_sidecar(pte, engine_name)
     if not frozen_path(pte).is_file():
         raise ZotuneError(f"{frozen_path(pte)} is missing: it is written by `zotune export` "
                           "beside the program")
-    frozen = load_file(frozen_path(pte))
-    with open(frozen_path(pte), "rb") as f:  # metadata: the replay header of this program
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(json.loads(f.read(n))["__metadata__"]["replay_header"])
+    try:
+        frozen = load_file(frozen_path(pte))
+        with open(frozen_path(pte), "rb") as f:  # metadata: the replay header of this program
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(json.loads(f.read(n))["__metadata__"]["replay_header"])
+    except Exception as e:  # noqa: BLE001 - safetensors and json raise their own errors
+        raise ZotuneError(f"{frozen_path(pte)}: not a frozen-tensor file written by zotune "
+                          f"export ({type(e).__name__}); re-export the program") from None
     o = cfg.optim
     if o.estimator != "prge":
         raise ZotuneError("device-train runs the program's P-RGE step: optim.estimator must be "
                           f"prge, got '{o.estimator}'")
     # theta starts from the exported values: B = 0, and LoRA's trained A from its seeded init.
+    program_cls, set_threads = runtime(engine_name)
     if cfg.train.threads:
         set_threads(cfg.train.threads)
-    meta = read_sidecar(pte, "executorch")
+    check_adapter(pte, header, meta, cfg)
     start = {d["name"]: frozen.get(d["name"], torch.zeros(d["shape"]))
              for d in meta["layout"]["tensors"]}
-    program = PteProgram.load(pte, lora=start, q=o.q, b=o.batch_size,
-                              seq_len=cfg.data.max_length, noise=o.noise, dual=o.dual,
-                              momentum=float(o.momentum))
+    program = program_cls.load(pte, lora=start, q=o.q, b=o.batch_size,
+                               seq_len=cfg.data.max_length, noise=o.noise, dual=o.dual,
+                               momentum=float(o.momentum), model=cfg.model.name)
     splits = encode_splits(cfg, load_tokenizer(cfg.model.name))
     layout = header["layout"]
     layers = [name for name, _, _ in layout["layers"]]
 
     def save(state, folder):
         save_peft(folder, state, layers, layout["rank"], layout["alpha"], header["model"],
-                  layout["fan_in_fan_out"], extra={"engine": "executorch", "program": str(pte)})
+                  layout["fan_in_fan_out"], extra={"engine": engine_name, "program": str(pte)})
 
-    header = {**header, "engine": "executorch", "program": str(pte)}
-    engine = ExecuTorchEngine(program, frozen)
+    header = {**header, "engine": engine_name, "program": str(pte)}
+    engine = ProgramEngine(program, frozen)
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "program.json", json.dumps(program.meta, indent=1))
