@@ -122,14 +122,29 @@ class StatelessForward(nn.Module):
 
 
 def _to_onnx(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str]):
-    """torch.onnx.export (dynamo) -> an optimized onnx.ModelProto."""
+    """torch.onnx.export (dynamo) -> onnx.ModelProto with constants folded.
+
+    Only constant folding runs, not the exporter's full optimizer: its pattern rewriter cost
+    about half of the export time of a tiny model and grows with the graph, and ONNX Runtime
+    applies its own graph optimizations when it loads the program. Folding turns the transposed
+    weights into initializers (what a MatMul, and the int4 quantizer, read)."""
+    import logging
     import warnings
 
+    import onnx_ir.passes.common as common
+    from onnxscript import optimizer
+
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET,
                                     input_names=inputs, output_names=outputs, verbose=False,
-                                    report=False)
+                                    report=False, optimize=False)
+    model = program.model  # onnx_ir.Model
+    optimizer.fold_constants(model)
+    common.RemoveUnusedNodesPass()(model)
+    common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    common.RemoveUnusedNodesPass()(model)
     return program.model_proto
 
 
