@@ -49,14 +49,15 @@ class Exported:
 
 
 def _export(tmp_path_factory, tokenizer, family, q, b, dual, kind, targets, name, *,
-            train_a=False, momentum=0.0, quantize=None):
+            train_a=False, momentum=0.0, quantize=None, dynamic_length=True):
     model = make_tiny_model(family, tokenizer, seed=0)
     adapter = LoRAAdapter(model, rank=4, alpha=8, targets=targets, train_a=train_a)
     loss = ClassificationLoss()
     path = tmp_path_factory.mktemp(name) / f"{name}.onnx"
     report = export_program(model, adapter, loss, q=q, b=b, seq_len=T, n_choices=C, dual=dual,
                             noise=kind, out_path=path, model_name=f"tiny-{family}",
-                            momentum=momentum, quantize=quantize, threads=1)
+                            momentum=momentum, quantize=quantize, threads=1,
+                            dynamic_length=dynamic_length)
     return Exported(path, model, adapter, loss, report, q, b, dual, kind, momentum)
 
 
@@ -70,9 +71,10 @@ def llama(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory, tokenizer):
     # The other branches: LoRA (A trained too), heavy-ball momentum, q=3, +eps and -eps in
-    # separate forwards, Rademacher noise, two targets.
+    # separate forwards, Rademacher noise, two targets, one static length.
     return _export(tmp_path_factory, tokenizer, "qwen2", 3, 2, False, "rademacher",
-                   ["q_proj", "v_proj"], "qwen", train_a=True, momentum=0.9)
+                   ["q_proj", "v_proj"], "qwen", train_a=True, momentum=0.9,
+                   dynamic_length=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +114,7 @@ def test_export_report_and_metadata(which, request):
     assert meta["n_choices"] == C and meta["numel"] == ex.adapter.numel
     assert meta["noise"] == ex.kind and meta["dual"] == ex.dual and meta["quantize"] is None
     assert meta["momentum"] == ex.momentum
+    assert meta["dynamic_length"] == (which == "llama")
     assert [d["name"] for d in meta["layout"]["tensors"]] == [t.name for t in ex.adapter.trained]
     assert meta["size"] == ex.path.stat().st_size
     fwd = meta["graphs"]["forward"]
@@ -214,6 +217,56 @@ def test_engine_surface_resume_and_dispatch(qwen, tokenizer):
         resumed.step(batches[i], 500 + i, 5e-2, 1e-2)
     a, b = resumed.state(), straight.state()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dynamic_length_runs_trimmed_batches_like_eager(llama, qwen, tokenizer):
+    """A program of symbolic length takes each batch without its all-padding columns (as the
+    eager engine does) and matches eager at every length; a static one takes only T."""
+    from zotune.loss import trim_left_padding
+
+    engine = ProgramEngine(OrtProgram.load(llama.path))
+    assert engine.program.dynamic_length
+    inputs = {i.name: i.shape for i in engine.program.pair.step.get_inputs()}
+    assert inputs["input_ids"] == [llama.b, "T"]
+    prompts = _short_batch(tokenizer, ["Review: fine\nSentiment:", "Review: bad\nSentiment:"])
+    trimmed = trim_left_padding(prompts, keep=2)
+    assert 2 <= trimmed[0].shape[1] < T
+    try:
+        for i, batch in enumerate((prompts, tuple(t[:, -3:] if t.dim() == 2 and t.shape[1] == T
+                                                   else t for t in prompts))):
+            load_flat(llama.adapter, engine.program.get_lora_flat())
+            loss_p, g_p = engine.step(batch, 60 + i, 5e-2, 1e-2)
+            loss_e, g_e = llama.step(torch.tensor([60 + i]), 5e-2, 1e-2,
+                                     *trim_left_padding(batch, keep=2))
+            assert abs(loss_p - float(loss_e)) <= TOL
+            assert float((g_p - g_e).abs().max()) * 2e-2 <= TOL
+            assert float((engine.program.get_lora_flat() - flat_trained(llama.adapter))
+                         .abs().max()) <= TOL
+        load_flat(llama.adapter, engine.program.get_lora_flat())
+        with torch.no_grad():
+            want = llama.loss.logits(llama.model, *prompts[:4])
+        (got,) = engine.scores(prompts)
+        assert float((got - want).abs().max()) <= TOL
+    finally:
+        load_flat(llama.adapter, torch.zeros(llama.adapter.numel))
+    longer = tuple(torch.cat([t, t[:, :1]], 1) if t.dim() == 2 and t.shape[1] == T else t
+                   for t in prompts)
+    with pytest.raises(EngineError, match="exported for"):
+        engine.program.train_step(1, 1e-3, 1e-2, longer)
+    static = OrtProgram.load(qwen.path, lora=qwen.start())
+    assert not static.dynamic_length
+    with pytest.raises(EngineError, match="exported for"):
+        static.train_step(1, 1e-3, 1e-2, trimmed)
+
+
+def _short_batch(tokenizer, texts):
+    """make_batch's layout for prompts much shorter than T (left padding on every row)."""
+    enc = tokenizer(texts, padding="max_length", max_length=T, return_tensors="pt")
+    ids, am = enc["input_ids"].long(), enc["attention_mask"].long()
+    pos = (am.cumsum(1) - 1).clamp_min(0)
+    words = [tokenizer.encode(w, add_special_tokens=False)[0] for w in (" positive", " negative")]
+    choice = torch.tensor([words] * len(texts), dtype=torch.int64)
+    return ids, am, pos, choice, torch.arange(len(texts), dtype=torch.int64) % 2
 
 
 def test_batch_of_wrong_shape_is_refused(llama, tokenizer):

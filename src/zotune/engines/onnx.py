@@ -121,7 +121,8 @@ class StatelessForward(nn.Module):
             return self.inner(input_ids, attention_mask, position_ids, choice_ids)
 
 
-def _to_onnx(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str]):
+def _to_onnx(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str],
+             dynamic_shapes=None):
     """torch.onnx.export (dynamo) -> onnx.ModelProto with constants folded.
 
     Only constant folding runs, not the exporter's full optimizer: its pattern rewriter cost
@@ -139,7 +140,7 @@ def _to_onnx(module: nn.Module, args: tuple, inputs: list[str], outputs: list[st
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET,
                                     input_names=inputs, output_names=outputs, verbose=False,
-                                    report=False, optimize=False)
+                                    report=False, optimize=False, dynamic_shapes=dynamic_shapes)
     model = program.model  # onnx_ir.Model
     optimizer.fold_constants(model)
     common.RemoveUnusedNodesPass()(model)
@@ -152,7 +153,8 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
                    dual: bool = True, noise: str = "normal", quantize: str | None = None,
                    out_path: str | Path = "step.onnx", *, eval_batch: int | None = None,
                    model_name: str | None = None, momentum: float = 0.0, block_size: int = 32,
-                   tolerance: float | None = None, threads: int | None = None,
+                   dynamic_length: bool = True, tolerance: float | None = None,
+                   threads: int | None = None,
                    check_seed: int = 12345, check_lr: float = 1e-3, check_eps: float = 1e-2,
                    log=None) -> ExportReport:
     """Export the P-RGE training step of (model, adapter, loss) to an ONNX step program and an
@@ -170,6 +172,7 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
     if quantize and block_size not in (16, 32, 64, 128, 256):
         raise EngineError(f"block size: expected 16, 32, 64, 128 or 256, got {block_size}")
     eval_batch = eval_batch or b
+    dynamic_length = bool(dynamic_length) and seq_len >= 2
     tol = (TOLERANCE[quantize] if tolerance is None
            else {k: float(tolerance) for k in TOLERANCE[quantize]})
     out_path = Path(out_path)
@@ -194,10 +197,17 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
     seconds, info = {}, {}
     try:
         t0 = time.perf_counter()
+        shapes = {"step": None, "forward": None}
+        if dynamic_length:  # one symbolic length T <= seq_len for the batch of both graphs
+            t_dim = {1: torch.export.Dim("T", min=2, max=int(seq_len))}
+            shapes = {"step": (None, (None,) * (len(state) - 1 + 3) + (t_dim,) * 3
+                               + (None, None)),
+                      "forward": (None, t_dim, t_dim, t_dim, None)}
         protos = {"step": _to_onnx(StatelessStep(step), (*state, seed_t, lr_t, eps_t, *batch),
-                                   inputs, outputs),
+                                   inputs, outputs, shapes["step"]),
                   "forward": _to_onnx(StatelessForward(ChoiceForward(model, adapter, loss)),
-                                      (theta0, *eval_in), EVAL_INPUTS, EVAL_OUTPUTS)}
+                                      (theta0, *eval_in), EVAL_INPUTS, EVAL_OUTPUTS,
+                                      shapes["forward"])}
         seconds["export"] = time.perf_counter() - t0
         say(f"torch.onnx.export (2 graphs): {seconds['export']:.1f} s")
         ref_model, ref_adapter, ref_step = model, adapter, step
@@ -229,10 +239,19 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         t0 = time.perf_counter()
         theta_c, velocity_c = check_values(theta0, momentum, check_seed)
         pair = OrtPair(data["step"], data["forward"], momentum > 0, threads)
-        got = pair.check_run(theta_c, velocity_c, seed_t, lr_t, eps_t, batch, eval_in)
+        cases = [(batch, eval_in)]
+        if dynamic_length:  # and at a shorter length, as device-train runs trimmed batches
+            short = max(2, seq_len // 2)
+            cases.append((check_batch(vocab, b, short, n_choices, seed=check_seed + 2),
+                          check_batch(vocab, eval_batch, short, n_choices,
+                                      seed=check_seed + 3)[:4]))
+        check = {}
+        for case_batch, case_eval in cases:
+            got = pair.check_run(theta_c, velocity_c, seed_t, lr_t, eps_t, case_batch, case_eval)
+            one = parity_metrics(got, ref_step, ref_adapter, loss, ref_model, theta_c,
+                                 velocity_c, seed_t, lr_t, eps_t, case_batch, case_eval)
+            check = {k: max(v, check.get(k, v)) for k, v in one.items()}
         del pair
-        check = parity_metrics(got, ref_step, ref_adapter, loss, ref_model, theta_c, velocity_c,
-                               seed_t, lr_t, eps_t, batch, eval_in)
         seconds["check"] = time.perf_counter() - t0
     finally:
         load_flat(adapter, theta0)  # the eager check moved theta: give the caller its own back
@@ -250,7 +269,8 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         "q": int(q), "b": int(b), "seq_len": int(seq_len), "n_choices": int(n_choices),
         "eval_batch": int(eval_batch), "numel": int(adapter.numel), "noise": noise,
         "dual": bool(dual), "momentum": float(momentum), "quantize": quantize,
-        "block_size": block_size if quantize else None, **info,
+        "block_size": block_size if quantize else None, "dynamic_length": dynamic_length,
+        **info,
         "opset": OPSET, "loss": loss.kind, "dtype": str(dtype).replace("torch.", ""),
         "model": (model_name or getattr(model.config, "_name_or_path", "")
                   or model.config.model_type),

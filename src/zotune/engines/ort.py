@@ -37,6 +37,7 @@ def session(source, threads: int | None = None):
     if threads:
         opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # errors only: load-time notes are not the user's business
     return ort.InferenceSession(source if isinstance(source, bytes) else str(source), opts,
                                 providers=["CPUExecutionProvider"])
 

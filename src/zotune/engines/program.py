@@ -21,6 +21,7 @@ from zotune.engines.export_common import (
     EngineError, ProgramFileError, check_expected, check_layout, flatten, read_engine,
     read_sidecar, unflatten, verify_file,
 )
+from zotune.loss import trim_left_padding
 
 EXPECTABLE = {"q", "b", "seq_len", "n_choices", "eval_batch", "numel", "noise", "dual",
               "momentum", "quantize", "model", "model_type", "loss", "dtype"}
@@ -41,6 +42,8 @@ class TrainingProgram:
         self.tensors = meta["layout"]["tensors"]
         self.dtype = DTYPES.get(meta.get("dtype", "float32"), torch.float32)
         self.momentum = float(meta.get("momentum", 0.0))
+        # A program with a symbolic length takes any T <= seq_len (ONNX); others exactly seq_len.
+        self.dynamic_length = bool(meta.get("dynamic_length", False))
 
     # -- runtime primitives ----------------------------------------------------------------
 
@@ -105,7 +108,8 @@ class TrainingProgram:
 
     def input_shapes(self) -> dict[str, list[list[int]]]:
         """The batch inputs of the step and the forward, as the metadata implies them."""
-        b, be, t, c = self.b, self.eval_batch, self.seq_len, self.n_choices
+        b, be, c = self.b, self.eval_batch, self.n_choices
+        t = "T" if self.dynamic_length else self.seq_len
         return {"step": [[b, t]] * 3 + [[b, c], [b]], "forward": [[be, t]] * 3 + [[be, c]]}
 
     # -- the program -----------------------------------------------------------------------
@@ -115,7 +119,11 @@ class TrainingProgram:
             raise EngineError(f"{what}: expected {n} batch tensors (input_ids, attention_mask, "
                               f"position_ids, choice_ids{', labels' if n == 5 else ''}), "
                               f"got {len(batch)}")
-        shapes = [(rows, self.seq_len)] * 3 + [(rows, self.n_choices), (rows,)]
+        first = torch.as_tensor(batch[0]) if len(batch) else torch.zeros(0)
+        t = first.shape[-1] if first.dim() == 2 else self.seq_len
+        if not (self.dynamic_length and 2 <= t <= self.seq_len):
+            t = self.seq_len
+        shapes = [(rows, t)] * 3 + [(rows, self.n_choices), (rows,)]
         out = []
         for i, (t, shape) in enumerate(zip(batch, shapes)):
             t = torch.as_tensor(t)
@@ -200,11 +208,16 @@ class ProgramEngine:
         self.name = program.ENGINE
         self.kind = "classification"
 
+    def _trim(self, batch):
+        # A program of symbolic length runs each batch without its all-padding columns, as the
+        # eager engine does (exact under the attention mask); its length is at least 2.
+        return trim_left_padding(tuple(batch), keep=2) if self.program.dynamic_length else batch
+
     def step(self, batch, seed: int, lr: float, eps: float):
-        return self.program.train_step(seed, lr, eps, batch)
+        return self.program.train_step(seed, lr, eps, self._trim(batch))
 
     def scores(self, batch) -> tuple[torch.Tensor, ...]:
-        return (self.program.scores(*batch[:4]),)
+        return (self.program.scores(*self._trim(batch)[:4]),)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         out = {k: v.clone() for k, v in self.frozen.items()}
