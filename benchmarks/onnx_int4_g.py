@@ -58,10 +58,14 @@ def main() -> None:
     p.add_argument("--eps", type=float, default=1e-2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--quantize", default="int4", choices=["int4", "int4-zp"])
     p.add_argument("--dir", default=str(ROOT / ".cache" / "onnx-int4"))
     p.add_argument("--reuse", action="store_true", help="keep programs already exported")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "onnx-int4"))
+    p.add_argument("--out", default=None, help="results file stem (default "
+                   "benchmarks/results/onnx-<quantize>-b<block>)")
     args = p.parse_args()
+    args.out = args.out or str(ROOT / "benchmarks" / "results"
+                               / f"onnx-{args.quantize}-b{args.block_size}")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
     import torch
@@ -80,14 +84,16 @@ def main() -> None:
     cfg = load_config(args.config, overrides)
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"fp32": folder / "fp32.onnx", "int4": folder / f"int4-b{args.block_size}.onnx"}
+    paths = {"fp32": folder / "fp32.onnx",
+             "int4": folder / f"{args.quantize}-b{args.block_size}.onnx"}
     exports = {}
     for name, path in paths.items():
         if args.reuse and path.is_file():
             continue
         print(f"exporting {name} ...", flush=True)
-        exports[name] = export(args.config, path, args.threads, name if name == "int4" else None,
-                               args.block_size, overrides)
+        exports[name] = export(args.config, path, args.threads,
+                               args.quantize if name == "int4" else None, args.block_size,
+                               overrides)
         print(f"  {exports[name]['wall_s']:.1f} s, {exports[name]['size_mb']:.0f} MB", flush=True)
 
     set_threads(args.threads)
@@ -118,7 +124,8 @@ def main() -> None:
     err = (sum((x - y) ** 2 for x, y in zip(a, b)) / sum(x * x for x in a)) ** 0.5
     result = {
         "config": args.config, "steps": args.steps, "eps": args.eps, "q": o.q, "b": o.batch_size,
-        "T": cfg.data.max_length, "block_size": args.block_size, "threads": args.threads,
+        "T": cfg.data.max_length, "quantize": args.quantize, "block_size": args.block_size,
+        "threads": args.threads,
         "pearson_g": pearson(a, b),
         "sign_agreement": sum((x > 0) == (y > 0) for x, y in zip(a, b)) / len(a),
         "relative_l2_error_g": err,

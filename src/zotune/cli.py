@@ -92,7 +92,7 @@ def cmd_export(args, rest):
 
     cfg = _config(args, rest)
     quantize = None if args.quantize == "none" else args.quantize
-    allowed = {"executorch": (None, "8da4w"), "onnx": (None, "int4")}[args.engine]
+    allowed = {"executorch": (None, "8da4w"), "onnx": (None, "int4", "int4-zp")}[args.engine]
     if quantize not in allowed:
         raise ZotuneError(f"--quantize {quantize}: the {args.engine} engine offers "
                           f"{[q or 'none' for q in allowed]}")
@@ -152,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["export"].add_argument("--engine", default="executorch",
                                        choices=["executorch", "onnx"])
     sub.choices["export"].add_argument("--quantize", default="none",
-                                       choices=["none", "8da4w", "int4"],
-                                       help="8da4w: ExecuTorch; int4: ONNX (MatMulNBits)")
+                                       choices=["none", "8da4w", "int4", "int4-zp"],
+                                       help="8da4w: ExecuTorch; int4, int4-zp (with zero "
+                                       "points): ONNX (MatMulNBits)")
     sub.choices["export"].add_argument("--block-size", type=int, default=None,
                                        help="weights per 4-bit block / group (default 32)")
     sub.choices["eval"].add_argument("--adapter", help="PEFT adapter folder")

@@ -42,13 +42,14 @@ from zotune.estimators.prge import VELOCITY, PRGEStep
 
 ENGINE = "onnx"
 OPSET = 20
-QUANTIZE = (None, "int4")
+# int4: symmetric 4-bit blocks (one scale each); int4-zp: a scale and a 4-bit zero point each.
+QUANTIZE = (None, "int4", "int4-zp")
 BATCH = ("input_ids", "attention_mask", "position_ids", "choice_ids", "labels")
 # int4: eager runs on ONNX Runtime's own dequantized weights, so the same fp32 bounds hold except
 # for summation order inside MatMulNBits (blockwise dequantize-and-accumulate); the update its
 # own g implies is exact either way.
-TOLERANCE = {None: FP32, "int4": {**EXACT, "forward": 1e-4, "loss": 1e-4, "loss_diff": 1e-4,
-                                  "theta": 1e-5}}
+_INT4 = {**EXACT, "forward": 1e-4, "loss": 1e-4, "loss_diff": 1e-4, "theta": 1e-5}
+TOLERANCE = {None: FP32, "int4": _INT4, "int4-zp": _INT4}
 
 
 def eval_path(path: str | Path) -> Path:
@@ -217,7 +218,8 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
             t0 = time.perf_counter()
             names = None
             for key in ("step", "forward"):
-                protos[key], names = quantize_int4(protos[key], model, adapter, block_size)
+                protos[key], names = quantize_int4(protos[key], model, adapter, block_size,
+                                                   symmetric=quantize == "int4")
             # Which MatMul is which base linear: what a reader needs to dequantize the program.
             info["quantized"] = {node: list(v) for node, v in names.items()}
             seconds["quantize"] = time.perf_counter() - t0
@@ -258,7 +260,7 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         model._buffers.pop(VELOCITY, None)
         model.train(was_training)
     say(f"parity vs eager: {check}")
-    gate(check, tol, f"ONNX Runtime program{' (int4)' if quantize else ''}", out_path)
+    gate(check, tol, f"ONNX Runtime program{f' ({quantize})' if quantize else ''}", out_path)
 
     meta = {
         "format": FORMAT_VERSION, "engine": ENGINE, "graphs": {

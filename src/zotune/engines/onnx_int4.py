@@ -70,7 +70,7 @@ def match_base_matmuls(proto, model, adapter) -> dict[str, tuple[str, bool]]:
     return found
 
 
-def quantize_int4(proto, model, adapter, block_size: int):
+def quantize_int4(proto, model, adapter, block_size: int, symmetric: bool = True):
     """-> (quantized ModelProto, {MatMulNBits node name: (fqn, transposed)})."""
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -81,7 +81,7 @@ def quantize_int4(proto, model, adapter, block_size: int):
                           "constant weight in the exported graph")
     # nodes_to_include adds to op_types_to_quantize: name every other MatMul as excluded.
     others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in nodes]
-    q = MatMulNBitsQuantizer(proto, bits=BITS, block_size=block_size, is_symmetric=True,
+    q = MatMulNBitsQuantizer(proto, bits=BITS, block_size=block_size, is_symmetric=symmetric,
                              accuracy_level=ACCURACY_FP32, nodes_to_exclude=others,
                              op_types_to_quantize=("MatMul",), quant_format=QuantFormat.QOperator)
     log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
