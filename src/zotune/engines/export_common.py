@@ -1,28 +1,27 @@
-"""What every exporter of the training step shares: the trained tensors as buffers, the flat layout
-of theta, a check batch, the sidecar metadata and its hash, and atomic writes.
+"""What every exporter of the training step shares: the trained tensors as buffers, a check batch,
+the sidecar metadata and its hash, and the checks a loaded program goes through.
 
 Exported programs carry the trained tensors as state (ExecuTorch: mutable buffers) or as an
 input/output pair (ONNX). Either way the host talks to them through one flat vector theta of N
-values laid out as `LoRAAdapter.trained` says (name, shape, offset), the same layout the hash RNG
-draws z in.
+values laid out as the adapter's `ThetaLayout` says (name, shape, offset), the same layout the
+hash RNG draws z in.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from zotune.adapters.lora import TrainedTensor
+from zotune.adapters.theta import ThetaLayout
 from zotune.errors import ZotuneError
 
-FORMAT_VERSION = 1
+# The sidecar's format; its "layout" field is a ThetaLayout in its own versioned JSON form.
+FORMAT_VERSION = 2
 
 
 class EngineError(ZotuneError):
@@ -42,44 +41,20 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return model.get_submodule(module_name), attr
 
 
-class LiveTrainedTensor(TrainedTensor):
-    """A TrainedTensor whose `.tensor` is looked up on its module at every access.
-
-    torch.export (non-strict) swaps a module's buffers for fake tensors while it traces; a tensor
-    reference cached before tracing would be captured as a constant (and its in-place update lost
-    or rejected). Reading the attribute through the module sees whatever the module holds now."""
-
-    def __init__(self, name: str, offset: int, module: nn.Module, attr: str):
-        self.name, self.offset = name, offset
-        self._module, self._attr = module, attr
-
-    @property
-    def tensor(self) -> torch.Tensor:
-        return getattr(self._module, self._attr)
-
-    @tensor.setter
-    def tensor(self, value: torch.Tensor) -> None:
-        setattr(self._module, self._attr, value)
-
-
 def trained_to_buffers(adapter) -> list[str]:
     """Turn every trained tensor of the adapter into a registered buffer of the same name.
 
     torch.export does not allow mutating parameters; buffers written in place become mutable state
-    of the exported program. The values are kept (the buffer shares the parameter's storage) and
-    the entries of `adapter.trained` become LiveTrainedTensor views of the buffers, so the adapter,
-    eager PRGEStep and `state()`/`load_state()` keep working on the same tensors, eagerly and
-    under tracing. Idempotent. Returns the trained tensor names (relative to the model)."""
-    names = []
-    for i, t in enumerate(adapter.trained):
-        module, attr = _owner(adapter.model, t.name)
+    of the exported program. The values are kept (the buffer shares the parameter's storage), and
+    the adapter reads its tensors through their modules (`adapter.tensors()`), so it, eager
+    PRGEStep and `state()`/`load_state()` keep working on the same tensors, eagerly and under
+    tracing. Idempotent. Returns the trained tensor names (relative to the model)."""
+    for name in adapter.layout.names:
+        module, attr = _owner(adapter.model, name)
         if attr in module._parameters:
             value = module._parameters.pop(attr).detach()
             module.register_buffer(attr, value, persistent=True)
-        if not isinstance(t, LiveTrainedTensor):
-            adapter.trained[i] = LiveTrainedTensor(t.name, t.offset, module, attr)
-        names.append(t.name)
-    return names
+    return adapter.layout.names
 
 
 class ChoiceForward(nn.Module):
@@ -120,49 +95,20 @@ def check_options(adapter, loss, q, b, seq_len, n_choices, noise, momentum, what
             raise EngineError(f"{name} must be a positive integer (n_choices >= 2), got {v}")
 
 
-def layout(adapter) -> dict:
-    """The adapter layout an exported program was built for (JSON-ready)."""
-    return {
-        "kind": "lora" if getattr(adapter, "train_a", False) else "lora-fa",
-        "rank": getattr(adapter, "rank", None),
-        "alpha": getattr(adapter, "alpha", None),
-        "targets": list(getattr(adapter, "target_patterns", [])),
-        "layers": list(getattr(adapter, "layers", {})),
-        "numel": adapter.numel,
-        "tensors": [{"name": t.name, "shape": list(t.tensor.shape), "offset": t.offset,
-                     "numel": t.tensor.numel()} for t in adapter.trained],
-    }
+@dataclass
+class ExportReport:
+    path: str
+    sidecar: str
+    size: int
+    sha256: str
+    seconds: dict = field(default_factory=dict)  # the exporter's stages, and total
+    check: dict = field(default_factory=dict)  # max abs differences against eager
+    tolerance: dict = field(default_factory=dict)  # metric -> max allowed (gated metrics only)
+    portable_ops: dict = field(default_factory=dict)  # non-delegated ops per method (ExecuTorch)
+    meta: dict = field(default_factory=dict)
 
-
-def flat_trained(adapter) -> torch.Tensor:
-    """theta: the trained tensors flattened and concatenated in layout order. -> [N] (a copy)"""
-    return torch.cat([t.tensor.detach().reshape(-1) for t in adapter.trained]).clone()
-
-
-@torch.no_grad()
-def load_flat(adapter, flat: torch.Tensor) -> None:
-    for t in adapter.trained:
-        t.tensor.copy_(flat[t.offset: t.offset + t.tensor.numel()].reshape(t.tensor.shape))
-
-
-def unflatten(flat: torch.Tensor, tensors: list[dict]) -> dict[str, torch.Tensor]:
-    return {d["name"]: flat[d["offset"]: d["offset"] + d["numel"]].reshape(d["shape"]).clone()
-            for d in tensors}
-
-
-def flatten(state: dict[str, torch.Tensor], tensors: list[dict],
-            dtype=torch.float32) -> torch.Tensor:
-    """A dict name -> tensor (extra keys such as lora_A of LoRA-FA are ignored) -> theta [N]."""
-    parts = []
-    for d in tensors:
-        if d["name"] not in state:
-            raise EngineError(f"adapter state has no tensor '{d['name']}'")
-        v = torch.as_tensor(state[d["name"]])
-        if list(v.shape) != list(d["shape"]):
-            raise EngineError(f"adapter tensor '{d['name']}' has shape {list(v.shape)}, "
-                              f"the program expects {d['shape']}")
-        parts.append(v.detach().to(dtype).reshape(-1))
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def check_batch(vocab_size: int, b: int, seq_len: int, n_choices: int,
@@ -182,6 +128,10 @@ def check_batch(vocab_size: int, b: int, seq_len: int, n_choices: int,
     return ids, am, pos, choice, labels
 
 
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -194,19 +144,16 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(str(path) + ".json")
 
 
-def write_atomic(path: str | Path, data: bytes | str) -> None:
-    """Write to a temporary file in the same folder, then os.replace: no reader sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+def read_engine(path: str | Path) -> str:
+    """The engine named in a program's metadata (for picking the runtime that opens it); without
+    readable metadata, the one its suffix implies (read_sidecar then reports what is wrong)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        engine = json.loads(sidecar_path(path).read_text()).get("engine")
+    except (OSError, ValueError, AttributeError):
+        engine = None
+    if engine:
+        return str(engine)
+    return {".pte": "executorch", ".onnx": "onnx"}.get(Path(path).suffix, "executorch")
 
 
 def read_sidecar(path: str | Path, engine: str) -> dict:
@@ -253,126 +200,17 @@ def check_expected(path, meta: dict, expect: dict) -> None:
                                + "; ".join(wrong) + "); re-export it")
 
 
-def check_layout(path, meta: dict, adapter) -> None:
-    want = layout(adapter)
-    have = meta.get("layout", {})
-    for key in ("kind", "rank", "alpha", "numel"):
-        if have.get(key) != want[key]:
-            raise ProgramFileError(f"{path}: adapter {key} is {have.get(key)!r} in the program, "
-                                   f"{want[key]!r} in this adapter; re-export it")
-    if have.get("tensors") != want["tensors"]:
-        names = {d["name"] for d in want["tensors"]} ^ {d["name"] for d in have.get("tensors", [])}
-        detail = f" (differing tensors: {sorted(names)[:4]})" if names else " (shapes or offsets)"
-        raise ProgramFileError(f"{path}: adapter layout differs from this adapter{detail}; "
-                               "re-export it")
-
-
-# ---------------------------------------------------------------------------------------------
-# What every exporter reports and checks before it writes a program.
-
-@dataclass
-class ExportReport:
-    path: str
-    sidecar: str
-    size: int
-    sha256: str
-    seconds: dict = field(default_factory=dict)  # export / lower / emit / check / total
-    check: dict = field(default_factory=dict)  # max abs differences against eager
-    tolerance: dict = field(default_factory=dict)  # metric -> max allowed (gated metrics only)
-    portable_ops: dict = field(default_factory=dict)  # non-delegated ops per method (ExecuTorch)
-    meta: dict = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-# Metrics every program is held to exactly (1e-5), whatever its arithmetic: set/get of theta,
-# and the update (and momentum buffer) the program's own g implies.
-EXACT = {"set_get": 1e-5, "update": 1e-5, "momentum": 1e-5}
-# An fp32 program matches eager everywhere.
-FP32 = {**EXACT, "forward": 1e-5, "loss": 1e-5, "loss_diff": 1e-5, "theta": 1e-5}
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
-    return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def check_values(theta: torch.Tensor, momentum: float, seed: int) -> tuple:
-    """A nonzero theta [N] (and momentum buffer) for the parity check: at zero the LoRA-FA
-    forward would not depend on theta at all."""
-    dtype = theta.dtype
-    theta_c = (torch.randn(theta.shape, generator=torch.Generator().manual_seed(seed))
-               * 0.02).to(dtype)
-    velocity_c = (torch.randn(theta.shape, generator=torch.Generator().manual_seed(seed + 1))
-                  * 0.1).to(dtype) if momentum else None
-    return theta_c, velocity_c
-
-
-@torch.no_grad()
-def parity_metrics(program: dict, step, adapter, loss, model, theta, velocity, seed_t, lr_t,
-                   eps_t, batch, eval_in) -> dict:
-    """Max abs differences between what a program computed from (theta, velocity) and eager
-    PyTorch from the same state. program: {"get": theta read back after setting it, "logits":
-    forward on eval_in, "loss", "g": one train step on batch, "theta" and (with momentum)
-    "velocity": the state after it}. `step` is the eager PRGEStep (fused noise); the model's
-    VELOCITY buffer is set to `velocity` here."""
-    from zotune.estimators.prge import VELOCITY, flat_update
-    from zotune.rng import noise as rng_noise
-
-    load_flat(adapter, theta)
-    if velocity is not None:
-        getattr(model, VELOCITY).copy_(velocity)
-    logits_eager = loss.logits(model, *eval_in)
-    loss_eager, g_eager = step(seed_t, lr_t, eps_t, *batch)
-    theta_eager = flat_trained(adapter)
-
-    # The update the program's own g implies, computed in eager from the same z (the RNG is
-    # bit-exact): checks the noise, the update and the momentum buffer whatever g came out.
-    g_p = torch.as_tensor(program["g"])
-    z = rng_noise(seed_t, 0, step.q * theta.numel(), step.noise, theta.dtype)
-    z = z.reshape(step.q, -1)  # [q, N]
-    v_expected = None if velocity is None else velocity.clone()
-    theta_expected = flat_update(theta, z, g_p, lr_t, step.momentum, v_expected)
-    extra = {}
-    if velocity is not None:
-        extra["momentum"] = max_diff(program["velocity"], v_expected)
-    logits_p = torch.as_tensor(program["logits"])
-    return {
-        "set_get": max_diff(program["get"], theta),
-        # Logits are compared relative to their scale (real LMs give logits of 10-30).
-        "forward": max_diff(logits_p, logits_eager) / max(1.0, float(logits_eager.abs().max())),
-        "loss": max_diff(torch.as_tensor(program["loss"]).reshape(()), loss_eager),
-        # g = (l+ - l-) / (2 eps): compare the loss differences it comes from.
-        "loss_diff": max_diff(g_p * 2 * eps_t, g_eager * 2 * eps_t),
-        "theta": max_diff(program["theta"], theta_eager),
-        "update": max_diff(program["theta"], theta_expected),
-        **extra,
-    }
-
-
-def gate(check: dict, tol: dict, what: str, out_path) -> None:
-    """Raise ExportCheckError naming every metric above its tolerance (NaN counts as above)."""
-    bad = {k: v for k, v in check.items() if k in tol and not (v <= tol[k])}
-    if bad:
-        raise ExportCheckError(
-            f"the {what} differs from eager PyTorch beyond tolerance: "
-            + ", ".join(f"{k} {v:.3g} > {tol[k]:g}" for k, v in bad.items())
-            + f"; nothing was written to {out_path}")
-
-
-def read_engine(path: str | Path) -> str:
-    """The engine named in a program's metadata (for picking the runtime that opens it)."""
-    side = sidecar_path(path)
+def program_layout(path, meta: dict) -> ThetaLayout:
+    """The theta layout an exported program was built for, from its metadata."""
     try:
-        engine = json.loads(side.read_text()).get("engine")
-    except (OSError, ValueError, AttributeError):
-        engine = None
-    if engine:
-        return str(engine)
-    suffix = Path(path).suffix
-    return {".pte": "executorch", ".onnx": "onnx"}.get(suffix, "executorch")
+        return ThetaLayout.from_json(meta.get("layout"), f"{sidecar_path(path)}: field 'layout'")
+    except ZotuneError as e:
+        raise ProgramFileError(f"{e}; re-export the program") from None
+
+
+def check_layout(path, layout: ThetaLayout, adapter) -> None:
+    """The program's theta layout against the caller's adapter."""
+    diff = layout.mismatch(adapter.layout)
+    if diff:
+        raise ProgramFileError(f"{path}: the program's adapter layout differs from this "
+                               f"adapter's ({diff}); re-export it")

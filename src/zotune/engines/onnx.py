@@ -28,17 +28,28 @@ import copy
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 
 import zotune
+from zotune.adapters.theta import set_theta, theta_of
 from zotune.engines.export_common import (
-    EXACT, FORMAT_VERSION, FP32, ChoiceForward, EngineError, ExportReport, _owner, check_batch,
-    check_options, check_values, flat_trained, gate, layout, load_flat, parity_metrics,
-    sha256_bytes, sidecar_path, trained_to_buffers, write_atomic,
+    FORMAT_VERSION,
+    ChoiceForward,
+    EngineError,
+    ExportReport,
+    _owner,
+    check_batch,
+    check_options,
+    sha256_bytes,
+    sidecar_path,
+    trained_to_buffers,
 )
+from zotune.engines.parity import EXACT, FP32, check_values, gate, parity_metrics
 from zotune.estimators.prge import VELOCITY, PRGEStep
+from zotune.io import atomic_write_bytes, atomic_write_text
 
 ENGINE = "onnx"
 OPSET = 20
@@ -74,11 +85,9 @@ def bound(adapter, model, theta: torch.Tensor, velocity: torch.Tensor | None, wr
     an input. The modules' buffers are restored afterwards."""
     saved = []
     try:
-        for t in adapter.trained:
-            module, attr = _owner(model, t.name)
-            buf = module._buffers.pop(attr)
-            saved.append((module, attr, buf))
-            v = theta[t.offset: t.offset + buf.numel()].view(buf.shape)
+        for name, v in adapter.layout.views(theta).items():  # v: a view of theta, [*shape]
+            module, attr = _owner(model, name)
+            saved.append((module, attr, module._buffers.pop(attr)))
             setattr(module, attr, v.clone() if writable else v)
         if velocity is not None:
             saved.append((model, VELOCITY, model._buffers.pop(VELOCITY)))
@@ -105,7 +114,7 @@ class StatelessStep(nn.Module):
         step = self.step
         with bound(step.adapter, step.model, theta, velocity, writable=True):
             loss, g = step(*args)
-            new = torch.cat([t.tensor.reshape(-1) for t in step.adapter.trained])  # [N]
+            new = step.adapter.layout.gather(step.adapter.tensors())  # [N]
             state = (new, getattr(step.model, VELOCITY)) if self.momentum else (new,)
         return (*state, loss, g)
 
@@ -177,14 +186,14 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
     tol = (TOLERANCE[quantize] if tolerance is None
            else {k: float(tolerance) for k in TOLERANCE[quantize]})
     out_path = Path(out_path)
-    dtype = adapter.trained[0].tensor.dtype
+    dtype = adapter.tensors()[0].dtype
     if dtype != torch.float32:
         raise EngineError(f"the ONNX engine exports fp32 trained tensors, got {dtype}")
 
     trained_to_buffers(adapter)
     was_training = model.training
     model.eval()
-    theta0 = flat_trained(adapter)
+    theta0 = theta_of(adapter)
     vocab = model.get_input_embeddings().weight.shape[0]
     batch = check_batch(vocab, b, seq_len, n_choices, seed=check_seed)
     eval_in = check_batch(vocab, eval_batch, seq_len, n_choices, seed=check_seed + 1)[:4]
@@ -250,13 +259,15 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         check = {}
         for case_batch, case_eval in cases:
             got = pair.check_run(theta_c, velocity_c, seed_t, lr_t, eps_t, case_batch, case_eval)
-            one = parity_metrics(got, ref_step, ref_adapter, loss, ref_model, theta_c,
-                                 velocity_c, seed_t, lr_t, eps_t, case_batch, case_eval)
+            ref = SimpleNamespace(step=ref_step, adapter=ref_adapter, loss=loss, model=ref_model,
+                                  seed_t=seed_t, lr_t=lr_t, eps_t=eps_t, batch=case_batch,
+                                  eval_in=case_eval)
+            one = parity_metrics(got, ref, theta_c, velocity_c)
             check = {k: max(v, check.get(k, v)) for k, v in one.items()}
         del pair
         seconds["check"] = time.perf_counter() - t0
     finally:
-        load_flat(adapter, theta0)  # the eager check moved theta: give the caller its own back
+        set_theta(adapter, theta0)  # the eager check moved theta: give the caller its own back
         model._buffers.pop(VELOCITY, None)
         model.train(was_training)
     say(f"parity vs eager: {check}")
@@ -276,7 +287,7 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         "opset": OPSET, "loss": loss.kind, "dtype": str(dtype).replace("torch.", ""),
         "model": (model_name or getattr(model.config, "_name_or_path", "")
                   or model.config.model_type),
-        "model_type": model.config.model_type, "layout": layout(adapter),
+        "model_type": model.config.model_type, "layout": adapter.layout.to_json(),
         "init": "zeros" if not theta0.any() else "given",
         "zotune": zotune.__version__, "torch": torch.__version__,
         "onnxruntime": _version("onnxruntime"), "onnx": _version("onnx"),
@@ -284,9 +295,9 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         "size": len(data["step"]), "sha256": sha256_bytes(data["step"]),
     }
     # The eval graph first: the step file and its sidecar are what a reader opens.
-    write_atomic(eval_path(out_path), data["forward"])
-    write_atomic(out_path, data["step"])
-    write_atomic(sidecar_path(out_path), json.dumps(meta, indent=1))
+    atomic_write_bytes(eval_path(out_path), data["forward"])
+    atomic_write_bytes(out_path, data["step"])
+    atomic_write_text(sidecar_path(out_path), json.dumps(meta, indent=1))
     seconds["total"] = time.perf_counter() - t_start
     return ExportReport(str(out_path), str(sidecar_path(out_path)), len(data["step"]),
                         meta["sha256"], seconds, check, tol, {}, meta)

@@ -114,7 +114,7 @@ class OrtPair:
         self.velocity[self.cur].update_inplace(np.ascontiguousarray(flat.numpy(), np.float32))
 
     def check_run(self, theta, velocity, seed, lr, eps, batch, eval_in) -> dict:
-        """What export_common.parity_metrics compares: state set, read back, one forward and
+        """What parity.parity_metrics compares: state set, read back, one forward and
         one step from it."""
         self.set_theta(theta)
         if velocity is not None:
@@ -137,7 +137,7 @@ class OrtProgram(TrainingProgram):
         self.pair = pair
 
     @classmethod
-    def _open(cls, path: Path, meta: dict, verify: bool) -> "OrtProgram":
+    def _open(cls, path: Path, meta: dict, verify: bool) -> OrtProgram:
         fwd = eval_path(path)
         graph = meta.get("graphs", {}).get("forward", {})
         if not fwd.is_file():

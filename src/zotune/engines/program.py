@@ -17,9 +17,17 @@ from pathlib import Path
 
 import torch
 
+from zotune.adapters.theta import LayoutError
+from zotune.engines.base import MOMENTUM, PARAM, part, prefixed
 from zotune.engines.export_common import (
-    EngineError, ProgramFileError, check_expected, check_layout, flatten, read_engine,
-    read_sidecar, unflatten, verify_file,
+    EngineError,
+    ProgramFileError,
+    check_expected,
+    check_layout,
+    program_layout,
+    read_engine,
+    read_sidecar,
+    verify_file,
 )
 from zotune.loss import trim_left_padding
 
@@ -39,16 +47,16 @@ class TrainingProgram:
         self.q, self.b, self.seq_len = meta["q"], meta["b"], meta["seq_len"]
         self.n_choices, self.eval_batch, self.numel = (meta["n_choices"], meta["eval_batch"],
                                                        meta["numel"])
-        self.tensors = meta["layout"]["tensors"]
+        self.layout = program_layout(path, meta)
         self.dtype = DTYPES.get(meta.get("dtype", "float32"), torch.float32)
-        self.momentum = float(meta.get("momentum", 0.0))
+        self.momentum = float(meta["momentum"])
         # A program with a symbolic length takes any T <= seq_len (ONNX); others exactly seq_len.
         self.dynamic_length = bool(meta.get("dynamic_length", False))
 
     # -- runtime primitives ----------------------------------------------------------------
 
     @classmethod
-    def _open(cls, path: Path, meta: dict, verify: bool) -> "TrainingProgram":
+    def _open(cls, path: Path, meta: dict, verify: bool) -> TrainingProgram:
         """Load the program into the runtime and check its inputs against `meta`."""
         raise NotImplementedError
 
@@ -76,7 +84,7 @@ class TrainingProgram:
 
     @classmethod
     def load(cls, path: str | Path, *, adapter=None, lora=None, verify: bool = True,
-             **expect) -> "TrainingProgram":
+             **expect) -> TrainingProgram:
         """Open a program written by zotune export.
 
         adapter: if given, its layout (names, shapes, offsets, rank, alpha) must match.
@@ -89,12 +97,11 @@ class TrainingProgram:
                             f"{sorted(EXPECTABLE)})")
         path = Path(path)
         meta = read_sidecar(path, cls.ENGINE)
-        meta.setdefault("momentum", 0.0)  # programs from before momentum was exportable
         if verify:
             verify_file(path, meta)
         check_expected(path, meta, expect)
         if adapter is not None:
-            check_layout(path, meta, adapter)
+            check_layout(path, program_layout(path, meta), adapter)
         self = cls._open(path, meta, verify)
         if lora is None:
             if meta.get("init") not in (None, "zeros"):
@@ -120,10 +127,10 @@ class TrainingProgram:
                               f"position_ids, choice_ids{', labels' if n == 5 else ''}), "
                               f"got {len(batch)}")
         first = torch.as_tensor(batch[0]) if len(batch) else torch.zeros(0)
-        t = first.shape[-1] if first.dim() == 2 else self.seq_len
-        if not (self.dynamic_length and 2 <= t <= self.seq_len):
-            t = self.seq_len
-        shapes = [(rows, t)] * 3 + [(rows, self.n_choices), (rows,)]
+        length = first.shape[-1] if first.dim() == 2 else self.seq_len
+        if not (self.dynamic_length and 2 <= length <= self.seq_len):
+            length = self.seq_len
+        shapes = [(rows, length)] * 3 + [(rows, self.n_choices), (rows,)]
         out = []
         for i, (t, shape) in enumerate(zip(batch, shapes)):
             t = torch.as_tensor(t)
@@ -164,13 +171,16 @@ class TrainingProgram:
 
     def get_lora(self) -> dict[str, torch.Tensor]:
         """The trained tensors, unflattened with the program's layout."""
-        return unflatten(self.get_lora_flat(), self.tensors)
+        return self.layout.split(self.get_lora_flat())
 
     def _flat(self, values, what: str) -> torch.Tensor:
         """A dict name -> tensor (extra keys ignored) or a flat tensor -> [N] in the program's
         layout and dtype."""
         if isinstance(values, dict):
-            return flatten(values, self.tensors, self.dtype)
+            try:
+                return self.layout.gather(values, self.dtype)
+            except LayoutError as e:
+                raise EngineError(f"{what}: {e}") from None
         flat = torch.as_tensor(values).detach().to(self.dtype).reshape(-1)
         if flat.numel() != self.numel:
             raise EngineError(f"{what}: {flat.numel()} values, the program holds {self.numel}")
@@ -187,7 +197,7 @@ class TrainingProgram:
         """The momentum buffer, unflattened like theta ({} without momentum)."""
         if not self.momentum:
             return {}
-        return unflatten(self._get_momentum_flat(), self.tensors)
+        return self.layout.split(self._get_momentum_flat())
 
     def set_momentum(self, velocity) -> None:
         """Set the momentum buffer from a dict name -> tensor or a flat [N] tensor."""
@@ -197,8 +207,8 @@ class TrainingProgram:
 
 
 class ProgramEngine:
-    """A loaded program behind the surface the training loop uses for every engine (the same
-    methods as EagerEngine): step, scores, state / load_state, adapter_state.
+    """A loaded program of any runtime behind the engine contract (engines/base.py) the training
+    loop drives.
 
     frozen: tensors the program does not hold but an adapter file needs (LoRA-FA's A matrices,
     e.g. `adapter.state()` of the eager adapter the program was exported from)."""
@@ -226,16 +236,14 @@ class ProgramEngine:
 
     def state(self) -> dict[str, torch.Tensor]:
         """The same keys as EagerEngine.state: param.<name> and momentum.<name>."""
-        out = {f"param.{k}": v for k, v in self.program.get_lora().items()}
-        out.update({f"momentum.{k}": v for k, v in self.program.get_momentum().items()})
+        out = prefixed(self.program.get_lora(), PARAM)
+        out.update(prefixed(self.program.get_momentum(), MOMENTUM))
         return out
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        def part(prefix):
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        self.program.set_lora(part("param."))
+        self.program.set_lora(part(tensors, PARAM))
         if self.program.momentum:
-            self.program.set_momentum(part("momentum."))
+            self.program.set_momentum(part(tensors, MOMENTUM))
 
 
 def runtime(engine: str):

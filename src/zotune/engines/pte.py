@@ -37,7 +37,7 @@ class PteProgram(TrainingProgram):
         self.method_names = METHODS + (MOMENTUM_METHODS if self.momentum else ())
 
     @classmethod
-    def _open(cls, path: Path, meta: dict, verify: bool) -> "PteProgram":
+    def _open(cls, path: Path, meta: dict, verify: bool) -> PteProgram:
         from executorch.runtime import Runtime
 
         try:

@@ -2,7 +2,7 @@
 .pte or ONNX), and the one driver that trains with that engine's runtime alone executing it.
 
 The host only tokenises, batches, chooses seeds and the schedule, evaluates through the program's
-`forward` method and writes files: it never loads the model weights. Beside the .pte the exporter
+`forward` method and writes files: it never loads the model weights. Beside the program the exporter
 writes `<out>.frozen.safetensors` with what an adapter file needs and the program does not hold
 (LoRA-FA's frozen A matrices) and, in its metadata, the replay-log header, so the device's replay
 log rebuilds the adapter in eager PyTorch (`zotune replay`).
@@ -14,15 +14,16 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from zotune.adapters.peft_io import save_peft
+from zotune.adapters.peft_io import save_peft_described
 from zotune.config import Config
+from zotune.engines.eager import build_params
 from zotune.errors import ZotuneError
+from zotune.io import atomic_write_bytes, atomic_write_text
 from zotune.loss import ClassificationLoss
 from zotune.models import load_tokenizer
-from zotune.train.checkpoint import atomic_write_text
-from zotune.engines.eager import build_params
+from zotune.replay import header_layout
 from zotune.train.loop import Trainer
 from zotune.train.run import encode_splits, prepare, replay_header
 
@@ -58,23 +59,17 @@ def export(cfg: Config, out: str, engine: str = "executorch", quantize: str | No
         cfg.data.max_length, splits.train.choice_ids.shape[1], cfg.optim.dual, cfg.optim.noise,
         quantize, out, eval_batch=cfg.train.eval_batch_size, model_name=cfg.model.name,
         momentum=cfg.optim.momentum, log=lambda msg: print(msg, flush=True), **options)
-    tmp = frozen_path(out).with_suffix(".tmp")
-    save_file(frozen, tmp, metadata={"replay_header": json.dumps(header)})
-    tmp.replace(frozen_path(out))
+    atomic_write_bytes(frozen_path(out), save(frozen, metadata={"replay_header": json.dumps(header)}))
     return report.as_dict()
 
 
-def check_adapter(pte, header: dict, meta: dict, cfg: Config) -> None:
-    """The adapter the program was exported with against the config's (kind, rank, alpha,
-    targets)."""
-    a, layout = cfg.adapter, header.get("layout", {})
-    have = {"adapter.kind": header.get("adapter_kind"), "adapter.rank": layout.get("rank"),
-            "adapter.alpha": layout.get("alpha"),
-            "adapter.targets": meta.get("layout", {}).get("targets")}
-    want = {"adapter.kind": a.kind, "adapter.rank": a.rank, "adapter.alpha": a.alpha,
-            "adapter.targets": list(a.targets)}
-    wrong = [f"{k}: program has {have[k]!r}, config has {v!r}" for k, v in want.items()
-             if have[k] != v]
+def check_adapter(pte, layout, cfg: Config) -> None:
+    """The adapter the program was exported with (its layout's description) against the
+    config's: kind, rank, alpha, targets."""
+    a, have = cfg.adapter, layout.adapter
+    want = {"kind": a.kind, "rank": a.rank, "alpha": a.alpha, "targets": list(a.targets)}
+    wrong = [f"adapter.{k}: program has {have.get(k)!r}, config has {v!r}"
+             for k, v in want.items() if have.get(k) != v]
     if wrong:
         raise ZotuneError(f"{pte}: exported for another adapter (" + "; ".join(wrong)
                           + "); re-export it")
@@ -82,7 +77,7 @@ def check_adapter(pte, header: dict, meta: dict, cfg: Config) -> None:
 
 def device_train(pte: str, cfg: Config, resume: bool = False,
                  stop_after: int | None = None) -> dict | None:
-    from zotune.engines.export_common import read_engine, read_sidecar
+    from zotune.engines.export_common import program_layout, read_engine, read_sidecar
     from zotune.engines.program import ProgramEngine, runtime
 
     engine_name = read_engine(pte)  # the runtime is the one the program's metadata names
@@ -106,19 +101,18 @@ def device_train(pte: str, cfg: Config, resume: bool = False,
     program_cls, set_threads = runtime(engine_name)
     if cfg.train.threads:
         set_threads(cfg.train.threads)
-    check_adapter(pte, header, meta, cfg)
-    start = {d["name"]: frozen.get(d["name"], torch.zeros(d["shape"]))
-             for d in meta["layout"]["tensors"]}
+    layout = program_layout(pte, meta)
+    check_adapter(pte, layout, cfg)
+    start = {e.name: frozen.get(e.name, torch.zeros(e.shape)) for e in layout}
     program = program_cls.load(pte, lora=start, q=o.q, b=o.batch_size,
                                seq_len=cfg.data.max_length, noise=o.noise, dual=o.dual,
                                momentum=float(o.momentum), model=cfg.model.name)
     splits = encode_splits(cfg, load_tokenizer(cfg.model.name))
-    layout = header["layout"]
-    layers = [name for name, _, _ in layout["layers"]]
+    described = header_layout(header, frozen_path(pte)).adapter
 
     def save(state, folder):
-        save_peft(folder, state, layers, layout["rank"], layout["alpha"], header["model"],
-                  layout["fan_in_fan_out"], extra={"engine": engine_name, "program": str(pte)})
+        extra = {"engine": engine_name, "program": str(pte)}
+        save_peft_described(folder, state, described, header["model"], extra)
 
     header = {**header, "engine": engine_name, "program": str(pte)}
     engine = ProgramEngine(program, frozen)
