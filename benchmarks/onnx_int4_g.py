@@ -1,14 +1,15 @@
 """Is a 4-bit base sound for zeroth-order training? g from the int4 ONNX program against g from
 the fp32 ONNX program, step by step along the fp32 program's trajectory on the demo's data.
 
-    python benchmarks/onnx_int4_g.py [--config configs/demo.yaml] [--steps 20] [--eps 1e-2]
+    python benchmarks/onnx_int4_g.py [--config configs/demo.yaml] [--steps 20] [--eps 1e-2] \
+        [--quantize int4|int4-zp] [--block-size 32]
 
 Both programs are exported first, each by `zotune export --engine onnx` in its own process
 (export wall time and the report's stage times recorded). Then, for each step, the int4 program
 is set to the fp32 program's theta and momentum buffer (re-synced), both run the same step
 (same batch, seed, lr, eps), and the fp32 program's update carries the trajectory on. The
 result is the Pearson correlation of the q * steps values of g, with sign agreement and the
-relative error, written to benchmarks/results/onnx-int4.md and .json.
+relative error, written to benchmarks/results/onnx-<quantize>-b<block size>.json.
 """
 
 from __future__ import annotations

@@ -15,10 +15,16 @@ import torch.nn as nn
 pytest.importorskip("onnxruntime")
 
 import onnx  # noqa: E402
+from test_executorch import C, T, make_batch  # noqa: E402
 
 from zotune.adapters.lora import LoRAAdapter  # noqa: E402
+from zotune.adapters.theta import set_theta, theta_of  # noqa: E402
 from zotune.engines.export_common import (  # noqa: E402
-    EngineError, ExportCheckError, ProgramFileError, flat_trained, load_flat, sidecar_path,
+    FORMAT_VERSION,
+    EngineError,
+    ExportCheckError,
+    ProgramFileError,
+    sidecar_path,
     trained_to_buffers,
 )
 from zotune.engines.onnx import TOLERANCE, eval_path, export_program  # noqa: E402
@@ -29,8 +35,6 @@ from zotune.estimators.prge import VELOCITY, PRGEStep  # noqa: E402
 from zotune.loss import ClassificationLoss  # noqa: E402
 from zotune.models.tiny import make_tiny_model  # noqa: E402
 from zotune.rng import noise  # noqa: E402
-
-from test_executorch import C, T, make_batch  # noqa: E402
 
 TOL = 1e-5
 
@@ -45,7 +49,7 @@ class Exported:
 
     def start(self) -> dict:
         """theta at export: zeros for LoRA-FA, A's seeded init for LoRA."""
-        return {t.name: t.tensor.detach().clone() for t in self.adapter.trained}
+        return {name: t.detach().clone() for name, t in self.adapter.named_tensors()}
 
 
 def _export(tmp_path_factory, tokenizer, family, q, b, dual, kind, targets, name, *,
@@ -109,13 +113,13 @@ def test_rng_program_is_bit_exact():
 def test_export_report_and_metadata(which, request):
     ex = request.getfixturevalue(which)
     meta = json.loads(sidecar_path(ex.path).read_text())
-    assert meta["engine"] == "onnx" and meta["opset"] >= 20 and meta["format"] == 1
+    assert meta["engine"] == "onnx" and meta["opset"] >= 20 and meta["format"] == FORMAT_VERSION
     assert meta["q"] == ex.q and meta["b"] == ex.b and meta["seq_len"] == T
     assert meta["n_choices"] == C and meta["numel"] == ex.adapter.numel
     assert meta["noise"] == ex.kind and meta["dual"] == ex.dual and meta["quantize"] is None
     assert meta["momentum"] == ex.momentum
     assert meta["dynamic_length"] == (which == "llama")
-    assert [d["name"] for d in meta["layout"]["tensors"]] == [t.name for t in ex.adapter.trained]
+    assert [d["name"] for d in meta["layout"]["tensors"]] == ex.adapter.layout.names
     assert meta["size"] == ex.path.stat().st_size
     fwd = meta["graphs"]["forward"]
     assert fwd["file"] == eval_path(ex.path).name
@@ -130,7 +134,7 @@ def test_export_report_and_metadata(which, request):
     inits = {i.name for i in proto.graph.initializer}
     assert not any("lora_B" in name for name in inits)
     # The caller's model keeps its values; the trained tensors are buffers (as for ExecuTorch).
-    assert torch.equal(flat_trained(ex.adapter), torch.cat(
+    assert torch.equal(theta_of(ex.adapter), torch.cat(
         [v.reshape(-1) for v in ex.start().values()]))
     assert not hasattr(ex.model, VELOCITY)
 
@@ -143,7 +147,7 @@ def test_step_parity_with_eager_per_step(which, request, tokenizer):
     try:
         for i in range(4):
             batch = make_batch(tokenizer, ex.b, offset=i)
-            load_flat(ex.adapter, prog.get_lora_flat())  # re-sync theta before each step
+            set_theta(ex.adapter, prog.get_lora_flat())  # re-sync theta before each step
             for v, m in zip(ex.step.velocity or [], prog.get_momentum().values()):
                 v.copy_(m)
             loss_p, g_p = prog.train_step(100 + i, 5e-2, 1e-2, batch)
@@ -151,20 +155,20 @@ def test_step_parity_with_eager_per_step(which, request, tokenizer):
             assert g_p.shape == (ex.q,)
             assert abs(loss_p - float(loss_e)) <= TOL
             assert float((g_p - g_e).abs().max()) * 2e-2 <= TOL  # g = (l+ - l-) / (2 eps)
-            assert float((prog.get_lora_flat() - flat_trained(ex.adapter)).abs().max()) <= TOL
+            assert float((prog.get_lora_flat() - theta_of(ex.adapter)).abs().max()) <= TOL
             if ex.momentum:
                 got = torch.cat([v.reshape(-1) for v in prog.get_momentum().values()])
                 want = torch.cat([v.reshape(-1) for v in ex.step.velocity])
                 assert got.abs().max() > 0 and float((got - want).abs().max()) <= TOL
-        assert not torch.equal(prog.get_lora_flat(), flat_trained(ex.adapter) * 0)
+        assert not torch.equal(prog.get_lora_flat(), theta_of(ex.adapter) * 0)
         eval_batch = make_batch(tokenizer, 5, offset=1)  # not a multiple of the eval batch
-        load_flat(ex.adapter, prog.get_lora_flat())
+        set_theta(ex.adapter, prog.get_lora_flat())
         with torch.no_grad():
             want = ex.loss.logits(ex.model, *eval_batch[:4])
         got = prog.scores(*eval_batch[:4])
         assert got.shape == want.shape and float((got - want).abs().max()) <= TOL
     finally:
-        load_flat(ex.adapter, torch.cat([v.reshape(-1) for v in start.values()]))
+        set_theta(ex.adapter, torch.cat([v.reshape(-1) for v in start.values()]))
         for v in ex.step.velocity or []:
             v.zero_()
 
@@ -189,12 +193,12 @@ def test_theta_stays_in_two_ort_buffers(llama, tokenizer):
     flat = prog.get_lora_flat()
     assert flat.abs().max() > 0
     try:
-        load_flat(llama.adapter, flat)
+        set_theta(llama.adapter, flat)
         with torch.no_grad():
             want = llama.loss.logits(llama.model, *eval_batch)
         assert float((prog.forward(*eval_batch) - want).abs().max()) <= TOL
     finally:
-        load_flat(llama.adapter, torch.zeros(llama.adapter.numel))
+        set_theta(llama.adapter, torch.zeros(llama.adapter.numel))
 
 
 def test_engine_surface_resume_and_dispatch(qwen, tokenizer):
@@ -234,21 +238,21 @@ def test_dynamic_length_runs_trimmed_batches_like_eager(llama, qwen, tokenizer):
     try:
         for i, batch in enumerate((prompts, tuple(t[:, -3:] if t.dim() == 2 and t.shape[1] == T
                                                    else t for t in prompts))):
-            load_flat(llama.adapter, engine.program.get_lora_flat())
+            set_theta(llama.adapter, engine.program.get_lora_flat())
             loss_p, g_p = engine.step(batch, 60 + i, 5e-2, 1e-2)
             loss_e, g_e = llama.step(torch.tensor([60 + i]), 5e-2, 1e-2,
                                      *trim_left_padding(batch, keep=2))
             assert abs(loss_p - float(loss_e)) <= TOL
             assert float((g_p - g_e).abs().max()) * 2e-2 <= TOL
-            assert float((engine.program.get_lora_flat() - flat_trained(llama.adapter))
+            assert float((engine.program.get_lora_flat() - theta_of(llama.adapter))
                          .abs().max()) <= TOL
-        load_flat(llama.adapter, engine.program.get_lora_flat())
+        set_theta(llama.adapter, engine.program.get_lora_flat())
         with torch.no_grad():
             want = llama.loss.logits(llama.model, *prompts[:4])
         (got,) = engine.scores(prompts)
         assert float((got - want).abs().max()) <= TOL
     finally:
-        load_flat(llama.adapter, torch.zeros(llama.adapter.numel))
+        set_theta(llama.adapter, torch.zeros(llama.adapter.numel))
     longer = tuple(torch.cat([t, t[:, :1]], 1) if t.dim() == 2 and t.shape[1] == T else t
                    for t in prompts)
     with pytest.raises(EngineError, match="exported for"):
@@ -414,10 +418,10 @@ def test_int4_base_with_fp32_adapter(tokenizer, tmp_path):
     prog = OrtProgram.load(path, quantize="int4")
     for i in range(3):
         batch = make_batch(tokenizer, 2, offset=i)
-        load_flat(ref_adapter, prog.get_lora_flat())
+        set_theta(ref_adapter, prog.get_lora_flat())
         loss_p, g_p = prog.train_step(9 + i, 5e-2, 1e-2, batch)
         loss_e, g_e = step(torch.tensor([9 + i]), 5e-2, 1e-2, *batch)
         assert abs(loss_p - float(loss_e)) <= TOLERANCE["int4"]["loss"]
         assert float((g_p - g_e).abs().max()) * 2e-2 <= TOLERANCE["int4"]["loss_diff"]
-        assert float((prog.get_lora_flat() - flat_trained(ref_adapter)).abs().max()) <= TOL
+        assert float((prog.get_lora_flat() - theta_of(ref_adapter)).abs().max()) <= TOL
 
