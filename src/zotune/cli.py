@@ -6,7 +6,8 @@
     zotune train --config x.yaml [--section.key value ...] [--resume]
     zotune eval --config x.yaml [--adapter DIR] [--split test] [--harness TASKS [--harness-include DIR]]
     zotune export --engine executorch --config x.yaml --out model.pte [--quantize 8da4w]
-    zotune device-train model.pte --config x.yaml [--resume]
+    zotune export --engine onnx --config x.yaml --out step.onnx [--quantize int4]
+    zotune device-train model.pte|step.onnx --config x.yaml [--resume]
     zotune replay RUN/replay.jsonl --out DIR
     zotune export-adapter ADAPTER_DIR --format gguf|merged --out PATH [--base MODEL]
 
@@ -92,7 +93,12 @@ def cmd_export(args, rest):
     from zotune.train.device import export
 
     cfg = _config(args, rest)
-    report = export(cfg, args.out, args.engine, None if args.quantize == "none" else args.quantize)
+    quantize = None if args.quantize == "none" else args.quantize
+    allowed = {"executorch": (None, "8da4w"), "onnx": (None, "int4", "int4-zp")}[args.engine]
+    if quantize not in allowed:
+        raise ZotuneError(f"--quantize {quantize}: the {args.engine} engine offers "
+                          f"{[q or 'none' for q in allowed]}")
+    report = export(cfg, args.out, args.engine, quantize, args.block_size)
     print(json.dumps(report, indent=1))
 
 
@@ -151,23 +157,31 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, help_ in (("data", cmd_data, "load a task and show its splits"),
                             ("train", cmd_train, "fine-tune (eager PyTorch)"),
                             ("eval", cmd_eval, "evaluate a model and adapter on a split"),
-                            ("export", cmd_export, "export the training step (ExecuTorch .pte)"),
+                            ("export", cmd_export,
+                             "export the training step (ExecuTorch .pte or ONNX)"),
                             ("device-train", cmd_device_train,
-                             "train with the ExecuTorch runtime executing an exported step")):
+                             "train with an engine's runtime executing an exported step")):
         s = sub.add_parser(name, help=help_, epilog=_config_epilog(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         s.add_argument("--config", help="YAML config; further --section.key value override it")
         s.set_defaults(fn=fn)
     sub.choices["data"].add_argument("--show", type=int, default=2, help="examples to print")
-    sub.choices["device-train"].add_argument("program", help="a .pte written by zotune export")
+    sub.choices["device-train"].add_argument("program",
+                                             help="a .pte or .onnx written by zotune export")
     for name in ("train", "device-train"):
         sub.choices[name].add_argument("--resume", action="store_true",
                                        help="continue from the run folder's checkpoint")
         sub.choices[name].add_argument("--stop-after", type=int, default=None,
                                        help="stop after this many steps (resume later)")
-    sub.choices["export"].add_argument("--out", required=True, help="the .pte to write")
-    sub.choices["export"].add_argument("--engine", default="executorch", choices=["executorch"])
-    sub.choices["export"].add_argument("--quantize", default="none", choices=["none", "8da4w"])
+    sub.choices["export"].add_argument("--out", required=True, help="the .pte / .onnx to write")
+    sub.choices["export"].add_argument("--engine", default="executorch",
+                                       choices=["executorch", "onnx"])
+    sub.choices["export"].add_argument("--quantize", default="none",
+                                       choices=["none", "8da4w", "int4", "int4-zp"],
+                                       help="8da4w: ExecuTorch; int4, int4-zp (with zero "
+                                       "points): ONNX (MatMulNBits)")
+    sub.choices["export"].add_argument("--block-size", type=int, default=None,
+                                       help="weights per 4-bit block / group (default 32)")
     sub.choices["eval"].add_argument("--adapter", help="PEFT adapter folder")
     sub.choices["eval"].add_argument("--split", default="test", choices=["train", "dev", "test"])
     sub.choices["eval"].add_argument("--harness", metavar="TASKS",

@@ -108,8 +108,34 @@ def executorch_program(_exported, tokenizer):
     return EngineCase(make, Q, layers, reference=eager(tokenizer, cfg))
 
 
-CASES = ["eager_prge", "eager_rge", "eager_fo", "executorch_program"]
-PARITY = ["eager_rge", "executorch_program"]
+@pytest.fixture(scope="module")
+def _exported_onnx(tmp_path_factory, tokenizer):
+    from zotune.engines.onnx import export_program
+    from zotune.loss import ClassificationLoss
+
+    cfg = config("prge")
+    model = make_tiny_model("llama", tokenizer, seed=0)
+    adapter = build_params(model, cfg)
+    path = tmp_path_factory.mktemp("contract-onnx") / "step.onnx"
+    export_program(model, adapter, ClassificationLoss(), Q, B, T, C, out_path=path,
+                   eval_batch=B, momentum=cfg.optim.momentum, threads=1)
+    return path, adapter.state(), list(adapter.layers), cfg
+
+
+@pytest.fixture
+def onnx_program(_exported_onnx, tokenizer):
+    from zotune.engines.ort import OrtProgram
+    from zotune.engines.program import ProgramEngine
+
+    path, frozen, layers, cfg = _exported_onnx
+
+    def make():
+        return ProgramEngine(OrtProgram.load(path), frozen)
+    return EngineCase(make, Q, layers, reference=eager(tokenizer, cfg))
+
+
+CASES = ["eager_prge", "eager_rge", "eager_fo", "executorch_program", "onnx_program"]
+PARITY = ["eager_rge", "executorch_program", "onnx_program"]
 
 
 @pytest.fixture(params=CASES)

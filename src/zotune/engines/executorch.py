@@ -33,7 +33,6 @@ import copy
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,13 +51,18 @@ from zotune.engines.et_lowering import (
 from zotune.engines.et_parity import TOLERANCE, parity_check
 from zotune.engines.export_common import (
     FORMAT_VERSION,
+    ChoiceForward,
     EngineError,
     ExportCheckError,
+    ExportReport,
     ProgramFileError,
     check_batch,
+    check_options,
+    sha256_bytes,
     sidecar_path,
     trained_to_buffers,
 )
+from zotune.engines.parity import gate
 from zotune.engines.pte import ENGINE, METHODS, ExecuTorchEngine, PteProgram
 from zotune.estimators.prge import VELOCITY, PRGEStep
 from zotune.io import atomic_write_bytes, atomic_write_text
@@ -71,24 +75,7 @@ QUANTIZE = (None, "8da4w")
 # model under the same attribute name ("model"), so a trained buffer has the same fully qualified
 # name in every method: that is what share_mutable_buffers keys on.
 
-class _Forward(nn.Module):
-    """Choice logits with the current theta. The adapted layers run in replica mode with a single
-    replica, so theta enters only through bmm (never as a linear weight a backend could pack)."""
-
-    def __init__(self, model, adapter, loss):
-        super().__init__()
-        self.model, self.adapter, self.loss = model, adapter, loss
-
-    def forward(self, input_ids, attention_mask, position_ids, choice_ids):
-        stacks = {}
-        for name, layer in self.adapter.layers.items():
-            a = layer.lora_A.unsqueeze(0) if self.adapter.train_a else None
-            stacks[name] = (a, layer.lora_B.unsqueeze(0))
-        self.adapter.set_replicas(stacks)
-        try:
-            return self.loss.logits(self.model, input_ids, attention_mask, position_ids, choice_ids)
-        finally:
-            self.adapter.set_replicas(None)
+_Forward = ChoiceForward  # the evaluation method, shared with the ONNX exporter
 
 
 class _GetLora(nn.Module):
@@ -130,22 +117,6 @@ class _SetMomentum(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-
-@dataclass
-class ExportReport:
-    path: str
-    sidecar: str
-    size: int
-    sha256: str
-    seconds: dict = field(default_factory=dict)  # export / lower / emit / check / total
-    check: dict = field(default_factory=dict)  # max abs differences against eager
-    tolerance: dict = field(default_factory=dict)  # metric -> max allowed (gated metrics only)
-    portable_ops: dict = field(default_factory=dict)  # non-delegated ops per method
-    meta: dict = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int, n_choices: int,
                    dual: bool = True, noise: str = "normal", quantize: str | None = None,
@@ -208,12 +179,7 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         model._buffers.pop(VELOCITY, None)
         model.train(was_training)
     say(f"parity vs eager: {check}")
-    bad = {k: v for k, v in check.items() if k in tol and not (v <= tol[k])}  # NaN is bad
-    if bad:
-        raise ExportCheckError(
-            "the lowered ExecuTorch program differs from eager PyTorch beyond tolerance: "
-            + ", ".join(f"{k} {v:.3g} > {tol[k]:g}" for k, v in bad.items())
-            + f"; nothing was written to {out_path}")
+    gate(check, tol, "lowered ExecuTorch program", out_path)
 
     meta = _metadata(plan, data, dtype, theta0, quantize, group_size, xnnpack, model_name,
                      check, tol)
@@ -229,19 +195,7 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
 def _check_options(adapter, loss, quantize, noise, momentum, q, b, seq_len, n_choices) -> None:
     if quantize not in QUANTIZE:
         raise EngineError(f"quantize: expected one of {QUANTIZE}, got {quantize!r}")
-    if noise not in ("normal", "rademacher"):
-        raise EngineError(f"noise: expected 'normal' or 'rademacher', got {noise!r}")
-    if not hasattr(adapter, "layers"):
-        raise EngineError("the ExecuTorch engine exports LoRA / LoRA-FA adapters only "
-                          "(full-parameter training has no compact trained state)")
-    if getattr(loss, "kind", None) != "classification" or getattr(loss, "via_head_module", False):
-        raise EngineError("the ExecuTorch engine exports the classification loss "
-                          "(label-word logits at the last position)")
-    if not 0.0 <= momentum < 1.0:
-        raise EngineError(f"momentum: expected a value in [0, 1), got {momentum!r}")
-    for name, v in (("q", q), ("b", b), ("seq_len", seq_len), ("n_choices", n_choices)):
-        if int(v) < 1 or (name == "n_choices" and v < 2):
-            raise EngineError(f"{name} must be a positive integer (n_choices >= 2), got {v}")
+    check_options(adapter, loss, q, b, seq_len, n_choices, noise, momentum, "ExecuTorch")
 
 
 class _Plan:
@@ -358,13 +312,8 @@ def _metadata(plan: _Plan, data: bytes, dtype, theta0, quantize, group_size, xnn
         "init": "zeros" if not theta0.any() else "given",
         "zotune": zotune.__version__, "torch": torch.__version__, "executorch": _et_version(),
         "check": check, "tolerance": tol,
-        "size": len(data), "sha256": _sha256_bytes(data),
+        "size": len(data), "sha256": sha256_bytes(data),
     }
-
-
-def _sha256_bytes(data: bytes) -> str:
-    import hashlib
-    return hashlib.sha256(data).hexdigest()
 
 
 def _et_version() -> str:

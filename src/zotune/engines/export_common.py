@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,6 +57,60 @@ def trained_to_buffers(adapter) -> list[str]:
     return adapter.layout.names
 
 
+class ChoiceForward(nn.Module):
+    """Choice logits with the current theta (the evaluation program). The adapted layers run in
+    replica mode with a single replica, so theta enters only through bmm (never as a linear
+    weight a backend could pack or quantize)."""
+
+    def __init__(self, model, adapter, loss):
+        super().__init__()
+        self.model, self.adapter, self.loss = model, adapter, loss
+
+    def forward(self, input_ids, attention_mask, position_ids, choice_ids):
+        stacks = {}
+        for name, layer in self.adapter.layers.items():
+            a = layer.lora_A.unsqueeze(0) if self.adapter.train_a else None
+            stacks[name] = (a, layer.lora_B.unsqueeze(0))
+        self.adapter.set_replicas(stacks)
+        try:
+            return self.loss.logits(self.model, input_ids, attention_mask, position_ids, choice_ids)
+        finally:
+            self.adapter.set_replicas(None)
+
+
+def check_options(adapter, loss, q, b, seq_len, n_choices, noise, momentum, what: str) -> None:
+    """What every exporter of the step supports, checked before any tracing."""
+    if noise not in ("normal", "rademacher"):
+        raise EngineError(f"noise: expected 'normal' or 'rademacher', got {noise!r}")
+    if not hasattr(adapter, "layers"):
+        raise EngineError(f"the {what} engine exports LoRA / LoRA-FA adapters only "
+                          "(full-parameter training has no compact trained state)")
+    if getattr(loss, "kind", None) != "classification" or getattr(loss, "via_head_module", False):
+        raise EngineError(f"the {what} engine exports the classification loss "
+                          "(label-word logits at the last position)")
+    if not 0.0 <= momentum < 1.0:
+        raise EngineError(f"momentum: expected a value in [0, 1), got {momentum!r}")
+    for name, v in (("q", q), ("b", b), ("seq_len", seq_len), ("n_choices", n_choices)):
+        if int(v) < 1 or (name == "n_choices" and v < 2):
+            raise EngineError(f"{name} must be a positive integer (n_choices >= 2), got {v}")
+
+
+@dataclass
+class ExportReport:
+    path: str
+    sidecar: str
+    size: int
+    sha256: str
+    seconds: dict = field(default_factory=dict)  # the exporter's stages, and total
+    check: dict = field(default_factory=dict)  # max abs differences against eager
+    tolerance: dict = field(default_factory=dict)  # metric -> max allowed (gated metrics only)
+    portable_ops: dict = field(default_factory=dict)  # non-delegated ops per method (ExecuTorch)
+    meta: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 def check_batch(vocab_size: int, b: int, seq_len: int, n_choices: int,
                 seed: int = 0) -> tuple[torch.Tensor, ...]:
     """A deterministic classification batch of the static shapes (left padding on some rows),
@@ -73,6 +128,10 @@ def check_batch(vocab_size: int, b: int, seq_len: int, n_choices: int,
     return ids, am, pos, choice, labels
 
 
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -83,6 +142,18 @@ def sha256_file(path: str | Path) -> str:
 
 def sidecar_path(path: str | Path) -> Path:
     return Path(str(path) + ".json")
+
+
+def read_engine(path: str | Path) -> str:
+    """The engine named in a program's metadata (for picking the runtime that opens it); without
+    readable metadata, the one its suffix implies (read_sidecar then reports what is wrong)."""
+    try:
+        engine = json.loads(sidecar_path(path).read_text()).get("engine")
+    except (OSError, ValueError, AttributeError):
+        engine = None
+    if engine:
+        return str(engine)
+    return {".pte": "executorch", ".onnx": "onnx"}.get(Path(path).suffix, "executorch")
 
 
 def read_sidecar(path: str | Path, engine: str) -> dict:
