@@ -85,6 +85,29 @@ class TrainConfig:
     progress: bool = True
 
 
+# ----------------------------------------------------------------------------- federated (zotune federate)
+
+@dataclass
+class FederatedConfig:
+    mode: str = "zo"  # zo: clients send (seed, g) records | fedavg: first-order clients send B
+    clients: int = 8  # partitions of the train split; simulation starts this many SuperNodes
+    rounds: int = 10
+    local_steps: int = 5  # client steps per round
+    fraction: float = 1.0  # share of the connected clients sampled each round
+    min_fraction: float = 0.5  # a round is applied only if this share of the sampled answered validly
+    partition: str = "iid"  # iid | dirichlet (label skew)
+    alpha: float = 0.5  # dirichlet concentration: smaller is more skewed
+    partition_seed: int = 0
+    catch_up_limit: int = 1000  # a client more records behind than this gets the adapter instead
+    max_abs_g: float = 1000.0  # a client record with any |g| above this is dropped
+    max_count: int = 1000000  # a client claiming more examples than this is dropped
+    fedavg_lr: float = 1e-3  # fedavg: the clients' first-order (optim.optimizer) learning rate
+    parallel: int = 2  # simulation: clients running at once (one CPU each)
+    wait_clients_s: float = 120.0  # how long the server waits for `clients` SuperNodes to connect
+    round_timeout_s: float = 1800.0  # replies later than this are treated as missing
+    eval_every: int = 1  # rounds between server-side dev/test evaluations (and the last round)
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -92,6 +115,7 @@ class Config:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -216,6 +240,8 @@ _CHOICES = {
     ("optim", "normalize"): ("none", "rms"),
     ("optim", "optimizer"): ("sgd", "adamw"),
     ("model", "dtype"): ("float32", "float64", "bfloat16", "float16"),
+    ("federated", "mode"): ("zo", "fedavg"),
+    ("federated", "partition"): ("iid", "dirichlet"),
 }
 
 
@@ -234,6 +260,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.rms_decay: expected a number in [0, 1)")
     if cfg.train.steps < 0:
         raise ConfigError("train.steps: expected a non-negative integer")
+    validate_federated(cfg)
     if cfg.adapter.kind == "full" and cfg.optim.estimator == "prge":
         raise ConfigError("optim.estimator: prge needs an adapter (adapter.kind lora-fa or lora); "
                           "use rge for full-parameter ZO")
+
+
+def validate_federated(cfg: Config) -> None:
+    f = cfg.federated
+    for key in ("clients", "rounds", "local_steps", "parallel", "eval_every", "max_count"):
+        if getattr(f, key) < 1:
+            raise ConfigError(f"federated.{key}: expected a positive integer")
+    for key in ("fraction", "min_fraction"):
+        if not 0.0 < getattr(f, key) <= 1.0:
+            raise ConfigError(f"federated.{key}: expected a number in (0, 1]")
+    for key in ("alpha", "max_abs_g", "fedavg_lr", "wait_clients_s", "round_timeout_s"):
+        if getattr(f, key) <= 0:
+            raise ConfigError(f"federated.{key}: expected a positive number")
+    if f.catch_up_limit < 0:
+        raise ConfigError("federated.catch_up_limit: expected a non-negative integer")
