@@ -8,6 +8,7 @@
     zotune export --engine executorch --config x.yaml --out model.pte [--quantize 8da4w]
     zotune device-train model.pte --config x.yaml [--resume]
     zotune replay RUN/replay.jsonl --out DIR
+    zotune federate --config configs/federated.yaml [--resume]   Flower simulation, K clients
 
 Errors in the user's input print one line naming the file/line/field and exit with status 2.
 """
@@ -118,6 +119,27 @@ def cmd_replay(args, rest):
     print(f"adapter rebuilt from {args.log}: {replay(args.log, args.out)}")
 
 
+def cmd_federate(args, rest):
+    from zotune.federated.simulate import federate, traffic_table
+
+    cfg = _config(args, rest)
+    summary = federate(cfg, resume=args.resume, stop_after=args.stop_after)
+    print(traffic_table(cfg.train.out_dir))
+    if summary is None:
+        print(f"stopped after {args.stop_after} rounds; continue with --resume")
+        return
+    zs, metric = summary["zero_shot"], "accuracy" if "accuracy" in summary["test"] else "loss"
+    print(f"zero-shot test {metric}: {zs['test'][metric]:.4f}")
+    if "test_calibrated" in zs:
+        print(f"zero-shot test accuracy with a dev-chosen threshold: "
+              f"{zs['test_calibrated']['accuracy']:.4f}")
+    print(f"after {summary['rounds']} rounds ({summary['mode']}): test {metric} "
+          f"{summary['test'][metric]:.4f}; bytes per client per round: up "
+          f"{summary['bytes_up_per_client_round']:.0f}, down "
+          f"{summary['bytes_down_per_client_round']:.0f}")
+    print(f"adapter: {summary['adapter']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zotune", description="Forward-only fine-tuning of LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -145,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["export"].add_argument("--quantize", default="none", choices=["none", "8da4w"])
     sub.choices["eval"].add_argument("--adapter", help="PEFT adapter folder")
     sub.choices["eval"].add_argument("--split", default="test", choices=["train", "dev", "test"])
+    s = sub.add_parser("federate", help="federated fine-tuning in Flower's simulation engine")
+    s.add_argument("--config", help="YAML config; further --section.key value override it")
+    s.add_argument("--resume", action="store_true", help="continue from the server's checkpoint")
+    s.add_argument("--stop-after", type=int, default=None, help="stop after this many rounds")
+    s.set_defaults(fn=cmd_federate)
     s = sub.add_parser("fetch", help="prepare the offline model and data caches")
     s.set_defaults(fn=cmd_fetch)
     s = sub.add_parser("replay", help="rebuild an adapter from a replay log")

@@ -163,10 +163,11 @@ def summarize(cfg: Config, zs: dict, lines: list[dict], adapter_dir: Path) -> di
     }
 
 
-def server_app(cfg: Config | None = None, resume: bool = False,
-               stop_after: int | None = None) -> ServerApp:
+def server_app(cfg: Config | None = None, resume: bool = False, stop_after: int | None = None,
+               errors: list | None = None) -> ServerApp:
     """The ServerApp; with no cfg it reads the config named in the run config (`config`,
-    `overrides`, `resume`), as Flower's deployment runs it."""
+    `overrides`, `resume`), as Flower's deployment runs it. Exceptions are also appended to
+    `errors`, for a caller whose runtime runs the app in another thread."""
     app = ServerApp()
 
     @app.main()
@@ -174,8 +175,15 @@ def server_app(cfg: Config | None = None, resume: bool = False,
         from zotune.federated.client import config_from_run
 
         c = cfg or config_from_run(context.run_config)
-        logging.basicConfig(level=logging.INFO)
-        serve(grid, c, resume or bool(context.run_config.get("resume", False)), stop_after)
+        if not log.handlers:  # zotune's round lines, without turning on Flower's debug logs
+            log.addHandler(logging.StreamHandler())
+            log.setLevel(logging.INFO)
+        try:
+            serve(grid, c, resume or bool(context.run_config.get("resume", False)), stop_after)
+        except BaseException as e:
+            if errors is not None:
+                errors.append(e)
+            raise
 
     return app
 
