@@ -46,7 +46,7 @@ def test_superlink_two_supernodes(tmp_path, tiny_folder, cls_jsonl):
            "optim": {"q": 2, "batch_size": 2, "lr": 0.01},
            "train": {"eval_batch_size": 8, "out_dir": str(run_dir), "progress": False,
                      "threads": 1},
-           "federated": {"clients": 2, "rounds": 2, "local_steps": 2, "wait_clients_s": 60,
+           "federated": {"clients": 2, "rounds": 5, "local_steps": 2, "wait_clients_s": 60,
                          "round_timeout_s": 120}}
     cfg_path = tmp_path / "federated.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
@@ -75,7 +75,8 @@ def test_superlink_two_supernodes(tmp_path, tiny_folder, cls_jsonl):
                   f"127.0.0.1:{link}", "--port", str(free_port()),
                   "--node-config", f"partition-id={i} num-partitions=2")
         run = subprocess.run([str(BIN / "flwr"), "run", str(ROOT / "apps" / "federated"), "local",
-                              "--stream", "--run-config", f'config="{cfg_path}"'],
+                              "--stream", "--run-config",
+                              f'config="{cfg_path}" overrides="--federated.rounds 2"'],
                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         deadline = time.monotonic() + 30  # the stream can end just before the file lands
