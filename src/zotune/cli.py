@@ -33,7 +33,7 @@ def cmd_models(args, rest):
     from zotune.models import EMBEDDED, load_model
 
     if not args.name:
-        for name, (_, filename, desc) in EMBEDDED.items():
+        for name, (_, _, desc) in EMBEDDED.items():
             print(f"{name:16s} {desc}")
         return
     model, tokenizer, source = load_model(args.name)
@@ -140,6 +140,12 @@ def cmd_federate(args, rest):
     print(f"adapter: {summary['adapter']}")
 
 
+def _config_epilog() -> str:
+    from zotune.config import fields_help
+
+    return "config fields (set in the YAML file or as --section.key value):\n" + fields_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zotune", description="Forward-only fine-tuning of LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -152,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                             ("export", cmd_export, "export the training step (ExecuTorch .pte)"),
                             ("device-train", cmd_device_train,
                              "train with the ExecuTorch runtime executing an exported step")):
-        s = sub.add_parser(name, help=help_)
+        s = sub.add_parser(name, help=help_, epilog=_config_epilog(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         s.add_argument("--config", help="YAML config; further --section.key value override it")
         s.set_defaults(fn=fn)
     sub.choices["data"].add_argument("--show", type=int, default=2, help="examples to print")
@@ -167,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["export"].add_argument("--quantize", default="none", choices=["none", "8da4w"])
     sub.choices["eval"].add_argument("--adapter", help="PEFT adapter folder")
     sub.choices["eval"].add_argument("--split", default="test", choices=["train", "dev", "test"])
-    s = sub.add_parser("federate", help="federated fine-tuning in Flower's simulation engine")
+    s = sub.add_parser("federate", help="federated fine-tuning in Flower's simulation engine",
+                       epilog=_config_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--config", help="YAML config; further --section.key value override it")
     s.add_argument("--resume", action="store_true", help="continue from the server's checkpoint")
     s.add_argument("--stop-after", type=int, default=None, help="stop after this many rounds")

@@ -1,6 +1,10 @@
 """Flower's deployment runtime for real: a SuperLink and two SuperNodes on 127.0.0.1 (insecure,
-free ports), `flwr run` of apps/federated with a tiny model for two rounds, then every process
-group stopped."""
+free ports), `flwr run` of apps/federated with a tiny model, then every process group stopped.
+
+One round: each round starts a fresh `flwr-clientapp` process per SuperNode (torch and the model
+loaded again), so a round costs seconds of start-up here. What later rounds add, catching up from
+the records sent, is proven in process with messages through their protobuf encoding
+(test_protocol.py)."""
 
 import json
 import os
@@ -76,7 +80,7 @@ def test_superlink_two_supernodes(tmp_path, tiny_folder, cls_jsonl):
                   "--node-config", f"partition-id={i} num-partitions=2")
         run = subprocess.run([str(BIN / "flwr"), "run", str(ROOT / "apps" / "federated"), "local",
                               "--stream", "--run-config",
-                              f'config="{cfg_path}" overrides="--federated.rounds 2"'],
+                              f'config="{cfg_path}" overrides="--federated.rounds 1"'],
                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         deadline = time.monotonic() + 30  # the stream can end just before the file lands
@@ -99,11 +103,11 @@ def test_superlink_two_supernodes(tmp_path, tiny_folder, cls_jsonl):
                 p.wait(timeout=15)
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["rounds"] == 2 and summary["mode"] == "zo"
+    assert summary["rounds"] == 1 and summary["mode"] == "zo"  # the override reached the apps
     rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["accepted"] for r in rounds] == [[0, 1], [0, 1]]  # both SuperNodes, both rounds
+    assert [r["accepted"] for r in rounds] == [[0, 1]]  # both SuperNodes
     assert all(b["up"] < 1024 for r in rounds for b in r["bytes"])
-    # 2 clients x 2 local steps x 2 rounds records, and the log rebuilds the served adapter.
+    # 2 clients x 2 local steps records, and the log rebuilds the served adapter.
     replay(str(run_dir / "replay.jsonl"), str(tmp_path / "rebuilt"))
     _, served = load_peft(run_dir / "adapter")
     _, rebuilt = load_peft(tmp_path / "rebuilt")

@@ -1,4 +1,8 @@
-"""`zotune federate` in Flower's simulation engine (Ray workers), with a tiny model."""
+"""`zotune federate` in Flower's simulation engine (Ray workers), with a tiny model.
+
+Kept to the least that exercises the Ray wiring (one worker serving both virtual clients, one
+round): the round logic, catch-up from records and a process serving several clients are proven
+in process (test_protocol.py), and Ray's start-up is most of this test's time."""
 
 import json
 
@@ -16,7 +20,7 @@ def test_federate_command_runs_the_simulation(tmp_path, tiny_folder, cls_jsonl, 
            "optim": {"q": 2, "batch_size": 2, "lr": 0.01},
            "train": {"eval_batch_size": 8, "out_dir": str(run_dir), "progress": False,
                      "threads": 1},
-           "federated": {"clients": 3, "rounds": 2, "local_steps": 2, "parallel": 2,
+           "federated": {"clients": 2, "rounds": 1, "local_steps": 2, "parallel": 1,
                          "partition": "dirichlet", "alpha": 1.0, "wait_clients_s": 60}}
     path = tmp_path / "federated.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -24,9 +28,9 @@ def test_federate_command_runs_the_simulation(tmp_path, tiny_folder, cls_jsonl, 
     out = capsys.readouterr().out
     assert "up B/client" in out and "bytes per client per round: up" in out
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["rounds"] == 2 and 0 < summary["max_bytes_up"] < 1024
+    assert summary["rounds"] == 1 and 0 < summary["max_bytes_up"] < 1024
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["accepted"] for r in lines] == [[0, 1, 2], [0, 1, 2]]
+    assert [r["accepted"] for r in lines] == [[0, 1]]
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
 
 

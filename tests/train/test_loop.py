@@ -127,14 +127,14 @@ def test_run_outputs(tmp_path, tiny_folder, cls_jsonl):
     assert summary["test"]["accuracy"] == s["test"]["accuracy"]
     assert 0 <= summary["selected_step"] <= 6 and summary["peak_rss_mb"] > 0
     assert "accuracy" in summary["zero_shot"]["test_calibrated"]
-    kinds = [json.loads(l)["type"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    kinds = [json.loads(line)["type"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert kinds.count("train") == 6 and kinds.count("final") == 1
     with open(run / "training.png", "rb") as f:
         assert f.read(4) == b"\x89PNG"
 
 
 def _records(run):
-    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_time_limit_stops_early_and_still_finishes(tmp_path, tiny_folder, cls_jsonl):

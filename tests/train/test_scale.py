@@ -40,3 +40,17 @@ def test_state_round_trip_continues_identically():
     a.update([0.3, 0.4])
     b.update([0.3, 0.4])
     assert a.lr(0.1) == b.lr(0.1)
+
+
+@pytest.mark.parametrize("k", [0.25, 4.0])
+def test_ms_steps_are_invariant_to_the_parameter_scale(k):
+    """L(B) = f(k B): g grows by k, so the step in B units must shrink by k (the step in k B units
+    stays the same). lr / mean(g^2) does that; lr / rms(g) does not."""
+    gs = [[0.5, -1.5, 2.0, 0.1], [1.0, 1.0, -3.0, 0.2], [-0.7, 0.4, 0.9, -2.2]] * 5
+    a, b = StepScale("ms"), StepScale("ms")
+    for g in gs:
+        step_a = [a.lr(1e-3) * x for x in g]  # the update's size per unit of z, in B units
+        step_b = [b.lr(1e-3) * k * x for x in g]
+        assert [k * x for x in step_b] == pytest.approx(step_a, rel=1e-9, abs=0)
+        a.update(g)
+        b.update([k * x for x in g])

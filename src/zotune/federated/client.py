@@ -31,12 +31,11 @@ from zotune.train.scale import StepScale
 STATE, POS = "zotune.global", "zotune.pos"
 
 
-def _params(ws: Workspace) -> list[torch.Tensor]:
-    return ws.engine.params.tensors()
-
-
-def _velocity(ws: Workspace) -> list[torch.Tensor] | None:
-    return ws.engine.velocity
+def _load(ws: Workspace, record) -> None:
+    """theta [N] (and velocity [N], when the record and the engine have one) into the engine."""
+    ws.layout.scatter(P.tensor(record, "theta"), ws.params)
+    if ws.velocity is not None and "velocity" in record:
+        ws.layout.scatter(P.tensor(record, "velocity"), ws.velocity)
 
 
 def _restore(ws: Workspace, state: RecordDict) -> int | None:
@@ -44,18 +43,12 @@ def _restore(ws: Workspace, state: RecordDict) -> int | None:
     when this client keeps none."""
     if POS not in state.config_records:
         return None
-    kept = state.array_records[STATE]
-    P.unflat(P.tensor(kept, "theta"), _params(ws))
-    if _velocity(ws) is not None:
-        P.unflat(P.tensor(kept, "velocity"), _velocity(ws))
+    _load(ws, state.array_records[STATE])
     return int(state.config_records[POS]["pos"])
 
 
 def _keep(ws: Workspace, state: RecordDict, pos: int) -> None:
-    named = {"theta": P.flat(_params(ws))}
-    if _velocity(ws) is not None:
-        named["velocity"] = P.flat(_velocity(ws))
-    state.array_records[STATE] = P.arrays(**named)
+    state.array_records[STATE] = P.arrays(**ws.flat_state())
     state.config_records[POS] = ConfigRecord({"pos": pos})
 
 
@@ -69,10 +62,7 @@ def catch_up(cfg: Config, ws: Workspace, content: RecordDict, state: RecordDict)
     o = cfg.optim
     if "adapter" in content.array_records:
         _reset(ws)  # momentum-free runs send no velocity: it stays zero
-        adapter = content.array_records["adapter"]
-        P.unflat(P.tensor(adapter, "theta"), _params(ws))
-        if _velocity(ws) is not None and "velocity" in adapter:
-            P.unflat(P.tensor(adapter, "velocity"), _velocity(ws))
+        _load(ws, content.array_records["adapter"])
         return int(content.config_records["round"]["base"])
     base, records = P.read_records(content.config_records["records"], o.q)
     pos = _restore(ws, state)
@@ -83,11 +73,10 @@ def catch_up(cfg: Config, ws: Workspace, content: RecordDict, state: RecordDict)
         pos = 0
     if pos < base:
         return f"out_of_sync: kept state at {pos}, records start at {base}"
-    trained, numel = ws.engine.params.trained, ws.engine.params.numel
     for rec in records[pos - base:]:  # the client may already hold a prefix
-        update_from_seed(trained, numel, torch.tensor([rec["seed"]], dtype=torch.int64),
+        update_from_seed(ws.layout, ws.params, torch.tensor([rec["seed"]], dtype=torch.int64),
                          torch.tensor(rec["g"], dtype=torch.float32), rec["lr"], o.noise,
-                         o.momentum, _velocity(ws))
+                         o.momentum, ws.velocity)
     return base + len(records)
 
 
@@ -135,7 +124,7 @@ def train_fedavg(cfg: Config, content: RecordDict, context: Context) -> RecordDi
     ws = workspace(cfg, first_order=True)
     r = content.config_records["round"]
     _reset(ws)  # also empties the optimizer's moments: each round's local optimizer starts fresh
-    P.unflat(P.tensor(content.array_records["adapter"], "theta"), _params(ws))
+    ws.layout.scatter(P.tensor(content.array_records["adapter"], "theta"), ws.params)
     losses = []
     batches = local_batches(cfg, ws, context.node_config, int(r["round"]))
     for lr, batch in zip(list(r["lr"]), batches):
@@ -144,7 +133,7 @@ def train_fedavg(cfg: Config, content: RecordDict, context: Context) -> RecordDi
     count = len(my_shard(cfg, ws, context.node_config)[1])
     return RecordDict({"reply": P.config(status="ok", count=count,
                                          loss=sum(losses) / len(losses)),
-                       "theta": P.arrays(theta=P.flat(_params(ws)))})
+                       "theta": P.arrays(theta=ws.theta())})
 
 
 def client_app(cfg: Config | None = None) -> ClientApp:

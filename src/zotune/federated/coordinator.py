@@ -73,12 +73,8 @@ class Coordinator:
     # ------------------------------------------------------------------ state
 
     @property
-    def params(self) -> list[torch.Tensor]:
-        return self.ws.engine.params.tensors()
-
-    @property
     def velocity(self) -> list[torch.Tensor] | None:
-        return self.ws.engine.velocity if self.zo else None
+        return self.ws.velocity if self.zo else None
 
     def start(self, resume: bool) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -125,12 +121,6 @@ class Coordinator:
         return [lr_at(self.round * L + t, f.rounds * L, lr, o.schedule, o.warmup_steps,
                       o.min_lr_ratio) for t in range(L)]
 
-    def _adapter(self) -> dict[str, torch.Tensor]:
-        named = {"theta": P.flat(self.params)}
-        if self.velocity is not None:
-            named["velocity"] = P.flat(self.velocity)
-        return named
-
     def messages(self, nodes: list[int]) -> list[Sent]:
         f = self.cfg.federated
         lrs = self.schedule()
@@ -144,7 +134,7 @@ class Coordinator:
             head = P.config(round=self.round, base=self.log_len, seeds=seeds, lr=lrs,
                             scale_ema=float(self.scale.ema), scale_seen=int(self.scale.seen))
             if adapter is None:
-                adapter = RecordDict({"round": head, "adapter": P.arrays(**self._adapter())})
+                adapter = RecordDict({"round": head, "adapter": P.arrays(**self.ws.flat_state(self.zo))})
             by_adapter = RecordDict({"round": head, "adapter": adapter["adapter"]})
             n_adapter = P.nbytes(by_adapter)
             if not self.zo:
@@ -208,7 +198,7 @@ class Coordinator:
             g, count = P.check_zo_reply(reply, s.seeds, q, f.max_abs_g, f.max_count)
             payload = g
         else:
-            payload, count = P.check_theta(content, self.ws.engine.params.numel, f.max_count)
+            payload, count = P.check_theta(content, self.ws.layout.numel, f.max_count)
         loss = reply.get("loss")
         if not isinstance(loss, float) or not math.isfinite(loss):
             raise P.Rejected(f"loss {loss!r} is not a finite number")
@@ -216,7 +206,6 @@ class Coordinator:
 
     def _apply_zo(self, valid, total: int) -> int:
         o = self.cfg.optim
-        trained, numel = self.ws.engine.params.trained, self.ws.engine.params.numel
         start = self.scale.state()
         n = 0
         for s, g_steps, count, _ in valid:
@@ -227,8 +216,9 @@ class Coordinator:
                 lr = local.lr(s.lr[t])
                 local.update(g)
                 applied = torch.tensor([w * x for x in g], dtype=torch.float32)
-                update_from_seed(trained, numel, torch.tensor([seed], dtype=torch.int64),
-                                 applied, lr, o.noise, o.momentum, self.velocity)
+                update_from_seed(self.ws.layout, self.ws.params,
+                                 torch.tensor([seed], dtype=torch.int64), applied, lr, o.noise,
+                                 o.momentum, self.velocity)
                 self.log.write({"type": "step", "done": self.log_len + 1, "step": self.log_len,
                                 "seed": seed, "lr": lr, "eps": o.eps,
                                 "g": [float(x) for x in applied],
@@ -239,8 +229,8 @@ class Coordinator:
         return n
 
     def _apply_fedavg(self, valid, total: int) -> int:
-        theta = torch.zeros_like(P.flat(self.params))
+        theta = torch.zeros_like(self.ws.theta())  # [N]
         for _, client_theta, count, _ in valid:  # slot order: the same sum every time
             theta += (count / total) * client_theta
-        P.unflat(theta, self.params)
+        self.ws.layout.scatter(theta, self.ws.params)
         return len(valid)

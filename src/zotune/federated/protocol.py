@@ -35,21 +35,6 @@ def client_seeds(run_seed: int, round_: int, slot: int, slots: int, local_steps:
     return [step_seed(run_seed, base + t) for t in range(local_steps)]
 
 
-def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The trained tensors as one vector (adapter order). -> [N]"""
-    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
-
-
-@torch.no_grad()
-def unflat(vector: torch.Tensor, tensors: list[torch.Tensor]) -> None:
-    """Copy a [N] vector back into the trained tensors, in place."""
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(vector[offset: offset + n].reshape(t.shape).to(t.dtype))
-        offset += n
-
-
 def arrays(**named: torch.Tensor) -> ArrayRecord:
     return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy()) for k, v in named.items()})
 

@@ -23,7 +23,7 @@ from zotune.errors import ZotuneError
 from zotune.eval import calibrated_accuracy, evaluate
 from zotune.federated.coordinator import Coordinator, Outcome, Sent
 from zotune.federated.workspace import workspace
-from zotune.train.checkpoint import atomic_write_text
+from zotune.io import atomic_write_text
 from zotune.train.logs import JsonlLog
 
 log = logging.getLogger("zotune.federated")

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from zotune.adapters.theta import ThetaLayout
 from zotune.config import Config
 from zotune.engines.eager import EagerEngine
 from zotune.federated.partition import partition
@@ -23,6 +24,30 @@ class Workspace:
     engine: EagerEngine
     splits: Splits
     initial: dict[str, torch.Tensor]  # engine.state() before any step: the global start
+
+    @property
+    def layout(self) -> ThetaLayout:
+        return self.engine.params.layout
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return self.engine.params.tensors()
+
+    @property
+    def velocity(self) -> list[torch.Tensor] | None:
+        return self.engine.velocity
+
+    def theta(self) -> torch.Tensor:
+        """The trained tensors as one fp32 vector, a copy. -> [N]"""
+        return self.layout.gather(self.params, torch.float32)
+
+    def flat_state(self, with_velocity: bool = True) -> dict[str, torch.Tensor]:
+        """What a client needs to take over the global state: theta [N], plus the momentum
+        velocity [N] when there is one."""
+        out = {"theta": self.theta()}
+        if with_velocity and self.velocity is not None:
+            out["velocity"] = self.layout.gather(self.velocity, torch.float32)
+        return out
 
 
 _CACHE: dict[str, Workspace] = {}

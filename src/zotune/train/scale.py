@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-KINDS = ("none", "rms")
+KINDS = ("none", "rms", "ms")
 
 
 class StepScale:
@@ -33,8 +33,10 @@ class StepScale:
             return lr
         if self.seen == 0:
             return 0.0
-        mean_sq = self.ema / (1.0 - self.decay ** self.seen)
-        return lr / math.sqrt(mean_sq) if mean_sq > 0 else 0.0
+        mean_sq = self.ema / (1.0 - self.decay**self.seen)
+        if mean_sq <= 0:
+            return 0.0
+        return lr / math.sqrt(mean_sq) if self.kind == "rms" else lr / mean_sq
 
     def update(self, g) -> None:
         """Fold one step's g (a sequence of q floats) into the running scale."""
