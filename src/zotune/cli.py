@@ -10,6 +10,7 @@
     zotune device-train model.pte|step.onnx --config x.yaml [--resume]
     zotune replay RUN/replay.jsonl --out DIR
     zotune export-adapter ADAPTER_DIR --format gguf|merged --out PATH [--base MODEL]
+    zotune federate --config configs/federated.yaml [--resume]   Flower simulation, K clients
 
 Errors in the user's input print one line naming the file/line/field and exit with status 2.
 """
@@ -142,6 +143,27 @@ def cmd_export_adapter(args, rest):
     print(f"{fmt} adapter written: {out}")
 
 
+def cmd_federate(args, rest):
+    from zotune.federated.simulate import federate, traffic_table
+
+    cfg = _config(args, rest)
+    summary = federate(cfg, resume=args.resume, stop_after=args.stop_after)
+    print(traffic_table(cfg.train.out_dir))
+    if summary is None:
+        print(f"stopped after {args.stop_after} rounds; continue with --resume")
+        return
+    zs, metric = summary["zero_shot"], "accuracy" if "accuracy" in summary["test"] else "loss"
+    print(f"zero-shot test {metric}: {zs['test'][metric]:.4f}")
+    if "test_calibrated" in zs:
+        print(f"zero-shot test accuracy with a dev-chosen threshold: "
+              f"{zs['test_calibrated']['accuracy']:.4f}")
+    print(f"after {summary['rounds']} rounds ({summary['mode']}): test {metric} "
+          f"{summary['test'][metric]:.4f}; bytes per client per round: up "
+          f"{summary['bytes_up_per_client_round']:.0f}, down "
+          f"{summary['bytes_down_per_client_round']:.0f}")
+    print(f"adapter: {summary['adapter']}")
+
+
 def _config_epilog() -> str:
     from zotune.config import fields_help
 
@@ -189,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["eval"].add_argument("--harness-include", action="append", default=None, metavar="DIR",
                                      help="a folder of lm-eval task YAML files (repeatable)")
     sub.choices["eval"].add_argument("--limit", type=int, default=None, help="--harness: examples per task")
+    s = sub.add_parser("federate", help="federated fine-tuning in Flower's simulation engine",
+                       epilog=_config_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--config", help="YAML config; further --section.key value override it")
+    s.add_argument("--resume", action="store_true", help="continue from the server's checkpoint")
+    s.add_argument("--stop-after", type=int, default=None, help="stop after this many rounds")
+    s.set_defaults(fn=cmd_federate)
     s = sub.add_parser("fetch", help="prepare the offline model and data caches")
     s.set_defaults(fn=cmd_fetch)
     s = sub.add_parser("replay", help="rebuild an adapter from a replay log")

@@ -110,12 +110,43 @@ class TrainConfig:
 
 
 @dataclass
+class FederatedConfig:
+    """`zotune federate`: K clients each hold a shard of the train split; zo clients send (seed, g)
+    records, fedavg clients (the first-order baseline) send their trained tensors."""
+    mode: str = _field("zo", "zo (clients send (seed, g) records) | fedavg (first-order clients "
+                             "send B)")
+    clients: int = _field(8, "partitions of the train split; the simulation starts this many "
+                             "SuperNodes")
+    rounds: int = _field(10, "federated rounds")
+    local_steps: int = _field(5, "client steps per round")
+    fraction: float = _field(1.0, "share of the connected clients sampled each round")
+    min_fraction: float = _field(0.5, "a round is applied only if this share of the sampled "
+                                      "clients answered validly")
+    partition: str = _field("iid", "iid | dirichlet (label skew)")
+    alpha: float = _field(0.5, "dirichlet concentration: smaller is more skewed")
+    partition_seed: int = _field(0, "seed of the partition")
+    catch_up_limit: int = _field(1000, "a client more records behind than this gets the adapter "
+                                       "instead")
+    max_abs_g: float = _field(1000.0, "a client reply with any |g| above this is dropped")
+    max_count: int = _field(1000000, "a client claiming more examples than this is dropped")
+    fedavg_lr: float = _field(1e-3, "fedavg: the clients' first-order (optim.optimizer) learning "
+                                    "rate")
+    parallel: int = _field(2, "simulation: clients running at once (one CPU each)")
+    wait_clients_s: float = _field(120.0, "how long the server waits for `clients` SuperNodes to "
+                                          "connect")
+    round_timeout_s: float = _field(1800.0, "replies later than this are treated as missing")
+    eval_every: int = _field(1, "rounds between server-side dev/test evaluations (and the last "
+                                "round)")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -240,6 +271,8 @@ _CHOICES = {
     ("optim", "normalize"): ("none", "rms", "ms"),
     ("optim", "optimizer"): ("sgd", "adamw"),
     ("model", "dtype"): ("float32", "float64", "bfloat16", "float16"),
+    ("federated", "mode"): ("zo", "fedavg"),
+    ("federated", "partition"): ("iid", "dirichlet"),
 }
 
 
@@ -258,9 +291,25 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.rms_decay: expected a number in [0, 1)")
     if cfg.train.steps < 0:
         raise ConfigError("train.steps: expected a non-negative integer")
+    validate_federated(cfg)
     if cfg.adapter.kind == "full" and cfg.optim.estimator == "prge":
         raise ConfigError("optim.estimator: prge needs an adapter (adapter.kind lora-fa or lora); "
                           "use rge for full-parameter ZO")
+
+
+def validate_federated(cfg: Config) -> None:
+    f = cfg.federated
+    for key in ("clients", "rounds", "local_steps", "parallel", "eval_every", "max_count"):
+        if getattr(f, key) < 1:
+            raise ConfigError(f"federated.{key}: expected a positive integer")
+    for key in ("fraction", "min_fraction"):
+        if not 0.0 < getattr(f, key) <= 1.0:
+            raise ConfigError(f"federated.{key}: expected a number in (0, 1]")
+    for key in ("alpha", "max_abs_g", "fedavg_lr", "wait_clients_s", "round_timeout_s"):
+        if getattr(f, key) <= 0:
+            raise ConfigError(f"federated.{key}: expected a positive number")
+    if f.catch_up_limit < 0:
+        raise ConfigError("federated.catch_up_limit: expected a non-negative integer")
 
 
 def fields_help() -> str:
