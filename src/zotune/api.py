@@ -1,7 +1,7 @@
 """The Python API: run zotune from a script, or bring your own model and loop.
 
     import zotune
-    summary = zotune.train("configs/demo.yaml", optim__lr=1e-3, train={"steps": 50})
+    summary = zotune.train("configs/demo.yaml", train={"steps": 50})
     metrics = zotune.evaluate("configs/demo.yaml", adapter="runs/demo/adapter")
 
     est = zotune.PRGE(model, loss_fn, q=4, eps=1e-2, lr=1e-4)   # model: PEFT LoRA, zotune LoRA, or plain
