@@ -81,6 +81,10 @@ class TrainConfig:
     out_dir: str = "runs/default"
     threads: int | None = None
     progress: bool = True
+    # Under torchrun: how a step is split over the ranks (train/distributed.py). One process
+    # ignores it, so a distributed run resumes on any number of ranks.
+    parallel: str = "none"  # none | data | query
+    dist_timeout_s: float = 300.0  # a collective that waits longer than this is an error
 
 
 @dataclass
@@ -213,6 +217,7 @@ _CHOICES = {
     ("optim", "noise"): ("normal", "rademacher"),
     ("optim", "optimizer"): ("sgd", "adamw"),
     ("model", "dtype"): ("float32", "float64", "bfloat16", "float16"),
+    ("train", "parallel"): ("none", "data", "query"),
 }
 
 
@@ -227,6 +232,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{section}.{key}: expected a positive integer")
     if cfg.optim.eps <= 0:
         raise ConfigError("optim.eps: expected a positive number")
+    if cfg.train.dist_timeout_s <= 0:
+        raise ConfigError("train.dist_timeout_s: expected a positive number")
     if cfg.train.steps < 0:
         raise ConfigError("train.steps: expected a non-negative integer")
     if cfg.adapter.kind == "full" and cfg.optim.estimator == "prge":

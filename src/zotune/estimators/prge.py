@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from zotune.adapters.lora import LoRAAdapter
 from zotune.estimators.zo import apply_update, draw, estimate, momentum_buffers, projected_gradient
-from zotune.loss import per_replica
+from zotune.loss import mean_loss, replica_sums
 from zotune.rng import noise
 
 # The flat step's momentum buffer [N], registered on the model: every exported method holds the
@@ -24,8 +24,9 @@ VELOCITY = "zotune_velocity"
 
 
 def stacked_losses(model, adapter: LoRAAdapter, loss, stacks: dict, n_rep: int,
-                   batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Per-replica losses of one forward pass with the adapter's layers in replica mode. -> [R]"""
+                   batch: tuple[torch.Tensor, ...], totals: bool = False):
+    """Per-replica losses of one forward pass with the adapter's layers in replica mode. -> [R]
+    With totals: the per-replica loss sums and token counts instead. -> ([R], [R])"""
     # Tile the b examples once per replica: row k*b + i is example i under replica k.
     tiled = [t.repeat(n_rep, *([1] * (t.dim() - 1))) for t in batch]  # [R*b, ...]
     adapter.set_replicas(stacks)
@@ -33,7 +34,8 @@ def stacked_losses(model, adapter: LoRAAdapter, loss, stacks: dict, n_rep: int,
         nll, count = loss.rows(model, *tiled)  # [R*b]
     finally:
         adapter.set_replicas(None)
-    return per_replica(nll, count, n_rep)
+    sums, counts = replica_sums(nll, count, n_rep)
+    return (sums, counts) if totals else mean_loss(sums, counts)
 
 
 def perturbed(p: torch.Tensor, z: torch.Tensor, eps, signs: tuple[int, ...],
@@ -74,14 +76,15 @@ def replica_stacks(adapter: LoRAAdapter, z_of, n_query: int, eps, signs: tuple[i
 
 
 def replica_losses(model, adapter: LoRAAdapter, loss, z_of, n_query: int, eps,
-                   signs: tuple[int, ...], batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Losses of len(signs) * n_query replicas (sign-major). -> [R]"""
+                   signs: tuple[int, ...], batch: tuple[torch.Tensor, ...], totals: bool = False):
+    """Losses of len(signs) * n_query replicas (sign-major). -> [R] (totals: sums, counts)"""
     stacks = replica_stacks(adapter, z_of, n_query, eps, signs)
-    return stacked_losses(model, adapter, loss, stacks, len(signs) * n_query, batch)
+    return stacked_losses(model, adapter, loss, stacks, len(signs) * n_query, batch, totals)
 
 
 def flat_replica_losses(model, adapter: LoRAAdapter, loss, theta: torch.Tensor, z: torch.Tensor,
-                        eps, signs: tuple[int, ...], batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+                        eps, signs: tuple[int, ...], batch: tuple[torch.Tensor, ...],
+                        totals: bool = False):
     """replica_losses with theta [N] and z [q, N] flat: one perturbed stack [R, N] sliced per
     layer. The same values as the per-layer stacks, in far fewer graph ops (one add per sign
     instead of one per layer), which is what export and lowering time scale with."""
@@ -90,7 +93,7 @@ def flat_replica_losses(model, adapter: LoRAAdapter, loss, theta: torch.Tensor, 
     parts = {t.name: stack[:, t.offset: t.offset + t.tensor.numel()].reshape(n_rep, *t.tensor.shape)
              for t in adapter.trained}
     stacks = {name: (parts.get(f"{name}.lora_A"), parts[f"{name}.lora_B"]) for name in adapter.layers}
-    return stacked_losses(model, adapter, loss, stacks, n_rep, batch)
+    return stacked_losses(model, adapter, loss, stacks, n_rep, batch, totals)
 
 
 def flat_update(theta: torch.Tensor, z: torch.Tensor, g: torch.Tensor, lr, momentum: float = 0.0,
@@ -106,14 +109,23 @@ def flat_update(theta: torch.Tensor, z: torch.Tensor, g: torch.Tensor, lr, momen
 
 
 class PRGEStep(nn.Module):
-    """train_step(seed, lr, eps, *batch) -> (mean loss, g[q]); updates the adapter in place."""
+    """train_step(seed, lr, eps, *batch) -> (mean loss, g[q]); updates the adapter in place.
+
+    One process evaluates all q queries on its batch. A rank of a distributed run
+    (train/distributed.py) evaluates only `queries` = [lo, hi) (query-parallel) or only its slice
+    of the batch (data-parallel), and `reduce` combines what the ranks measured: it takes this
+    process's per-replica loss sums and token counts (sign-major, 2 * (hi - lo) each) and returns
+    all 2q losses, the same on every rank. z is drawn from the seed for all q queries either way:
+    the update needs every z_i, and nothing but losses crosses the wire."""
 
     def __init__(self, model: nn.Module, adapter: LoRAAdapter, loss, q: int, dual: bool = True,
-                 noise: str = "normal", momentum: float = 0.0, fused_noise: bool = False):
+                 noise: str = "normal", momentum: float = 0.0, fused_noise: bool = False,
+                 queries: tuple[int, int] | None = None, reduce=mean_loss):
         super().__init__()
         self.model, self.adapter, self.loss = model, adapter, loss
         self.q, self.dual, self.noise, self.fused_noise = q, dual, noise, fused_noise
         self.momentum = momentum
+        self.queries, self.reduce = queries or (0, q), reduce
         self.velocity = None if fused_noise else momentum_buffers(adapter.tensors(), momentum)
         if fused_noise and momentum > 0:
             if not hasattr(model, VELOCITY):
@@ -127,25 +139,32 @@ class PRGEStep(nn.Module):
                 *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         trained, args = self.adapter.trained, (self.model, self.adapter, self.loss)
         flat = self.fused_noise  # the exported form
+        lo, hi = self.queries
+        own = (lo, hi) != (0, self.q)  # a query-parallel rank: its queries only
         if flat:
             theta = torch.cat([t.tensor.reshape(-1) for t in trained])  # [N]
             z = noise(seed, 0, self.q * self.adapter.numel, self.noise, theta.dtype, theta.device)
             z = z.reshape(self.q, -1)  # [q, N]
+            z_own = z[lo:hi] if own else z  # [k, N], k = hi - lo
 
-            def losses_for(signs):
-                return flat_replica_losses(*args, theta, z, eps, signs, batch)
+            def totals_for(signs):
+                return flat_replica_losses(*args, theta, z_own, eps, signs, batch, totals=True)
         else:
             # One draw over [0, q*N), viewed per tensor: the same bits as per-tensor draws,
             # hashed on every thread.
             z_list = draw(seed, trained, self.adapter.numel, self.q, self.noise, fused=True)
             zs = {t.name: z for t, z in zip(trained, z_list)}
+            z_own = {t.name: (z[lo:hi] if own else z) for t, z in zip(trained, z_list)}
 
-            def losses_for(signs):
-                return replica_losses(*args, lambda t: zs[t.name], self.q, eps, signs, batch)
+            def totals_for(signs):
+                return replica_losses(*args, lambda t: z_own[t.name], hi - lo, eps, signs, batch,
+                                      totals=True)
         if self.dual:
-            losses = losses_for((1, -1))  # [2q]
+            sums, counts = totals_for((1, -1))  # [2k] each
         else:
-            losses = torch.cat([losses_for((1,)), losses_for((-1,))])  # [2q]
+            (s_plus, c_plus), (s_minus, c_minus) = totals_for((1,)), totals_for((-1,))
+            sums, counts = torch.cat([s_plus, s_minus]), torch.cat([c_plus, c_minus])  # [2k]
+        losses = self.reduce(sums, counts)  # [2q]
         g = projected_gradient(losses[: self.q], losses[self.q:], eps)  # [q]
         if flat:
             new = flat_update(theta, z, g, lr, self.momentum, getattr(self.model, VELOCITY, None))

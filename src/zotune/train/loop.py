@@ -56,17 +56,36 @@ def _public(result: dict) -> dict:
     return {k: v for k, v in result.items() if k != "logits"}
 
 
+class OneProcess:
+    """What the loop asks of the processes that train together, answered for a run on one.
+    train/distributed.py answers the same for the ranks of a torchrun job."""
+    main = True  # writes logs, checkpoints and outputs
+
+    def from_main(self, read):
+        """read() on the main process, its result on every process (start-up files)."""
+        return read()
+
+    def check_state(self, engine) -> None:
+        """Every process holds the same trained state (nothing to compare with one)."""
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+
 class Trainer:
     def __init__(self, cfg: Config, engine, splits: Splits, run_dir: Path, save_adapter,
-                 replay_header: dict | None = None):
+                 replay_header: dict | None = None, procs=None):
         self.cfg, self.engine, self.splits = cfg, engine, splits
         self.run_dir = Path(run_dir)
         self.save_adapter = save_adapter  # (state, folder) -> None
         self.replay_header = replay_header
-        self.metrics = JsonlLog(self.run_dir / "metrics.jsonl")
-        self.replay = JsonlLog(self.run_dir / "replay.jsonl")
+        self.procs = procs or OneProcess()
+        self.main = self.procs.main  # only the main process writes
+        self.metrics = JsonlLog(self.run_dir / "metrics.jsonl", self.main)
+        self.replay = JsonlLog(self.run_dir / "replay.jsonl", self.main)
         self.ckpt_dir = self.run_dir / "checkpoint"
         self.best_dir = self.run_dir / "best"
+        self.best_state = None  # the dev-selected state, kept in memory for the final test
 
     def _eval(self, split: str, done: int, kind: str = "eval") -> dict:
         t = self.cfg.train
@@ -76,7 +95,21 @@ class Trainer:
         return result
 
     def _checkpoint(self, done: int, best: dict) -> None:
-        save_checkpoint(self.ckpt_dir, self.engine.state(), {"done": done, "best": best})
+        self.procs.check_state(self.engine)
+        if self.main:
+            save_checkpoint(self.ckpt_dir, self.engine.state(), {"done": done, "best": best})
+
+    def _select(self, done: int) -> None:
+        # Cloned: an engine's state may alias buffers its next call overwrites.
+        self.best_state = {k: v.clone() for k, v in self.engine.state().items()}
+        if self.main:
+            save_checkpoint(self.best_dir, self.best_state, {"done": done})
+
+    def _read_start(self):
+        """-> (checkpoint tensors, its meta, best tensors, zero-shot results) of a run to resume."""
+        tensors, meta = load_checkpoint(self.ckpt_dir)
+        best, _ = load_checkpoint(self.best_dir)
+        return tensors, meta, best, json.loads((self.run_dir / "zero_shot.json").read_text())
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict | None:
         """Train to cfg.train.steps (or stop after `stop_after` updates, as if killed right after
@@ -86,16 +119,17 @@ class Trainer:
         if len(train) < o.batch_size:
             raise ZotuneError(f"train split has {len(train)} examples, fewer than "
                               f"optim.batch_size={o.batch_size}")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
         start, best, zero_shot = 0, {"score": None, "done": 0}, {}
         if resume:
-            tensors, meta = load_checkpoint(self.ckpt_dir)
+            tensors, meta, self.best_state, zero_shot = self.procs.from_main(self._read_start)
             self.engine.load_state(tensors)
             start, best = meta["done"], meta["best"]
             self.metrics.truncate(start)
             self.replay.truncate(start)
-            zero_shot = json.loads((self.run_dir / "zero_shot.json").read_text())
+            self.procs.check_state(self.engine)
         else:
             self.metrics.reset()
             self.replay.reset()
@@ -103,7 +137,7 @@ class Trainer:
                 self.replay.write({"type": "header", "done": 0, **self.replay_header})
             zero_shot = self._zero_shot()
             best = {"score": _score(zero_shot["dev"]), "done": 0, "dev": zero_shot["dev"]}
-            save_checkpoint(self.best_dir, self.engine.state(), {"done": 0})
+            self._select(0)
             self._checkpoint(0, best)
 
         replicas = 1 if o.estimator == "fo" else 2 * o.q
@@ -111,8 +145,8 @@ class Trainer:
         t0, last_eval = time.perf_counter(), None
         aside = 0.0  # seconds in evaluation and checkpoints: not training speed
         done = start
-        bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=not t.progress,
-                   dynamic_ncols=True, desc=f"{o.estimator}")
+        bar = tqdm(range(start, t.steps), initial=start, total=t.steps, dynamic_ncols=True,
+                   disable=not (t.progress and self.main), desc=f"{o.estimator}")
         for step in bar:
             done = step + 1
             idx = batch_indices(len(train), o.batch_size, step, t.seed)
@@ -128,7 +162,7 @@ class Trainer:
             speed = (done - start) / elapsed
             self.replay.write({"type": "step", "done": done, "step": step, "seed": seed, "lr": lr,
                                "eps": o.eps, "g": [float(x) for x in g]})
-            out_of_time = t.time_limit_s is not None and elapsed >= t.time_limit_s
+            out_of_time = t.time_limit_s is not None and self.procs.any(elapsed >= t.time_limit_s)
             last = done == t.steps or out_of_time
             if done % t.log_every == 0 or last:
                 self.metrics.write({"type": "train", "done": done, "loss": loss, "lr": lr,
@@ -141,7 +175,7 @@ class Trainer:
                     self._eval("test", done, "track")
                 if _score(last_eval) > best["score"]:
                     best = {"score": _score(last_eval), "done": done, "dev": _public(last_eval)}
-                    save_checkpoint(self.best_dir, self.engine.state(), {"done": done})
+                    self._select(done)
             if done % t.checkpoint_every == 0 or last:
                 self._checkpoint(done, best)
             aside += time.perf_counter() - t_aside
@@ -166,20 +200,22 @@ class Trainer:
                                                  test["logits"], self.splits.test.labels)
             out["test_calibrated"] = {"accuracy": acc, "threshold": threshold}
             out["test_positive_rate"] = float((test["logits"].argmax(-1) == 0).float().mean())
-        atomic_write_text(self.run_dir / "zero_shot.json", json.dumps(out, indent=1))
+        if self.main:
+            atomic_write_text(self.run_dir / "zero_shot.json", json.dumps(out, indent=1))
         return out
 
     def _finish(self, zero_shot: dict, best: dict, wall: float, done: int) -> dict:
-        tensors, _ = load_checkpoint(self.best_dir)
         final_state = self.engine.state()
-        self.engine.load_state(tensors)  # model selection by dev only
+        self.engine.load_state(self.best_state)  # model selection by dev only
         dev = best["dev"]  # measured when this state was selected
         test = _public(self._eval("test", best["done"], "final"))
-        adapter_dir = self.run_dir / "adapter"
-        self.save_adapter(self.engine.adapter_state(), adapter_dir)
+        adapter_dir, plot = self.run_dir / "adapter", self.run_dir / "training.png"
+        if self.main:
+            self.save_adapter(self.engine.adapter_state(), adapter_dir)
         self.engine.load_state(final_state)
-        plot = plot_run(self.metrics.read(), self.run_dir / "training.png",
-                        f"{self.cfg.optim.estimator} on {self.cfg.data.task}")
+        if self.main:
+            plot_run(self.metrics.read(), plot,
+                     f"{self.cfg.optim.estimator} on {self.cfg.data.task}")
         summary = {
             "zero_shot": zero_shot,
             "selected_step": best["done"],
@@ -192,5 +228,6 @@ class Trainer:
             "plot": str(plot),
             "config": self.cfg.to_dict(),
         }
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+        if self.main:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         return summary

@@ -17,6 +17,7 @@ from zotune.errors import ZotuneError
 from zotune.eval import evaluate
 from zotune.models import load_model
 from zotune.replay import read_replay_log, replay_lora, replay_steps
+from zotune.train import distributed
 from zotune.train.loop import Splits, Trainer
 
 
@@ -71,6 +72,8 @@ def replay_header(cfg: Config, params) -> dict:
 
 
 def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> dict | None:
+    if distributed.world_size() > 1:  # one rank of a torchrun job
+        return distributed.train(cfg, resume, stop_after)
     model, _, splits = prepare(cfg)
     engine = EagerEngine(model, cfg, splits.kind)
     trainer = Trainer(cfg, engine, splits, Path(cfg.train.out_dir), adapter_saver(cfg, engine),
