@@ -131,15 +131,8 @@ class Ranks:
         except (RuntimeError, ValueError) as e:
             raise ZotuneError(f"rank {self.rank}: cannot join the torchrun job: "
                               f"{_line(e)}") from None
-        # torchrun stops the other workers with SIGTERM when one fails: say so, in one line.
-        signal.signal(signal.SIGTERM, self._stopped)
-
-    def _stopped(self, signum, frame):
-        raise ZotuneError(f"rank {self.rank}: stopped by the launcher (signal {signum}), which "
-                          "happens when another rank fails; continue with --resume")
 
     def close(self) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -323,6 +316,12 @@ def _restore(cols: torch.Tensor, spec: torch.Tensor) -> torch.Tensor:
     return (cols.reshape(-1) if ndim == 1 else cols).to(_FLOATS[dtype])
 
 
+def _stopped(signum, frame):
+    rank = os.environ.get("RANK", "?")
+    raise ZotuneError(f"rank {rank}: stopped by the launcher (signal {signum}), which happens when "
+                      "another rank fails; continue with --resume")
+
+
 def _line(e: BaseException) -> str:
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:200]
@@ -347,6 +346,19 @@ class ShardedEngine:
 
 def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> dict | None:
     """`zotune train` on one rank of a torchrun job."""
+    # torchrun stops the other workers with SIGTERM when one fails: each says so in one line.
+    signal.signal(signal.SIGTERM, _stopped)
+    try:
+        summary = _train(cfg, resume, stop_after)
+    except ZotuneError:
+        # This rank exits with its own error: a SIGTERM now would only replace its status 2.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return summary
+
+
+def _train(cfg: Config, resume: bool, stop_after: int | None) -> dict | None:
     from zotune.engines.eager import EagerEngine
     from zotune.train.loop import Trainer
     from zotune.train.run import adapter_saver, prepare, replay_header

@@ -1,0 +1,227 @@
+"""Distributed training: real torchrun jobs of 2 processes (gloo over 127.0.0.1), compared with
+a run on one process of the same global batch."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zotune.config import load_config
+from zotune.train.logs import TIMING_FIELDS
+from zotune.train.run import replay, train
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+TIMEOUT = 180  # seconds for any one job: a hang fails the test instead of stalling the suite
+WORKER = Path(__file__).with_name("nan_step_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(nproc: int = 2, port: int | None = None, extra=()) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()), *extra]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(launcher(**kw) + ["-m", "zotune.cli", "train", *args], env=ENV,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def cli_args(tiny_folder, cls_jsonl, out: Path, **overrides) -> list[str]:
+    values = {"model.name": tiny_folder, "data.task": f"jsonl:{cls_jsonl}",
+              "data.train_size": 40, "data.dev_size": 16, "data.test_size": 16,
+              "data.max_length": 16, "adapter.rank": 4, "adapter.alpha": 8, "optim.q": 4,
+              "optim.batch_size": 2, "optim.lr": 0.01, "optim.momentum": 0.5,
+              "train.steps": 40, "train.eval_every": 20, "train.checkpoint_every": 1,
+              "train.eval_batch_size": 6, "train.progress": "false", "train.threads": 1,
+              "train.out_dir": str(out), **overrides}
+    return [x for k, v in values.items() for x in (f"--{k}", str(v))]
+
+
+def single_run(args: list[str]) -> None:
+    """The same config on this one process."""
+    train(load_config(None, args))
+
+
+def records(path: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS}
+            for line in path.read_text().splitlines()]
+
+
+def state(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoint" / "state.safetensors")
+
+
+def replay_g(run: Path) -> torch.Tensor:
+    return torch.tensor([r["g"] for r in records(run / "replay.jsonl") if r["type"] == "step"],
+                        dtype=torch.float64)  # [steps, q]
+
+
+@pytest.fixture(scope="module")
+def query_reference(tmp_path_factory, tiny_folder, cls_jsonl):
+    """A one-process run of the config the query-parallel jobs split."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    single_run(cli_args(tiny_folder, cls_jsonl, out))
+    return out
+
+
+def test_query_parallel_is_bitwise_the_single_process_run(tmp_path, tiny_folder, cls_jsonl,
+                                                         query_reference):
+    run = tmp_path / "query"
+    job = torchrun(cli_args(tiny_folder, cls_jsonl, run, **{"train.parallel": "query"}))
+    assert job.returncode == 0, job.stderr[-3000:]
+    a, b = state(run), state(query_reference)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if k.endswith("lora_B"))
+    # g, losses, and the sharded evaluations: the same bits, line for line.
+    for log in ("replay.jsonl", "metrics.jsonl"):
+        assert records(run / log) == records(query_reference / log), log
+    assert (run / "adapter/adapter_model.safetensors").read_bytes() == \
+        (query_reference / "adapter/adapter_model.safetensors").read_bytes()
+    # Only losses crossed the wire: 2q losses + one NaN flag per rank, in fp32, each step.
+    report = json.loads((run / "distributed.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == 40
+    assert report["traffic"]["step"]["bytes"] == 40 * (2 * 4 + 2) * 4
+    # The replay log of the distributed run rebuilds its final adapter exactly.
+    rebuilt = load_file(replay(str(run / "replay.jsonl"), str(tmp_path / "replayed"))
+                        / "adapter_model.safetensors")
+    keys = [k for k in a if k.startswith("param.") and k.endswith("lora_B")]
+    for key in keys:
+        layer = key[len("param."):-len(".lora_B")]
+        assert torch.equal(rebuilt[f"base_model.model.{layer}.lora_B.weight"], a[key])
+
+
+def test_data_parallel_matches_the_single_process_run(tmp_path, tiny_folder, cls_jsonl):
+    """Each rank scores half of the batch; summed losses and counts give the global mean up to
+    float summation order (fp64 here, so that order is all that differs)."""
+    over = {"model.dtype": "float64", "optim.batch_size": 4, "optim.q": 2, "train.steps": 6,
+            "train.eval_every": 3}
+    single = tmp_path / "single"
+    single_run(cli_args(tiny_folder, cls_jsonl, single, **over))
+    run = tmp_path / "data"
+    job = torchrun(cli_args(tiny_folder, cls_jsonl, run, **over, **{"train.parallel": "data"}))
+    assert job.returncode == 0, job.stderr[-3000:]
+    g, g_ref = replay_g(run), replay_g(single)
+    assert g.shape == (6, 2) and g_ref.abs().min() > 0
+    assert ((g - g_ref).abs() / g_ref.abs()).max() <= 1e-6
+    a, b = state(run), state(single)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-12)
+    losses = [(x["loss"], y["loss"]) for x, y in zip(records(run / "metrics.jsonl"),
+                                                    records(single / "metrics.jsonl"))
+              if x["type"] == "train"]
+    assert len(losses) == 6 and all(abs(x - y) <= 1e-9 * abs(y) for x, y in losses)
+    report = json.loads((run / "distributed.json").read_text())
+    assert report["traffic"]["step"]["bytes"] == 6 * (4 * 2 + 2) * 8  # sums, counts, flags
+
+
+def _worker_of_rank(parent: int, rank: int, deadline: float) -> int:
+    """The pid of torchrun's worker process of the given rank (read from /proc)."""
+    while time.time() < deadline:
+        for pid in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env:
+                return int(pid)
+        time.sleep(0.05)
+    raise AssertionError(f"no worker of rank {rank} appeared")
+
+
+def test_a_dead_rank_stops_the_job_which_resumes_exactly(tmp_path, tiny_folder, cls_jsonl,
+                                                         query_reference):
+    """kill -9 of rank 1 mid-run: rank 0 exits with a clear error within the timeout, and the
+    run resumes from its last checkpoint (here on one process) to the same final B."""
+    run = tmp_path / "killed"
+    args = cli_args(tiny_folder, cls_jsonl, run, **{"train.parallel": "query"})
+    job = subprocess.Popen(launcher() + ["-m", "zotune.cli", "train", *args], env=ENV,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + TIMEOUT
+        victim = _worker_of_rank(job.pid, 1, deadline)
+        replay_log = run / "replay.jsonl"
+        while time.time() < deadline and job.poll() is None:
+            if replay_log.is_file() and replay_log.read_text().count('"type": "step"') >= 5:
+                break
+            time.sleep(0.01)
+        # Frozen first, so the job cannot finish before the kill; then killed.
+        os.kill(victim, signal.SIGSTOP)
+        os.kill(victim, signal.SIGKILL)
+        t_kill = time.time()
+        _, err = job.communicate(timeout=TIMEOUT)
+    finally:
+        job.kill()
+    assert job.returncode != 0 and time.time() - t_kill < 60
+    lines = [line for line in err.splitlines() if line.startswith("zotune: error: rank 0")]
+    assert len(lines) == 1, err[-3000:]
+    assert not (run / "summary.json").exists()
+    done = json.loads((run / "checkpoint/meta.json").read_text())["done"]
+    assert 5 <= done < 40
+    # --resume on one process: the checkpoint does not depend on the number of ranks.
+    train(load_config(None, args), resume=True)
+    a, b = state(run), state(query_reference)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert records(run / "replay.jsonl") == records(query_reference / "replay.jsonl")
+
+
+def test_bad_split_fails_on_every_rank_before_any_model_loads(tmp_path, cls_jsonl):
+    run = tmp_path / "run"
+    # The model folder does not exist: reaching the model would give another error.
+    args = cli_args(str(tmp_path / "no-model"), cls_jsonl, run, **{"train.parallel": "data",
+                                                                    "optim.batch_size": 3})
+    job = torchrun(args)
+    assert job.returncode != 0
+    errors = [line for line in job.stderr.splitlines() if line.startswith("zotune: error:")]
+    assert len(errors) == 2 and all("world size 2 does not divide optim.batch_size 3" in line
+                                    for line in errors), job.stderr[-3000:]
+    assert job.stderr.count("exitcode  : 2") == 2  # torchrun's report: status 2 on both ranks
+    assert not run.exists()
+
+
+def test_ranks_with_different_configs_refuse_to_train(tmp_path, tiny_folder, cls_jsonl):
+    """Two 'hosts' (two torchrun agents, one rank each) whose configs differ."""
+    run = tmp_path / "run"
+    args = cli_args(tiny_folder, cls_jsonl, run, **{"train.parallel": "query"})
+    port = free_port()
+    nodes = [subprocess.Popen(launcher(1, port, ["--nnodes", "2", "--node_rank", str(i)])
+                              + ["-m", "zotune.cli", "train", *args, *extra], env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, extra in ((0, []), (1, ["--optim.lr", "0.5"]))]
+    try:
+        errs = [node.communicate(timeout=TIMEOUT)[1] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert all(node.returncode != 0 for node in nodes)
+    first = [[line for line in e.splitlines() if line.startswith("zotune: error:")] for e in errs]
+    assert len(first[0]) == 1 and "config differs between ranks" in first[0][0], errs[0][-3000:]
+    assert len(first[1]) == 1 and "optim.lr is 0.5 here, 0.01 on rank 0" in first[1][0]
+    assert not (run / "checkpoint").exists() and not (run / "metrics.jsonl").exists()
+
+
+def test_nan_on_one_rank_refuses_the_step_on_every_rank(tmp_path, tiny_folder):
+    job = subprocess.run(launcher() + [str(WORKER), tiny_folder, str(tmp_path)], env=ENV,
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert job.returncode == 0, job.stderr[-3000:]
+    for rank in (0, 1):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert set(results) == {"data", "query"}
+        for mode, r in results.items():
+            assert "NaN on rank(s) [1]" in r["error"] and r["unchanged"], (rank, mode, r)
