@@ -134,7 +134,13 @@ def test_data_parallel_matches_the_single_process_run(tmp_path, tiny_folder, cls
 def _worker_of_rank(parent: int, rank: int, deadline: float) -> int:
     """The pid of torchrun's worker process of the given rank (read from /proc)."""
     while time.time() < deadline:
-        for pid in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        children = []
+        for task in Path(f"/proc/{parent}/task").iterdir():  # any thread may have started it
+            try:
+                children += (task / "children").read_text().split()
+            except OSError:
+                continue
+        for pid in children:
             try:
                 env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             except OSError:
@@ -225,3 +231,33 @@ def test_nan_on_one_rank_refuses_the_step_on_every_rank(tmp_path, tiny_folder):
         assert set(results) == {"data", "query"}
         for mode, r in results.items():
             assert "NaN on rank(s) [1]" in r["error"] and r["unchanged"], (rank, mode, r)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"train.parallel": "none"}, "train.parallel is 'none' but torchrun started 2 processes"),
+    ({"train.parallel": "query", "optim.q": 3}, "world size 2 does not divide optim.q 3"),
+    ({"train.parallel": "data", "optim.batch_size": 5},
+     "world size 2 does not divide optim.batch_size 5"),
+    ({"train.parallel": "data", "optim.estimator": "rge"}, "needs optim.estimator prge"),
+])
+def test_split_is_checked_from_the_config_alone(tmp_path, overrides, message):
+    from zotune.errors import ConfigError
+    from zotune.train.distributed import check_split
+
+    cfg = load_config(None, [x for k, v in overrides.items() for x in (f"--{k}", str(v))])
+    with pytest.raises(ConfigError, match=message):
+        check_split(cfg, 2)
+
+
+def test_a_split_that_divides_passes():
+    from zotune.train.distributed import check_split
+
+    check_split(load_config(None, ["--train.parallel", "query", "--optim.q", "3"]), 3)
+    check_split(load_config(None, ["--train.parallel", "data", "--optim.batch_size", "6"]), 3)
+
+
+def test_parallel_is_a_checked_choice():
+    from zotune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.parallel: expected one of"):
+        load_config(None, ["--train.parallel", "model"])
