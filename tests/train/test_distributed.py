@@ -261,3 +261,41 @@ def test_parallel_is_a_checked_choice():
 
     with pytest.raises(ConfigError, match="train.parallel: expected one of"):
         load_config(None, ["--train.parallel", "model"])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dual", [True, False])
+def test_a_query_range_measures_its_slots_of_the_full_step(tokenizer, fused, dual):
+    """What a query-parallel rank measures, in the per-layer and the flat (accelerator) form:
+    the losses of its queries, bit for bit those of the full step; given the full losses back
+    from its reduce, it makes the full step's update."""
+    from helpers import randomize, synthetic_batch
+    from zotune.adapters.lora import LoRAAdapter
+    from zotune.estimators.prge import PRGEStep
+    from zotune.loss import ClassificationLoss, mean_loss
+    from zotune.models.tiny import make_tiny_model
+
+    q, seed, batch = 4, torch.tensor([3]), synthetic_batch()
+    model = make_tiny_model("qwen2", tokenizer)
+    adapter = LoRAAdapter(model, rank=4, alpha=8)
+    randomize(adapter.tensors())
+    start = adapter.state()
+    full = []
+    step = PRGEStep(model, adapter, ClassificationLoss(), q, dual=dual, fused_noise=fused,
+                    reduce=lambda s, c: full.append(mean_loss(s, c)) or full[-1])
+    step(seed, 1e-2, 1e-2, *batch)
+    reference = adapter.state()
+    for lo, hi in ((0, 1), (1, 4)):
+        adapter.load_state(start)
+        seen = []
+
+        def reduce(sums, counts):
+            seen.append(mean_loss(sums, counts))
+            return full[0]
+
+        PRGEStep(model, adapter, ClassificationLoss(), q, dual=dual, fused_noise=fused,
+                 queries=(lo, hi), reduce=reduce)(seed, 1e-2, 1e-2, *batch)
+        k = hi - lo
+        assert torch.equal(seen[0], torch.cat([full[0][lo:hi], full[0][q + lo: q + hi]]))
+        assert seen[0].shape == (2 * k,)
+        assert all(torch.equal(adapter.state()[n], reference[n]) for n in reference)
