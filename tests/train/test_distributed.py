@@ -107,15 +107,28 @@ def test_query_parallel_is_bitwise_the_single_process_run(tmp_path, tiny_folder,
         assert torch.equal(rebuilt[f"base_model.model.{layer}.lora_B.weight"], a[key])
 
 
-def test_data_parallel_matches_the_single_process_run(tmp_path, tiny_folder, cls_jsonl):
-    """Each rank scores half of the batch; summed losses and counts give the global mean up to
-    float summation order (fp64 here, so that order is all that differs)."""
-    over = {"model.dtype": "float64", "optim.batch_size": 4, "optim.q": 2, "train.steps": 6,
+@pytest.fixture(scope="module")
+def gen_jsonl(tmp_path_factory):
+    """Completions of 1 to 4 words: the ranks' halves of a batch hold different token counts."""
+    words = ["good", "bad", "fine", "poor", "great", "awful"]
+    rows = [{"prompt": f"item {i} was", "completion": " " + " ".join(words[: 1 + i % 4])}
+            for i in range(60)]
+    path = tmp_path_factory.mktemp("gen") / "gen.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_data_parallel_matches_the_single_process_run(tmp_path, tiny_folder, gen_jsonl):
+    """Each rank scores half of the batch; summed loss sums and token counts give the global
+    token-level mean up to float summation order (fp64 here, so that order is all that differs).
+    A generation task, so the halves' token counts differ."""
+    over = {"data.task": f"jsonl:{gen_jsonl}", "data.max_target_length": 6,
+            "model.dtype": "float64", "optim.batch_size": 4, "optim.q": 2, "train.steps": 6,
             "train.eval_every": 3}
     single = tmp_path / "single"
-    single_run(cli_args(tiny_folder, cls_jsonl, single, **over))
+    single_run(cli_args(tiny_folder, gen_jsonl, single, **over))
     run = tmp_path / "data"
-    job = torchrun(cli_args(tiny_folder, cls_jsonl, run, **over, **{"train.parallel": "data"}))
+    job = torchrun(cli_args(tiny_folder, gen_jsonl, run, **over, **{"train.parallel": "data"}))
     assert job.returncode == 0, job.stderr[-3000:]
     g, g_ref = replay_g(run), replay_g(single)
     assert g.shape == (6, 2) and g_ref.abs().min() > 0
@@ -123,10 +136,10 @@ def test_data_parallel_matches_the_single_process_run(tmp_path, tiny_folder, cls
     a, b = state(run), state(single)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-12)
-    losses = [(x["loss"], y["loss"]) for x, y in zip(records(run / "metrics.jsonl"),
-                                                    records(single / "metrics.jsonl"))
-              if x["type"] == "train"]
-    assert len(losses) == 6 and all(abs(x - y) <= 1e-9 * abs(y) for x, y in losses)
+    ours, theirs = records(run / "metrics.jsonl"), records(single / "metrics.jsonl")
+    assert [r["type"] for r in ours] == [r["type"] for r in theirs]
+    losses = [(x["loss"], y["loss"]) for x, y in zip(ours, theirs) if "loss" in x]
+    assert len(losses) > 6 and all(abs(x - y) <= 1e-9 * abs(y) for x, y in losses)
     report = json.loads((run / "distributed.json").read_text())
     assert report["traffic"]["step"]["bytes"] == 6 * (4 * 2 + 2) * 8  # sums, counts, flags
 
