@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.zotune-installed
 export ZOTUNE_CACHE ?= $(CURDIR)/.cache
 
-.PHONY: setup assets demo test bench bench-quick clean
+.PHONY: setup assets demo test lint bench bench-quick clean
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,13 @@ assets: setup
 demo: assets
 	$(PY) -m zotune.cli train --config configs/demo.yaml
 
-test: assets
+test: assets lint
 	$(PY) -m pytest -q -x
+
+# ruff (pinned in requirements.txt, configured in pyproject.toml): lint, then the format check.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 bench: assets
 	$(PY) benchmarks/run.py

@@ -110,7 +110,7 @@ def report(results: list[dict], budget: str, threads: int, command: str) -> str:
                      f"{s['test']['accuracy']:.3f} (step {s['selected_step']}) | {s['peak_rss_mb']:.0f} |")
     reused = [r["name"] for r in results if r["reused"]]
     if reused:
-        lines += ["", f"Runs taken from an earlier invocation of the same command (`--reuse`): "
+        lines += ["", f"Rows reused from the saved runs of this command (`--reuse`): "
                   f"{', '.join(reused)}."]
     return "\n".join(lines) + "\n"
 

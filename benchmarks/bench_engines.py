@@ -99,7 +99,8 @@ def report(exports: dict, steps: dict, args, m: dict) -> str:
         f"{machine_line(m)}. {args.threads} threads per engine (torch / XNNPACK threadpool); "
         f"q={Q}, b={B}, T={T}, LoRA-FA r={RANK} on all linears; {args.steps} measured steps after "
         "1 warm-up, engines interleaved, one process each; median (min-max) seconds.", "",
-        "| engine | step s | step / eager (target) | peak RSS MB | file MB | export s (lowering s), peak RSS | "
+        "| engine | step s | step / eager (target) | peak RSS MB | file MB | "
+        "export s (lowering s), peak RSS | "
         "parity after one step vs eager: theta, loss, 2 eps g; update vs its own g |",
         "|---|---|---|---|---|---|---|",
         f"| eager PyTorch | {fmt_time(eager)} | 1.00 | {eager.get('peak_rss_mb', float('nan')):.0f} "
@@ -165,7 +166,7 @@ def main() -> None:
     # (XNNPACK's passes over the graph), so two in parallel take about as long as the slower one.
     threads = max(1, args.threads // max(1, len(pending)))
     started = {qz: start_export(qz, out, threads, tol) for qz, tol in pending.items()}
-    for qz, (proc, log) in started.items():
+    for qz, (_, log) in started.items():
         print(f"exporting {qz} ({threads} thread(s)), log in {log.name} ...", flush=True)
     for qz, (proc, log) in started.items():
         exports[qz] = finish_export(proc, log)

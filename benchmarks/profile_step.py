@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-
 from worker import _batch
+
 from zotune.config import Config
 from zotune.engines.eager import EagerEngine
 from zotune.estimators.prge import replica_stacks, stacked_losses
@@ -97,9 +97,9 @@ def main() -> None:
     seed, eps, lr = torch.tensor([7], dtype=torch.int64), cfg.optim.eps, cfg.optim.lr
     signs = (1, -1)
     noise_kind = cfg.optim.noise
-    z_list = draw(seed, adapter.trained, adapter.numel, q, noise_kind, fused=True)  # as the step
-    zs = {t.name: z for t, z in zip(adapter.trained, z_list)}
-    stacks = replica_stacks(adapter, lambda t: zs[t.name], q, eps, signs)
+    z_list = draw(seed, adapter.layout, adapter.tensors()[0], q, noise_kind, fused=True)  # as the step
+    zs = dict(zip(adapter.layout.names, z_list))
+    stacks = replica_stacks(adapter, zs.__getitem__, q, eps, signs)
     g = torch.full((q,), 0.1)
     step_i = itertools.count()
 
@@ -114,7 +114,7 @@ def main() -> None:
     phases = {
         "plain forward (2qb rows)": plain_forward,
         "P-RGE step": lambda: engine.step(batch, next(step_i), lr, eps),
-        "  draw z": lambda: draw(seed, adapter.trained, adapter.numel, q, noise_kind, fused=True),
+        "  draw z": lambda: draw(seed, adapter.layout, adapter.tensors()[0], q, noise_kind, fused=True),
         "  replica forward": replica_forward,
         "  update": lambda: apply_update(adapter.tensors(), [estimate(z, g) for z in z_list], 0.0,
                                          cfg.optim.momentum, engine.velocity),

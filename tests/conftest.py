@@ -6,9 +6,9 @@ import torch
 # Tiny models run fastest on one thread, and a shared machine makes two threads much slower.
 torch.set_num_threads(1)
 
-from zotune.config import Config
-from zotune.models.loader import load_tokenizer
-from zotune.models.tiny import make_tiny_model, save_tiny_model
+from zotune.config import Config  # noqa: E402 (after the thread count)
+from zotune.models.loader import load_tokenizer  # noqa: E402
+from zotune.models.tiny import make_tiny_model, save_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

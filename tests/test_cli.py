@@ -52,3 +52,19 @@ def test_train_eval_replay_from_the_command_line(tmp_path, tiny_folder, cls_json
                          "--out", str(tmp_path / "replayed")], capture_output=True, text=True)
     assert rp.returncode == 0, rp.stderr
     assert (tmp_path / "replayed" / "adapter_model.safetensors").is_file()
+
+
+def test_train_help_lists_every_config_field_with_its_help(capsys):
+    import dataclasses
+
+    import pytest
+
+    from zotune.config import Config
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory):
+            assert f"--{section.name}.{f.name} " in out
+            assert f.metadata["help"] and f.metadata["help"] in out

@@ -59,3 +59,17 @@ def test_bad_overrides():
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_default_targets_are_all_linear(tokenizer):
+    """GPT-2-family models train without naming modules, and on Llama-style models all-linear is
+    exactly the seven projections of every block, in the same order."""
+    from zotune.adapters.lora import find_targets
+    from zotune.models.tiny import make_tiny_model
+
+    assert Config().adapter.targets == ["all-linear"]
+    gpt2 = find_targets(make_tiny_model("gpt2", tokenizer), Config().adapter.targets)
+    assert gpt2 and all(n.rsplit(".", 1)[-1] in ("c_attn", "c_proj", "c_fc") for n in gpt2)
+    llama = make_tiny_model("llama", tokenizer)
+    seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert find_targets(llama, ["all-linear"]) == find_targets(llama, seven)

@@ -33,7 +33,7 @@ def cmd_models(args, rest):
     from zotune.models import EMBEDDED, load_model
 
     if not args.name:
-        for name, (_, filename, desc) in EMBEDDED.items():
+        for name, (_, _, desc) in EMBEDDED.items():
             print(f"{name:16s} {desc}")
         return
     model, tokenizer, source = load_model(args.name)
@@ -122,6 +122,12 @@ def cmd_replay(args, rest):
     print(f"adapter rebuilt from {args.log}: {replay(args.log, args.out)}")
 
 
+def _config_epilog() -> str:
+    from zotune.config import fields_help
+
+    return "config fields (set in the YAML file or as --section.key value):\n" + fields_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zotune", description="Forward-only fine-tuning of LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -134,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                             ("export", cmd_export, "export the training step (ExecuTorch .pte)"),
                             ("device-train", cmd_device_train,
                              "train with the ExecuTorch runtime executing an exported step")):
-        s = sub.add_parser(name, help=help_)
+        s = sub.add_parser(name, help=help_, epilog=_config_epilog(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         s.add_argument("--config", help="YAML config; further --section.key value override it")
         s.set_defaults(fn=fn)
     sub.choices["data"].add_argument("--show", type=int, default=2, help="examples to print")

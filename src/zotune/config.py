@@ -16,75 +16,99 @@ import yaml
 
 from zotune.errors import ConfigError
 
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+def _field(default, help: str):
+    """A config field with the help text `zotune train --help` shows."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class ModelConfig:
-    name: str = "smollm2-135m"  # embedded name, local folder, .gguf file, or hub id
-    dtype: str = "float32"
-    trust_remote_code: bool = False
+    """Which model to load, and how."""
+    name: str = _field("smollm2-135m", "embedded name, local folder, .gguf file, or hub id")
+    dtype: str = _field("float32", "float32 | float64 | bfloat16 | float16")
+    trust_remote_code: bool = _field(False, "let transformers run a model folder's own code")
 
 
 @dataclass
 class DataConfig:
-    task: str = "bigbench:multiemo"  # bigbench:<name>, jsonl:<path>, mezo:<name>:<path>
-    labels: list[str] | None = None  # keep only examples whose label is one of these
-    label_words: dict[str, str] | None = None  # label -> verbalizer word (classification)
-    template: str | None = None  # prompt template with {input}
-    train_size: int = 1000
-    dev_size: int = 200
-    test_size: int = 500
-    max_input_chars: int | None = None  # drop examples with longer inputs
-    split_seed: int = 0
-    max_length: int = 64  # static sequence length (left padding, prompt truncated on the left)
-    max_target_length: int = 16  # static completion length for generation tasks
+    """The task, its seeded train/dev/test splits, and the static shapes they are tokenised to."""
+    task: str = _field("bigbench:multiemo",
+                       "bigbench:<name>[/<subtask>], jsonl:<path>, mezo:<name>:<path>")
+    labels: list[str] | None = _field(None, "keep only examples whose label is one of these")
+    label_words: dict[str, str] | None = _field(None, "label -> verbalizer word (classification)")
+    template: str | None = _field(None, "prompt template with {input}")
+    train_size: int = _field(1000, "examples in the train split")
+    dev_size: int = _field(200, "examples in the dev split (model selection)")
+    test_size: int = _field(500, "examples in the test split (reported once, at the end)")
+    max_input_chars: int | None = _field(None, "drop examples with longer inputs")
+    split_seed: int = _field(0, "seed of the train/dev/test split")
+    max_length: int = _field(64, "static sequence length (left padding, prompt truncated on the "
+                                 "left)")
+    max_target_length: int = _field(16, "static completion length for generation tasks")
 
 
 @dataclass
 class AdapterConfig:
-    kind: str = "lora-fa"  # lora-fa | lora | full
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    init_seed: int = 0
+    """What is trained: LoRA-FA (A frozen from a seeded init, B trained), LoRA (both), or every
+    weight of the model (full, MeZO)."""
+    kind: str = _field("lora-fa", "lora-fa (A frozen, B trained) | lora (A and B) | full")
+    rank: int = _field(16, "LoRA rank r")
+    alpha: float = _field(32.0, "LoRA alpha (scale alpha / r)")
+    dropout: float = _field(0.0, "LoRA dropout on the adapter input")
+    # all-linear: every linear layer of the decoder blocks (not the LM head), whatever the
+    # family calls them (q,k,v,o,gate,up,down on Llama and Qwen2; c_attn,c_proj,c_fc on GPT-2)
+    targets: list[str] = _field(["all-linear"], "layers to adapt: all-linear, leaf names "
+                                                "(q_proj) or full-name regexes")
+    init_seed: int = _field(0, "seed of LoRA's A initialisation")
 
 
 @dataclass
 class OptimConfig:
-    estimator: str = "prge"  # prge | rge | fo
-    q: int = 4  # query directions per step
-    batch_size: int = 4  # distinct examples per step (b)
-    dual: bool = True  # prge: +eps and -eps replicas in the same forward pass
-    eps: float = 1e-2
-    lr: float = 3e-3
-    schedule: str = "constant"  # constant | linear | cosine
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    momentum: float = 0.0  # ZO-SGD heavy-ball momentum on the estimated gradient
-    noise: str = "normal"  # normal (Irwin-Hall) | rademacher
-    optimizer: str = "adamw"  # fo only: sgd | adamw
-    weight_decay: float = 0.0
+    """One step: the estimator, its q directions and b examples, and the update rule."""
+    estimator: str = _field("prge", "prge (one batched pass) | rge (sequential) | fo (backprop)")
+    q: int = _field(4, "query directions per step")
+    batch_size: int = _field(4, "distinct examples per step (b)")
+    dual: bool = _field(True, "prge: +eps and -eps replicas in the same forward pass")
+    eps: float = _field(1e-2, "perturbation size")
+    lr: float = _field(3e-3, "learning rate")
+    schedule: str = _field("constant", "constant | linear | cosine")
+    warmup_steps: int = _field(0, "linear warm-up steps")
+    min_lr_ratio: float = _field(0.0, "final lr / lr for linear and cosine decay")
+    momentum: float = _field(0.0, "ZO-SGD heavy-ball momentum on the estimated gradient "
+                                  "(fo with sgd: SGD momentum)")
+    normalize: str = _field("none", "rms: lr divided by the running RMS of g, so lr is a step "
+                                    "size in parameter units whatever the loss scale (ZO only)")
+    rms_decay: float = _field(0.95, "decay of the running mean of g^2 that normalize: rms uses")
+    noise: str = _field("normal", "normal (Irwin-Hall) | rademacher")
+    optimizer: str = _field("adamw", "fo only: sgd | adamw")
+    weight_decay: float = _field(0.0, "fo only: weight decay")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
-    seed: int = 0
-    eval_every: int = 50
-    checkpoint_every: int = 50
-    log_every: int = 1
-    eval_batch_size: int = 32
-    time_limit_s: float | None = None  # stop once this much training time (evals excluded) is spent
-    track_test: bool = False  # also score test at every dev eval, for curves only (selection stays on dev)
-    out_dir: str = "runs/default"
-    threads: int | None = None
-    progress: bool = True
-    # Under torchrun: how a step is split over the ranks (train/distributed.py). One process
-    # ignores it, so a distributed run resumes on any number of ranks.
-    parallel: str = "none"  # none | data | query
-    dist_timeout_s: float = 300.0  # a collective that waits longer than this is an error
+    """The run: how long, how often it evaluates, checkpoints and logs, and where it writes.
+
+    Model selection is by dev only; test is evaluated once, at the end."""
+    steps: int = _field(200, "training steps")
+    seed: int = _field(0, "seed of batches and step seeds")
+    eval_every: int = _field(50, "evaluate on dev every N steps (and at the last)")
+    checkpoint_every: int = _field(50, "checkpoint every N steps (and at the last)")
+    log_every: int = _field(1, "write a train record to metrics.jsonl every N steps")
+    eval_batch_size: int = _field(32, "rows per evaluation batch")
+    time_limit_s: float | None = _field(None, "stop once this much training time (evaluation "
+                                              "excluded) is spent")
+    track_test: bool = _field(False, "also score test at every dev eval, for curves only "
+                                     "(selection stays on dev)")
+    out_dir: str = _field("runs/default", "run folder: logs, checkpoints, adapter, plot")
+    threads: int | None = _field(None, "torch (and ExecuTorch) threads; default: all cores")
+    progress: bool = _field(True, "show a progress bar")
+    parallel: str = _field("none", "under torchrun: how a step is split over the ranks, data "
+                                   "(the batch) or query (the queries); one process ignores it")
+    dist_timeout_s: float = _field(300.0, "under torchrun: a collective that waits longer than this "
+                                          "is an error")
 
 
 @dataclass
@@ -215,6 +239,7 @@ _CHOICES = {
     ("optim", "estimator"): ("prge", "rge", "fo"),
     ("optim", "schedule"): ("constant", "linear", "cosine"),
     ("optim", "noise"): ("normal", "rademacher"),
+    ("optim", "normalize"): ("none", "rms", "ms"),
     ("optim", "optimizer"): ("sgd", "adamw"),
     ("model", "dtype"): ("float32", "float64", "bfloat16", "float16"),
     ("train", "parallel"): ("none", "data", "query"),
@@ -234,8 +259,25 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.eps: expected a positive number")
     if cfg.train.dist_timeout_s <= 0:
         raise ConfigError("train.dist_timeout_s: expected a positive number")
+    if not 0.0 <= cfg.optim.rms_decay < 1.0:
+        raise ConfigError("optim.rms_decay: expected a number in [0, 1)")
     if cfg.train.steps < 0:
         raise ConfigError("train.steps: expected a non-negative integer")
     if cfg.adapter.kind == "full" and cfg.optim.estimator == "prge":
         raise ConfigError("optim.estimator: prge needs an adapter (adapter.kind lora-fa or lora); "
                           "use rge for full-parameter ZO")
+
+
+def fields_help() -> str:
+    """Every config field as `--section.key` with its type, default and help, for --help."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            kind = str(hints[f.name]).replace("typing.", "")
+            kind = getattr(hints[f.name], "__name__", kind) if "[" not in kind else kind
+            lines.append(f"  --{section.name}.{f.name} ({kind}, default {default!r})\n"
+                         f"      {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -7,9 +7,29 @@ Every function returns per-row sums and counts, so that callers can reduce per r
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+class ClassificationInputs(NamedTuple):
+    """What ClassificationLoss takes, in its argument order."""
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [B, T]
+    choice_ids: torch.Tensor  # [B, C] token id of each candidate word
+    labels: torch.Tensor  # [B] index of the right choice
+
+
+class GenerationInputs(NamedTuple):
+    """What LMLoss takes, in its argument order."""
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [B, T]
+    target_ids: torch.Tensor  # [B, L] the completion: the last L positions
+    target_mask: torch.Tensor  # [B, L]
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -94,12 +114,18 @@ def make_loss(kind: str, via_head_module: bool = False):
     raise ValueError(f"unknown task kind '{kind}'")
 
 
-def batch_tensors(batch, kind: str) -> tuple[torch.Tensor, ...]:
+def batch_tensors(batch, kind: str) -> ClassificationInputs | GenerationInputs:
     """The tensors a loss takes, in order, from a tokenised Batch."""
     common = (batch.input_ids, batch.attention_mask, batch.position_ids)
     if kind == "classification":
-        return common + (batch.choice_ids, batch.labels)
-    return common + (batch.target_ids, batch.target_mask)
+        return ClassificationInputs(*common, batch.choice_ids, batch.labels)
+    return GenerationInputs(*common, batch.target_ids, batch.target_mask)
+
+
+def loss_inputs(tensors, kind: str) -> ClassificationInputs | GenerationInputs:
+    """A plain tuple of a loss's tensors as the named tuple of its kind."""
+    cls = ClassificationInputs if kind == "classification" else GenerationInputs
+    return tensors if isinstance(tensors, cls) else cls(*tensors)
 
 
 def trim_left_padding(batch: tuple[torch.Tensor, ...], keep: int = 1) -> tuple[torch.Tensor, ...]:
@@ -113,7 +139,8 @@ def trim_left_padding(batch: tuple[torch.Tensor, ...], keep: int = 1) -> tuple[t
     start = min(start, seq_len - keep)
     if start <= 0:
         return batch
-    return (input_ids[:, start:], attention_mask[:, start:], position_ids[:, start:], *rest)
+    trimmed = (input_ids[:, start:], attention_mask[:, start:], position_ids[:, start:], *rest)
+    return batch._make(trimmed) if hasattr(batch, "_make") else trimmed  # named tuples stay named
 
 
 def replica_sums(nll: torch.Tensor, count: torch.Tensor,

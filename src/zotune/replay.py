@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from zotune.adapters.lora import TrainedTensor, init_lora_a
+from zotune.adapters.lora import init_lora_a
+from zotune.adapters.theta import ThetaLayout
 from zotune.errors import ZotuneError
 from zotune.estimators.zo import momentum_buffers, update_from_seed
 
@@ -35,6 +36,7 @@ def read_replay_log(path: str | Path) -> tuple[dict, list[dict]]:
             steps.append(rec)
     if header is None:
         raise ZotuneError(f"{path}: no header line (a replay log starts with the adapter layout)")
+    header_layout(header, path)  # a clear error for a layout this zotune does not read
     if header.get("estimator") == "fo":
         raise ZotuneError(f"{path}: a first-order run has no (seed, g) log to replay")
     expected = list(range(len(steps)))
@@ -43,31 +45,35 @@ def read_replay_log(path: str | Path) -> tuple[dict, list[dict]]:
     return header, steps
 
 
+def header_layout(header: dict, path: str | Path = "replay log") -> ThetaLayout:
+    return ThetaLayout.from_json(header.get("layout"), f"{path}: header field 'layout'")
+
+
 def replay_lora(header: dict, steps: list[dict]) -> dict[str, torch.Tensor]:
     """-> adapter state ('<layer>.lora_A' / '.lora_B') after every logged step."""
-    layout = header["layout"]
-    dtype = getattr(torch, layout["dtype"])
-    generator = torch.Generator().manual_seed(layout["init_seed"])
-    state, trained, offset = {}, [], 0
-    for name, d_in, d_out in layout["layers"]:  # same order, same draws as LoRAAdapter
-        state[f"{name}.lora_A"] = init_lora_a(layout["rank"], d_in, generator, dtype)
-        state[f"{name}.lora_B"] = torch.zeros(d_out, layout["rank"], dtype=dtype)
-        for kind in (("lora_A", "lora_B") if layout["train_a"] else ("lora_B",)):
-            t = state[f"{name}.{kind}"]
-            trained.append(TrainedTensor(f"{name}.{kind}", t, offset))
-            offset += t.numel()
-    if offset != layout["numel"]:
-        raise ZotuneError(f"replay header: layout has {offset} values, header says {layout['numel']}")
-    replay_steps(trained, offset, header, steps, torch.promote_types(dtype, torch.float32))
+    layout = header_layout(header)
+    a = layout.adapter
+    dtype = getattr(torch, layout.dtype)
+    generator = torch.Generator().manual_seed(a["init_seed"])
+    state = {}
+    for name, d_in, d_out in a["layers"]:  # same order, same draws as LoRAAdapter
+        state[f"{name}.lora_A"] = init_lora_a(a["rank"], d_in, generator, dtype)
+        state[f"{name}.lora_B"] = torch.zeros(d_out, a["rank"], dtype=dtype)
+    wrong = [e.name for e in layout if e.name not in state or state[e.name].shape != e.shape]
+    if wrong:
+        raise ZotuneError(f"replay header: layout tensor '{wrong[0]}' is not a LoRA tensor of "
+                          "its layers (name or shape)")
+    tensors = [state[e.name] for e in layout]
+    replay_steps(layout, tensors, header, steps, torch.promote_types(dtype, torch.float32))
     return state
 
 
-def replay_steps(trained: list[TrainedTensor], numel: int, header: dict, steps: list[dict],
-                 g_dtype: torch.dtype = torch.float32) -> None:
+def replay_steps(layout: ThetaLayout, tensors: list[torch.Tensor], header: dict,
+                 steps: list[dict], g_dtype: torch.dtype = torch.float32) -> None:
     """g was computed in the loss dtype: fp32, or fp64 for fp64 models."""
     momentum = header.get("momentum", 0.0)
-    buffers = momentum_buffers([t.tensor for t in trained], momentum)
+    buffers = momentum_buffers(tensors, momentum)
     for rec in steps:
         seed = torch.tensor([rec["seed"]], dtype=torch.int64)
         g = torch.tensor(rec["g"], dtype=g_dtype)
-        update_from_seed(trained, numel, seed, g, rec["lr"], header["noise"], momentum, buffers)
+        update_from_seed(layout, tensors, seed, g, rec["lr"], header["noise"], momentum, buffers)

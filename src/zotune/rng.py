@@ -1,8 +1,8 @@
 """Seeded random numbers that every engine reproduces bit for bit.
 
 z is a pure function of (seed, index) built only from int64 and/xor/shift/mul/add and arange:
-eager PyTorch, ExecuTorch and ONNX Runtime compute the same bits (DESIGN.md section 3). The host
-never stores z; a run is fully described by its (seed, g) log.
+eager PyTorch, ExecuTorch and ONNX Runtime compute the same bits (docs/design.md, "Random
+numbers"). The host never stores z; a run is fully described by its (seed, g) log.
 
 Values stay in uint32 range inside int64, and every multiply is split into 16-bit halves so no
 product overflows int64. Shifts use the torch.bitwise_*_shift functions because Python's >> and <<

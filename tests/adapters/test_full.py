@@ -47,5 +47,5 @@ def test_full_update_matches_seed_replay(tokenizer):
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(start[n])
-    update_from_seed(params.trained, params.numel, torch.tensor([7]), g, 1e-3, "normal")
+    update_from_seed(params.layout, params.tensors(), torch.tensor([7]), g, 1e-3, "normal")
     assert all(torch.equal(trained[n], p) for n, p in model.named_parameters())

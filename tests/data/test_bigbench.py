@@ -93,7 +93,7 @@ def test_bad_task_names():
         load_task(DataConfig(task="bigbench:boolean_expressions"))
 
 
-# ----------------------------------------------------------------------------- a toy archive (fast, no download)
+# ------------------------------------------------------------- a toy archive (fast, no download)
 
 def toy_archive(path):
     tasks = {

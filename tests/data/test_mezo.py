@@ -23,8 +23,10 @@ CASES = {
     "wic": ({"word": "bank", "sentence1": "The river bank.", "sentence2": "The bank loan.", "label": 0},
             'Does the word "bank" have the same meaning in these two sentences? Yes, No?\nThe river bank.\n'
             "The bank loan.\n", ("No", "Yes"), 0),
-    "wsc": ({"text": "Mark told Pete he was late.", "span1_text": "Pete", "span2_text": "He", "label": 1},
-            'Mark told Pete he was late.\nIn the previous sentence, does the pronoun "he" refer to Pete? Yes or No?\n',
+    "wsc": ({"text": "Mark told Pete he was late.", "span1_text": "Pete", "span2_text": "He",
+             "label": 1},
+            'Mark told Pete he was late.\nIn the previous sentence, does the pronoun "he" refer to '
+            'Pete? Yes or No?\n',
             ("No", "Yes"), 1),
     "multirc": ({"paragraph": "Sam ate.", "question": "Who ate?", "answer": "Sam", "label": 1},
                 'Sam ate.\nQuestion: Who ate?\nI found this answer "Sam". Is that correct? Yes or No?\n',

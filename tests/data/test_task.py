@@ -2,8 +2,15 @@ from collections import Counter
 
 import pytest
 
-from zotune.data.task import (Example, TaskSplits, dedupe, fill_template, label_words_for, split_examples,
-                              split_given)
+from zotune.data.task import (
+    Example,
+    TaskSplits,
+    dedupe,
+    fill_template,
+    label_words_for,
+    split_examples,
+    split_given,
+)
 from zotune.errors import DataError
 
 CHOICES = (" positive", " negative")

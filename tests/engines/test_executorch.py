@@ -14,10 +14,16 @@ import torch.nn as nn
 pytest.importorskip("executorch")
 
 from zotune.adapters.lora import LoRAAdapter  # noqa: E402
+from zotune.adapters.theta import LAYOUT_VERSION, set_theta, theta_of  # noqa: E402
 from zotune.engines.executorch import (  # noqa: E402
-    TOLERANCE, EngineError, ExportCheckError, ProgramFileError, PteProgram, export_program,
+    TOLERANCE,
+    EngineError,
+    ExportCheckError,
+    ProgramFileError,
+    PteProgram,
+    export_program,
 )
-from zotune.engines.export_common import flat_trained, load_flat, sidecar_path  # noqa: E402
+from zotune.engines.export_common import sidecar_path  # noqa: E402
 from zotune.estimators.prge import PRGEStep  # noqa: E402
 from zotune.loss import ClassificationLoss  # noqa: E402
 from zotune.models.tiny import make_tiny_model  # noqa: E402
@@ -121,12 +127,13 @@ def test_export_report_and_metadata(which, request):
     assert meta["q"] == ex.q and meta["b"] == ex.b and meta["seq_len"] == T
     assert meta["n_choices"] == C and meta["numel"] == ex.adapter.numel
     assert meta["noise"] == ex.kind and meta["dual"] == ex.dual and meta["quantize"] is None
-    assert [d["name"] for d in meta["layout"]["tensors"]] == [t.name for t in ex.adapter.trained]
-    assert meta["layout"]["rank"] == 4 and meta["layout"]["alpha"] == 8
+    assert [d["name"] for d in meta["layout"]["tensors"]] == ex.adapter.layout.names
+    assert meta["layout"]["adapter"]["rank"] == 4 and meta["layout"]["adapter"]["alpha"] == 8
+    assert meta["layout"]["version"] == LAYOUT_VERSION
     assert meta["size"] == ex.path.stat().st_size
     assert all(v <= TOL for v in rep.check.values()), rep.check
     # The caller's adapter is left as it was (B zero), its tensors now buffers.
-    assert not flat_trained(ex.adapter).any()
+    assert not theta_of(ex.adapter).any()
     layer = next(iter(ex.adapter.layers.values()))
     assert "lora_B" in dict(layer.named_buffers())
     assert "lora_B" not in dict(layer.named_parameters())
@@ -140,22 +147,22 @@ def test_step_parity_with_eager_per_step(which, request, tokenizer):
     try:
         for i in range(4):
             batch = make_batch(tokenizer, ex.b, offset=i)
-            load_flat(ex.adapter, prog.get_lora_flat())  # re-sync B before each compared step
+            set_theta(ex.adapter, prog.get_lora_flat())  # re-sync B before each compared step
             loss_p, g_p = prog.train_step(100 + i, 5e-2, 1e-2, batch)
             loss_e, g_e = step(torch.tensor([100 + i]), 5e-2, 1e-2, *batch)
             assert g_p.shape == (ex.q,)
             assert abs(loss_p - float(loss_e)) <= TOL
             assert float((g_p - g_e).abs().max()) * 2e-2 <= TOL  # g = (l+ - l-) / (2 eps)
-            d_theta = (prog.get_lora_flat() - flat_trained(ex.adapter)).abs().max()
+            d_theta = (prog.get_lora_flat() - theta_of(ex.adapter)).abs().max()
             assert float(d_theta) <= TOL
         assert prog.get_lora_flat().abs().max() > 0  # B moved
         eval_batch = make_batch(tokenizer, ex.b, offset=1)[:4]
-        load_flat(ex.adapter, prog.get_lora_flat())
+        set_theta(ex.adapter, prog.get_lora_flat())
         with torch.no_grad():
             want = ex.loss.logits(ex.model, *eval_batch)
         assert float((prog.forward(*eval_batch) - want).abs().max()) <= TOL
     finally:
-        load_flat(ex.adapter, torch.zeros(ex.adapter.numel))
+        set_theta(ex.adapter, torch.zeros(ex.adapter.numel))
 
 
 def test_state_is_shared_by_all_methods_and_persists(llama, tokenizer):
@@ -164,16 +171,16 @@ def test_state_is_shared_by_all_methods_and_persists(llama, tokenizer):
     eval_batch = make_batch(tokenizer, llama.b, offset=2)[:4]
     base = prog.forward(*eval_batch)
 
-    lora = {d["name"]: torch.randn(d["shape"]) * 0.05 for d in prog.tensors}
+    lora = {e.name: torch.randn(e.shape) * 0.05 for e in prog.layout}
     prog.set_lora(lora)
     got = prog.get_lora()
-    assert list(got) == [t.name for t in llama.adapter.trained]
+    assert list(got) == llama.adapter.layout.names
     assert all(torch.equal(got[k], lora[k]) for k in lora)
     assert torch.equal(prog.get_lora_flat(), prog.get_lora_flat())  # persists across calls
     after_set = prog.forward(*eval_batch)
     assert not torch.allclose(after_set, base)  # forward sees what set_lora wrote
     try:
-        load_flat(llama.adapter, prog.get_lora_flat())
+        set_theta(llama.adapter, prog.get_lora_flat())
         with torch.no_grad():
             want = llama.loss.logits(llama.model, *eval_batch)
         assert float((after_set - want).abs().max()) <= TOL
@@ -182,13 +189,13 @@ def test_state_is_shared_by_all_methods_and_persists(llama, tokenizer):
         moved = prog.get_lora_flat()
         assert not torch.equal(moved, flatten_dict(lora, prog))  # train_step wrote B ...
         after_step = prog.forward(*eval_batch)  # ... and forward reads the new B
-        load_flat(llama.adapter, moved)
+        set_theta(llama.adapter, moved)
         with torch.no_grad():
             want = llama.loss.logits(llama.model, *eval_batch)
         assert float((after_step - want).abs().max()) <= TOL
         assert not torch.equal(after_step, after_set)
     finally:
-        load_flat(llama.adapter, torch.zeros(llama.adapter.numel))
+        set_theta(llama.adapter, torch.zeros(llama.adapter.numel))
 
 
 def test_engine_surface_and_scores_of_any_row_count(llama, tokenizer):
@@ -199,19 +206,19 @@ def test_engine_surface_and_scores_of_any_row_count(llama, tokenizer):
     loss, g = engine.step(batch, 11, 5e-2, 1e-2)
     assert isinstance(loss, float) and g.shape == (llama.q,)
     state = engine.state()
-    assert set(state) == {f"param.{t.name}" for t in llama.adapter.trained}
+    assert set(state) == {f"param.{n}" for n in llama.adapter.layout.names}
     full = engine.adapter_state()  # B from the program, A from the eager adapter
     assert set(full) == set(llama.adapter.state())
     rows = make_batch(tokenizer, 2 * llama.b + 1, offset=3)  # not a multiple of the eval batch
     try:
-        load_flat(llama.adapter, engine.program.get_lora_flat())
+        set_theta(llama.adapter, engine.program.get_lora_flat())
         with torch.no_grad():
             want = llama.loss.logits(llama.model, *rows[:4])
         (got,) = engine.scores(rows)
         assert got.shape == want.shape
         assert float((got - want).abs().max()) <= TOL
     finally:
-        load_flat(llama.adapter, torch.zeros(llama.adapter.numel))
+        set_theta(llama.adapter, torch.zeros(llama.adapter.numel))
     engine.program.set_lora(torch.zeros(llama.adapter.numel))
     engine.load_state(state)
     assert torch.equal(engine.program.get_lora_flat(), flatten_dict(
@@ -219,7 +226,7 @@ def test_engine_surface_and_scores_of_any_row_count(llama, tokenizer):
 
 
 def flatten_dict(lora, prog):
-    return torch.cat([lora[d["name"]].reshape(-1) for d in prog.tensors])
+    return torch.cat([lora[e.name].reshape(-1) for e in prog.layout])
 
 
 def test_resume_through_set_lora_is_exact(llama, tokenizer):

@@ -55,7 +55,7 @@ def test_g_is_the_directional_derivative(tokenizer):
     batch, loss = synthetic_batch(), ClassificationLoss()
     step = PRGEStep(model, adapter, loss, q=3)
     seed = torch.tensor([99])
-    zs = draw(seed, adapter.trained, adapter.numel, 3, "normal")
+    zs = draw(seed, adapter.layout, adapter.tensors()[0], 3, "normal")
     for t in adapter.tensors():
         t.requires_grad_(True)
     value = per_replica(*loss.rows(model, *batch), 1)[0]
@@ -73,7 +73,7 @@ def test_update_is_minus_lr_times_mean_g_z(tokenizer):
     before = [t.clone() for t in adapter.tensors()]
     seed, lr = torch.tensor([5]), 0.5
     _, g = PRGEStep(model, adapter, ClassificationLoss(), q=4)(seed, lr, 1e-3, *synthetic_batch())
-    zs = draw(seed, adapter.trained, adapter.numel, 4, "normal")
+    zs = draw(seed, adapter.layout, adapter.tensors()[0], 4, "normal")
     for b0, t, z in zip(before, adapter.tensors(), zs):
         expected = b0 - lr * (g.double()[:, None, None] * z).mean(0)
         torch.testing.assert_close(t, expected, rtol=1e-6, atol=1e-9)
@@ -93,9 +93,9 @@ def test_momentum_accumulates(tokenizer):
 def test_fused_noise_draws_the_same_z(tokenizer):
     adapter = LoRAAdapter(make_tiny_model("gpt2", tokenizer), rank=4, alpha=8)
     seed = torch.tensor([77])
-    per_tensor = draw(seed, adapter.trained, adapter.numel, 3, "rademacher")
-    fused = draw(seed, adapter.trained, adapter.numel, 3, "rademacher", fused=True)
-    one = draw(seed, adapter.trained, adapter.numel, 3, "rademacher", query=2)
+    per_tensor = draw(seed, adapter.layout, adapter.tensors()[0], 3, "rademacher")
+    fused = draw(seed, adapter.layout, adapter.tensors()[0], 3, "rademacher", fused=True)
+    one = draw(seed, adapter.layout, adapter.tensors()[0], 3, "rademacher", query=2)
     for a, b, c in zip(per_tensor, fused, one):
         assert torch.equal(a, b) and torch.equal(a[2:3], c)
 
@@ -148,8 +148,8 @@ def test_replica_stacks_are_built_when_each_layer_runs(family, tokenizer):
 
     model = make_tiny_model(family, tokenizer)
     adapter = LoRAAdapter(model, rank=4, alpha=8)
-    z = {t.name: torch.ones(2, *t.tensor.shape) for t in adapter.trained}
-    stacks = replica_stacks(adapter, lambda t: z[t.name], 2, 1e-2, (1, -1))
+    z = {e.name: torch.ones(2, *e.shape) for e in adapter.layout}
+    stacks = replica_stacks(adapter, z.__getitem__, 2, 1e-2, (1, -1))
     assert all(callable(f) for f in stacks.values())
     with torch.no_grad():  # as every estimator calls it
         built = [f()[1].data_ptr() for f in stacks.values()]

@@ -21,6 +21,7 @@ from zotune.train.run import replay, train
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 TIMEOUT = 180  # seconds for any one job: a hang fails the test instead of stalling the suite
+STEPS = 20  # of the query-parallel runs
 WORKER = Path(__file__).with_name("nan_step_worker.py")
 
 
@@ -48,15 +49,17 @@ def cli_args(tiny_folder, cls_jsonl, out: Path, **overrides) -> list[str]:
               "data.train_size": 40, "data.dev_size": 16, "data.test_size": 16,
               "data.max_length": 16, "adapter.rank": 4, "adapter.alpha": 8, "optim.q": 4,
               "optim.batch_size": 2, "optim.lr": 0.01, "optim.momentum": 0.5,
-              "train.steps": 40, "train.eval_every": 20, "train.checkpoint_every": 1,
+              # The step scale: lr of each step from the g of the steps before it, on every rank.
+              "optim.normalize": "rms",
+              "train.steps": STEPS, "train.eval_every": 10, "train.checkpoint_every": 1,
               "train.eval_batch_size": 6, "train.progress": "false", "train.threads": 1,
               "train.out_dir": str(out), **overrides}
     return [x for k, v in values.items() for x in (f"--{k}", str(v))]
 
 
-def single_run(args: list[str]) -> None:
+def single_run(args: list[str], resume: bool = False) -> None:
     """The same config on this one process."""
-    train(load_config(None, args))
+    train(load_config(None, args), resume=resume)
 
 
 def records(path: Path) -> list[dict]:
@@ -81,32 +84,6 @@ def query_reference(tmp_path_factory, tiny_folder, cls_jsonl):
     return out
 
 
-def test_query_parallel_is_bitwise_the_single_process_run(tmp_path, tiny_folder, cls_jsonl,
-                                                         query_reference):
-    run = tmp_path / "query"
-    job = torchrun(cli_args(tiny_folder, cls_jsonl, run, **{"train.parallel": "query"}))
-    assert job.returncode == 0, job.stderr[-3000:]
-    a, b = state(run), state(query_reference)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any(v.abs().sum() > 0 for k, v in a.items() if k.endswith("lora_B"))
-    # g, losses, and the sharded evaluations: the same bits, line for line.
-    for log in ("replay.jsonl", "metrics.jsonl"):
-        assert records(run / log) == records(query_reference / log), log
-    assert (run / "adapter/adapter_model.safetensors").read_bytes() == \
-        (query_reference / "adapter/adapter_model.safetensors").read_bytes()
-    # Only losses crossed the wire: 2q losses + one NaN flag per rank, in fp32, each step.
-    report = json.loads((run / "distributed.json").read_text())
-    assert report["world_size"] == 2 and report["steps"] == 40
-    assert report["traffic"]["step"]["bytes"] == 40 * (2 * 4 + 2) * 4
-    # The replay log of the distributed run rebuilds its final adapter exactly.
-    rebuilt = load_file(replay(str(run / "replay.jsonl"), str(tmp_path / "replayed"))
-                        / "adapter_model.safetensors")
-    keys = [k for k in a if k.startswith("param.") and k.endswith("lora_B")]
-    for key in keys:
-        layer = key[len("param."):-len(".lora_B")]
-        assert torch.equal(rebuilt[f"base_model.model.{layer}.lora_B.weight"], a[key])
-
-
 @pytest.fixture(scope="module")
 def gen_jsonl(tmp_path_factory):
     """Completions of 1 to 4 words: the ranks' halves of a batch hold different token counts."""
@@ -121,15 +98,21 @@ def gen_jsonl(tmp_path_factory):
 def test_data_parallel_matches_the_single_process_run(tmp_path, tiny_folder, gen_jsonl):
     """Each rank scores half of the batch; summed loss sums and token counts give the global
     token-level mean up to float summation order (fp64 here, so that order is all that differs).
-    A generation task, so the halves' token counts differ."""
+    A generation task, so the halves' token counts differ. The job stops after 3 steps and one
+    process resumes it: the checkpoint, step scale included, does not depend on the ranks."""
     over = {"data.task": f"jsonl:{gen_jsonl}", "data.max_target_length": 6,
             "model.dtype": "float64", "optim.batch_size": 4, "optim.q": 2, "train.steps": 6,
             "train.eval_every": 3}
     single = tmp_path / "single"
     single_run(cli_args(tiny_folder, gen_jsonl, single, **over))
     run = tmp_path / "data"
-    job = torchrun(cli_args(tiny_folder, gen_jsonl, run, **over, **{"train.parallel": "data"}))
+    args = cli_args(tiny_folder, gen_jsonl, run, **over, **{"train.parallel": "data"})
+    job = torchrun([*args, "--stop-after", "3"])
     assert job.returncode == 0, job.stderr[-3000:]
+    report = json.loads((run / "distributed.json").read_text())
+    assert report["traffic"]["step"]["bytes"] == 3 * (4 * 2 + 2) * 8  # sums, counts, flags
+    assert json.loads((run / "checkpoint/meta.json").read_text())["scale"]["seen"] == 3
+    single_run(args, resume=True)
     g, g_ref = replay_g(run), replay_g(single)
     assert g.shape == (6, 2) and g_ref.abs().min() > 0
     assert ((g - g_ref).abs() / g_ref.abs()).max() <= 1e-6
@@ -140,8 +123,6 @@ def test_data_parallel_matches_the_single_process_run(tmp_path, tiny_folder, gen
     assert [r["type"] for r in ours] == [r["type"] for r in theirs]
     losses = [(x["loss"], y["loss"]) for x, y in zip(ours, theirs) if "loss" in x]
     assert len(losses) > 6 and all(abs(x - y) <= 1e-9 * abs(y) for x, y in losses)
-    report = json.loads((run / "distributed.json").read_text())
-    assert report["traffic"]["step"]["bytes"] == 6 * (4 * 2 + 2) * 8  # sums, counts, flags
 
 
 def _worker_of_rank(parent: int, rank: int, deadline: float) -> int:
@@ -164,11 +145,12 @@ def _worker_of_rank(parent: int, rank: int, deadline: float) -> int:
     raise AssertionError(f"no worker of rank {rank} appeared")
 
 
-def test_a_dead_rank_stops_the_job_which_resumes_exactly(tmp_path, tiny_folder, cls_jsonl,
-                                                         query_reference):
-    """kill -9 of rank 1 mid-run: rank 0 exits with a clear error within the timeout, and the
-    run resumes from its last checkpoint (here on one process) to the same final B."""
-    run = tmp_path / "killed"
+def test_query_parallel_killed_and_resumed_is_bitwise_the_single_process_run(
+        tmp_path, tiny_folder, cls_jsonl, query_reference):
+    """kill -9 of rank 1 mid-run: rank 0 exits with a clear error within the timeout. The run
+    resumes from its last checkpoint on 2 ranks (rank 0 reads it, step scale included, and hands
+    it to rank 1) and ends bit for bit where one process ends: state, logs, evaluations, adapter."""
+    run = tmp_path / "query"
     args = cli_args(tiny_folder, cls_jsonl, run, **{"train.parallel": "query"})
     job = subprocess.Popen(launcher() + ["-m", "zotune.cli", "train", *args], env=ENV,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -192,12 +174,32 @@ def test_a_dead_rank_stops_the_job_which_resumes_exactly(tmp_path, tiny_folder, 
     assert len(lines) == 1, err[-3000:]
     assert not (run / "summary.json").exists()
     done = json.loads((run / "checkpoint/meta.json").read_text())["done"]
-    assert 5 <= done < 40
-    # --resume on one process: the checkpoint does not depend on the number of ranks.
-    train(load_config(None, args), resume=True)
+    assert 5 <= done < STEPS
+
+    job = torchrun([*args, "--resume"])
+    assert job.returncode == 0, job.stderr[-3000:]
     a, b = state(run), state(query_reference)
-    assert all(torch.equal(a[k], b[k]) for k in b)
-    assert records(run / "replay.jsonl") == records(query_reference / "replay.jsonl")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if k.endswith("lora_B"))
+    # g, lr, losses, and the sharded evaluations: the same bits, line for line.
+    for log in ("replay.jsonl", "metrics.jsonl"):
+        assert records(run / log) == records(query_reference / log), log
+    assert (run / "adapter/adapter_model.safetensors").read_bytes() == \
+        (query_reference / "adapter/adapter_model.safetensors").read_bytes()
+    # The step scale ran: step 0 has no g before it (lr 0), later steps are scaled.
+    lrs = [r["lr"] for r in records(run / "replay.jsonl") if r["type"] == "step"]
+    assert lrs[0] == 0.0 and all(0 < lr != 0.01 for lr in lrs[1:])
+    # Only losses crossed the wire: 2q losses + one NaN flag per rank, in fp32, each step.
+    report = json.loads((run / "distributed.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == STEPS - done
+    assert report["traffic"]["step"]["bytes"] == (STEPS - done) * (2 * 4 + 2) * 4
+    # The replay log of the distributed run rebuilds its final adapter exactly.
+    rebuilt = load_file(replay(str(run / "replay.jsonl"), str(tmp_path / "replayed"))
+                        / "adapter_model.safetensors")
+    keys = [k for k in a if k.startswith("param.") and k.endswith("lora_B")]
+    for key in keys:
+        layer = key[len("param."):-len(".lora_B")]
+        assert torch.equal(rebuilt[f"base_model.model.{layer}.lora_B.weight"], a[key])
 
 
 def test_bad_split_fails_on_every_rank_before_any_model_loads(tmp_path, cls_jsonl):
@@ -302,7 +304,7 @@ def test_a_query_range_measures_its_slots_of_the_full_step(tokenizer, fused, dua
         adapter.load_state(start)
         seen = []
 
-        def reduce(sums, counts):
+        def reduce(sums, counts, seen=seen):
             seen.append(mean_loss(sums, counts))
             return full[0]
 

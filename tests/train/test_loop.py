@@ -34,6 +34,7 @@ def trained_tensors(run: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("estimator,overrides", [
     ("prge", {}),
     ("prge", {"optim.momentum": 0.9, "optim.schedule": "cosine", "adapter.kind": "lora"}),
+    ("prge", {"optim.momentum": 0.9, "optim.normalize": "rms", "optim.lr": 1e-3}),
     ("rge", {}),
     ("fo", {"optim.lr": 1e-3}),
 ])
@@ -86,6 +87,7 @@ def test_killed_run_resumes_exactly(tmp_path, tiny_folder, cls_jsonl):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"optim.momentum": 0.5, "adapter.kind": "lora"},
+                                       {"optim.momentum": 0.9, "optim.normalize": "rms"},
                                        {"optim.estimator": "rge", "optim.noise": "rademacher"}])
 def test_replay_rebuilds_the_adapter_bitwise(tmp_path, tiny_folder, cls_jsonl, overrides):
     cfg = tiny_config(tiny_folder, cls_jsonl, tmp_path / "run", **overrides)
@@ -125,14 +127,14 @@ def test_run_outputs(tmp_path, tiny_folder, cls_jsonl):
     assert summary["test"]["accuracy"] == s["test"]["accuracy"]
     assert 0 <= summary["selected_step"] <= 6 and summary["peak_rss_mb"] > 0
     assert "accuracy" in summary["zero_shot"]["test_calibrated"]
-    kinds = [json.loads(l)["type"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    kinds = [json.loads(line)["type"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert kinds.count("train") == 6 and kinds.count("final") == 1
     with open(run / "training.png", "rb") as f:
         assert f.read(4) == b"\x89PNG"
 
 
 def _records(run):
-    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_time_limit_stops_early_and_still_finishes(tmp_path, tiny_folder, cls_jsonl):

@@ -14,31 +14,34 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from zotune.adapters.lora import TrainedTensor
+from zotune.adapters.theta import ThetaLayout
 from zotune.rng import noise
 
 
 class FullParams:
     def __init__(self, model: nn.Module):
         self.model = model
-        self.trained: list[TrainedTensor] = []
-        self._offset_of: dict[int, int] = {}
-        offset = 0
-        for name, p in model.named_parameters():  # tied weights appear once
+        self._named = list(model.named_parameters())  # tied weights appear once
+        for _, p in self._named:
             p.requires_grad_(False)
-            self.trained.append(TrainedTensor(name, p, offset))
-            self._offset_of[id(p)] = offset
-            offset += p.numel()
-        self.numel = offset
+        self._name_of = {id(p): name for name, p in self._named}
+        self.layout = ThetaLayout.from_adapter(self)
+        self.numel = self.layout.numel
+
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self._named)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t.tensor for t in self.trained]
+        return [p for _, p in self._named]
 
-    def z(self, seed: torch.Tensor, query: int, t: TrainedTensor, kind: str) -> torch.Tensor:
-        """z of query `query` for one trained tensor, from the flat counter range."""
-        start = query * self.numel + t.offset
-        return noise(seed, start, t.tensor.numel(), kind, t.tensor.dtype,
-                     t.tensor.device).view_as(t.tensor)
+    def describe(self) -> dict:
+        return {"kind": "full"}
+
+    def z(self, seed: torch.Tensor, query: int, name: str, like: torch.Tensor,
+          kind: str) -> torch.Tensor:
+        """z of query `query` for the trained tensor `name` (shaped like `like`)."""
+        start, n = self.layout.span(name, query)
+        return noise(seed, start, n, kind, like.dtype, like.device).view_as(like)
 
     @contextlib.contextmanager
     def perturbed(self, seed: torch.Tensor, query: int, scale: float, kind: str):
@@ -48,11 +51,11 @@ class FullParams:
         def pre_hook(module, args):
             saved = {}
             for name, p in list(module._parameters.items()):
-                if p is None or id(p) not in self._offset_of:
+                if p is None or id(p) not in self._name_of:
                     continue
-                t = TrainedTensor(name, p, self._offset_of[id(p)])
                 saved[name] = p
-                module._parameters[name] = p + scale * self.z(seed, query, t, kind)
+                module._parameters[name] = p + scale * self.z(seed, query, self._name_of[id(p)],
+                                                              p, kind)
             module._zotune_saved = saved
 
         def post_hook(module, args, output):

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zotune.adapters.theta import ThetaLayout
 from zotune.errors import ConfigError
 
 
@@ -77,14 +77,6 @@ class LoRALinear(nn.Module):
         return w + self.scale * self.lora_B @ self.lora_A
 
 
-@dataclass
-class TrainedTensor:
-    """A slice of theta: one trained tensor and its place in the flat counter range."""
-    name: str
-    tensor: torch.Tensor
-    offset: int
-
-
 def _pattern_matches(patterns: list[str], name: str) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     return any(p == leaf or re.fullmatch(p, name) for p in patterns)
@@ -128,17 +120,29 @@ class LoRAAdapter:
             layer = LoRALinear(base, d_in, d_out, rank, alpha, dropout, train_a, generator)
             setattr(parent, child, layer)
             self.layers[name] = layer
-        self.trained: list[TrainedTensor] = []
-        offset = 0
-        for name, layer in self.layers.items():
-            for kind in (("lora_A", "lora_B") if train_a else ("lora_B",)):
-                t = getattr(layer, kind)
-                self.trained.append(TrainedTensor(f"{name}.{kind}", t, offset))
-                offset += t.numel()
-        self.numel = offset
+        # (layer, attribute) of every trained tensor, in theta's order. Read through the module
+        # at every access: the exporter turns them into buffers, and torch.export swaps buffers
+        # for traced values while it runs.
+        kinds = ("lora_A", "lora_B") if train_a else ("lora_B",)
+        self._slots = [(name, layer, kind) for name, layer in self.layers.items() for kind in kinds]
+        self.layout = ThetaLayout.from_adapter(self)
+        self.numel = self.layout.numel
+
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return [(f"{name}.{kind}", getattr(layer, kind)) for name, layer, kind in self._slots]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t.tensor for t in self.trained]
+        return [getattr(layer, kind) for _, layer, kind in self._slots]
+
+    def describe(self) -> dict:
+        """What replay and the exporters need to rebuild or check this adapter without the
+        model (the `adapter` part of its theta layout)."""
+        return {
+            "kind": "lora" if self.train_a else "lora-fa", "rank": self.rank, "alpha": self.alpha,
+            "init_seed": self.init_seed, "targets": list(self.target_patterns),
+            "layers": [[name, layer.d_in, layer.d_out] for name, layer in self.layers.items()],
+            "fan_in_fan_out": self.fan_in_fan_out,
+        }
 
     def state(self) -> dict[str, torch.Tensor]:
         """Every adapter tensor (A and B), keyed by layer name, cloned."""
@@ -160,16 +164,6 @@ class LoRAAdapter:
     @property
     def fan_in_fan_out(self) -> bool:
         return any(not isinstance(layer.base, nn.Linear) for layer in self.layers.values())
-
-    def layout(self) -> dict:
-        """What replay needs to rebuild this adapter without the model."""
-        return {
-            "rank": self.rank, "alpha": self.alpha, "train_a": self.train_a,
-            "init_seed": self.init_seed,
-            "layers": [[name, layer.d_in, layer.d_out] for name, layer in self.layers.items()],
-            "dtype": str(next(iter(self.layers.values())).lora_B.dtype).removeprefix("torch."),
-            "numel": self.numel, "fan_in_fan_out": self.fan_in_fan_out,
-        }
 
     def set_replicas(self, stacks: dict | None):
         """stacks: layer name -> (A stack or None, B stack), or a function that returns them."""

@@ -4,15 +4,13 @@ llama.cpp's converter and ExecuTorch's LoRA loader read. LoRA-FA saves its froze
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from zotune.errors import ZotuneError
+from zotune.io import atomic_dir
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -48,17 +46,18 @@ def save_peft(folder: str | Path, state: dict[str, torch.Tensor], layers: list[s
     }
     if extra:
         config["zotune"] = extra
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp.", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def save_peft_described(folder: str | Path, state: dict[str, torch.Tensor], adapter: dict,
+                        base_model: str, extra: dict | None = None) -> Path:
+    """save_peft for the adapter a theta layout describes (`ThetaLayout.adapter`)."""
+    layers = [name for name, _, _ in adapter["layers"]]
+    return save_peft(folder, state, layers, adapter["rank"], adapter["alpha"], base_model,
+                     adapter["fan_in_fan_out"], extra=extra)
 
 
 def load_peft(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

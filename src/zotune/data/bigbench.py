@@ -28,9 +28,9 @@ import tempfile
 from pathlib import Path
 
 from zotune.config import DataConfig
-from zotune.data.task import (Example, TaskSplits, check_labels, fill_template, label_words_for,
-                              split_examples)
+from zotune.data.task import Example, TaskSplits, check_labels, fill_template, label_words_for, split_examples
 from zotune.errors import DataError
+from zotune.io import atomic_write_bytes
 from zotune.paths import cache_dir
 
 VERSION = "1.0.0"
@@ -54,19 +54,6 @@ def bigbench_dir() -> Path:
     path = cache_dir() / "bigbench"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; the cache is ordinary data
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _run(cmd: list[str], what: str) -> None:
@@ -138,7 +125,7 @@ def archive_index(archive: Path) -> dict:
         raise DataError(f"cannot read the BIG-bench archive ({e}); delete it to download it again",
                         file=str(archive)) from None
     index = {"format": INDEX_FORMAT, "size": size, "tasks": tasks, "programmatic": sorted(scripts - set(tasks))}
-    _atomic_write(index_path, json.dumps(index).encode())
+    atomic_write_bytes(index_path, json.dumps(index).encode())
     return index
 
 
@@ -175,7 +162,7 @@ def read_task(archive: Path, index: dict, rel: str) -> dict:
             data = f.read(size)
         if len(data) != size:
             raise DataError("archive is truncated; delete it to download it again", file=str(archive))
-        _atomic_write(cached, data)
+        atomic_write_bytes(cached, data)
     try:
         return json.loads(cached.read_bytes())
     except ValueError as e:

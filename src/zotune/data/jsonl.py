@@ -15,8 +15,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from zotune.config import DataConfig
-from zotune.data.task import (Example, TaskSplits, check_labels, fill_template, label_words_for,
-                              split_examples, split_given)
+from zotune.data.task import (
+    Example,
+    TaskSplits,
+    check_labels,
+    fill_template,
+    label_words_for,
+    split_examples,
+    split_given,
+)
 from zotune.errors import DataError
 
 FORMATS = {"text": ("text",), "prompt": ("prompt", "completion"), "classification": ("input", "label")}

@@ -64,10 +64,6 @@ def label_words_for(labels: Sequence[str], label_words: dict[str, str] | None, s
     return tuple(words.get(label, " " + label) for label in labels)
 
 
-def infer_kind(examples: Sequence[Example]) -> str:
-    return "classification" if examples and examples[0].choices else "generation"
-
-
 # ----------------------------------------------------------------------------- splitting
 
 def _key(ex: Example) -> tuple[str, str | None]:

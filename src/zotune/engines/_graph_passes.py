@@ -22,103 +22,107 @@ def _ops():
     return exir_ops.edge.aten
 
 
-def _call(graph, target, args, val):
-    node = graph.call_function(target, args)
-    node.meta["val"] = val
-    return node
-
-
 def _copy_meta(src, dst):
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node", "torch_fn"):
         if key in src.meta:
             dst.meta.setdefault(key, src.meta[key])
 
 
-def mean_last_dim_to_4d(gm: torch.fx.GraphModule):
-    aten = _ops()
+def _rewrite_calls(gm: torch.fx.GraphModule, target, rewrite):
+    """The skeleton of every rewrite here. For each call of `target`, rewrite(emit, node) returns
+    the node that replaces it, or None to leave it. emit(op, args, val) adds a call before the
+    node, with `val` as its meta value and the node's provenance. The replaced node is erased,
+    and so are its inputs that nothing else uses any more."""
     changed = False
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target != aten.mean.dim:
+        if node.op != "call_function" or node.target != target:
             continue
+
+        def emit(op, args, val, node=node):
+            new = gm.graph.call_function(op, args)
+            new.meta["val"] = val
+            _copy_meta(node, new)
+            return new
+
+        with gm.graph.inserting_before(node):
+            out = rewrite(emit, node)
+        if out is None:
+            continue
+        inputs = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        for a in inputs:
+            if a.op == "call_function" and not a.users:
+                gm.graph.erase_node(a)
+        changed = True
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult(gm, changed)
+
+
+def mean_last_dim_to_4d(gm: torch.fx.GraphModule):
+    aten = _ops()
+
+    def rewrite(emit, node):
         x = node.args[0]
         val = x.meta.get("val")
         if val is None or val.dim() != 3 or node.kwargs.get("dtype") is not None:
-            continue
+            return None
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
         if dims is None or [d % 3 for d in dims] != [2]:
-            continue
+            return None
         b, t, d = val.shape
-        with gm.graph.inserting_before(node):
-            v4 = _call(gm.graph, aten.view_copy.default, (x, [b, t, d, 1]), val.reshape(b, t, d, 1))
-            m4 = _call(gm.graph, aten.mean.dim, (v4, [2, 3], True),
-                       v4.meta["val"].mean([2, 3], True))
-            shape = [b, t, 1] if keep else [b, t]
-            out = _call(gm.graph, aten.view_copy.default, (m4, shape),
-                        m4.meta["val"].reshape(shape))
-        for n in (v4, m4, out):
-            _copy_meta(node, n)
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
-        changed = True
-    return _finish(gm, changed)
+        v4 = emit(aten.view_copy.default, (x, [b, t, d, 1]), val.reshape(b, t, d, 1))
+        m4 = emit(aten.mean.dim, (v4, [2, 3], True), v4.meta["val"].mean([2, 3], True))
+        shape = [b, t, 1] if keep else [b, t]
+        return emit(aten.view_copy.default, (m4, shape), m4.meta["val"].reshape(shape))
+
+    return _rewrite_calls(gm, aten.mean.dim, rewrite)
 
 
 def expand_to_cat(gm: torch.fx.GraphModule):
     """expand_copy(unsqueeze_copy(x, d), sizes) that repeats the new dim n times (2 <= n <= 5)
     -> view_copy(cat([view_copy(x, x.shape[:d] + [1, rest])] * n, d), sizes)."""
     aten = _ops()
-    changed = False
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target != aten.expand_copy.default:
-            continue
+
+    def rewrite(emit, node):
         u = node.args[0]
         if not (isinstance(u, torch.fx.Node) and u.op == "call_function"
                 and u.target == aten.unsqueeze_copy.default):
-            continue
+            return None
         x = u.args[0]
         xv, uv, ov = x.meta.get("val"), u.meta.get("val"), node.meta.get("val")
         if xv is None or uv is None or ov is None:
-            continue
+            return None
         d = u.args[1] % uv.dim()
         diff = [i for i in range(uv.dim()) if uv.shape[i] != ov.shape[i]]
         n = int(ov.shape[d])
         if diff != [d] or not 2 <= n <= 5 or d > 2:
-            continue
+            return None
         flat = list(xv.shape[:d]) + [1, math.prod(xv.shape[d:])]
-        with gm.graph.inserting_before(node):
-            # n distinct view nodes: XNNPACK's cat counts distinct inputs and needs at least two
-            vs = [_call(gm.graph, aten.view_copy.default, (x, flat), xv.reshape(flat))
-                  for _ in range(n)]
-            c = _call(gm.graph, aten.cat.default, (vs, d),
-                      torch.cat([v.meta["val"] for v in vs], d))
-            out = _call(gm.graph, aten.view_copy.default, (c, list(ov.shape)),
-                        c.meta["val"].reshape(ov.shape))
-        for m in (*vs, c, out):
-            _copy_meta(node, m)
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
-        if not u.users:
-            gm.graph.erase_node(u)
-        changed = True
-    return _finish(gm, changed)
+        # n distinct view nodes: XNNPACK's cat counts distinct inputs and needs at least two
+        vs = [emit(aten.view_copy.default, (x, flat), xv.reshape(flat)) for _ in range(n)]
+        c = emit(aten.cat.default, (vs, d), torch.cat([v.meta["val"] for v in vs], d))
+        return emit(aten.view_copy.default, (c, list(ov.shape)), c.meta["val"].reshape(ov.shape))
+
+    return _rewrite_calls(gm, aten.expand_copy.default, rewrite)
 
 
 def remove_noop_expand(gm: torch.fx.GraphModule):
     """expand_copy to the shape its input already has (matmul's decomposition leaves these)."""
-    aten = _ops()
-    changed = False
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target != aten.expand_copy.default:
-            continue
+
+    def rewrite(emit, node):
         x = node.args[0]
         xv, ov = x.meta.get("val"), node.meta.get("val")
         if xv is None or ov is None or tuple(xv.shape) != tuple(ov.shape) or xv.dtype != ov.dtype:
-            continue
-        node.replace_all_uses_with(x)
-        gm.graph.erase_node(node)
-        changed = True
-    return _finish(gm, changed)
+            return None
+        return x
+
+    return _rewrite_calls(gm, _ops().expand_copy.default, rewrite)
 
 
 def strip_provenance(gm: torch.fx.GraphModule):
@@ -130,15 +134,6 @@ def strip_provenance(gm: torch.fx.GraphModule):
         node.meta.pop("stack_trace", None)
     from torch.fx.passes.infra.pass_base import PassResult
     return PassResult(gm, False)
-
-
-def _finish(gm, changed):
-    from torch.fx.passes.infra.pass_base import PassResult
-
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
-    return PassResult(gm, changed)
 
 
 PASSES = [mean_last_dim_to_4d, expand_to_cat, remove_noop_expand, strip_provenance]

@@ -1,8 +1,5 @@
-"""The eager PyTorch engine: runs the estimators directly on a transformers model.
-
-Every engine offers the same small surface to the training loop: step, scores, state/load_state
-and adapter_state, so the loop, logs, checkpoints and evaluation are written once.
-"""
+"""The eager PyTorch engine: runs the estimators directly on a transformers model. It implements
+the engine contract (engines/base.py) that the training loop drives."""
 
 from __future__ import annotations
 
@@ -11,10 +8,11 @@ import torch
 from zotune.adapters.full import FullParams
 from zotune.adapters.lora import LoRAAdapter
 from zotune.config import Config
+from zotune.engines.base import MOMENTUM, OPT, PARAM, part, prefixed
 from zotune.estimators.fo import FirstOrder
 from zotune.estimators.prge import PRGEStep
 from zotune.estimators.rge import RGE
-from zotune.loss import make_loss, trim_left_padding
+from zotune.loss import loss_inputs, make_loss, trim_left_padding
 
 
 def build_params(model, cfg: Config):
@@ -42,14 +40,14 @@ class EagerEngine:
             flat = next(model.parameters()).device.type != "cpu"
             step = PRGEStep(model, self.params, self.loss, o.q, o.dual, o.noise, o.momentum,
                             fused_noise=flat, **(step_options or {}))
-            self._step, self.velocity = self._prge(step), step.velocity
+            self._step, self.velocity, self._optimizer = self._prge(step), step.velocity, None
         elif o.estimator == "rge":
             rge = RGE(model, self.params, self.loss, o.q, o.noise, o.momentum)
-            self._step, self.velocity = rge.step, rge.velocity
+            self._step, self.velocity, self._optimizer = rge.step, rge.velocity, None
         else:
-            self.fo = FirstOrder(model, self.params, self.loss, o.optimizer, o.lr, o.weight_decay,
-                                 o.momentum)
-            self._step, self.velocity = self.fo.step, None
+            fo = FirstOrder(model, self.params, self.loss, o.optimizer, o.lr, o.weight_decay,
+                            o.momentum)
+            self._step, self.velocity, self._optimizer = fo.step, None, fo
 
     @staticmethod
     def _prge(step: PRGEStep):
@@ -59,8 +57,9 @@ class EagerEngine:
         return run
 
     def _trim(self, batch):
+        batch = loss_inputs(batch, self.kind)
         # Generation reads the last L+1 positions, whatever the padding.
-        keep = 1 if self.kind == "classification" else batch[3].shape[1] + 1
+        keep = 1 if self.kind == "classification" else batch.target_ids.shape[1] + 1
         return trim_left_padding(batch, keep)
 
     def step(self, batch, seed: int, lr: float, eps: float):
@@ -77,32 +76,23 @@ class EagerEngine:
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         if isinstance(self.params, FullParams):
-            return {t.name: t.tensor.detach().clone() for t in self.params.trained}
+            return {n: t.detach().clone() for n, t in self.params.named_tensors()}
         return self.params.state()
 
     def state(self) -> dict[str, torch.Tensor]:
         """Everything a resume needs: trained tensors, momentum, optimizer moments."""
-        out = {f"param.{t.name}": t.tensor.detach().clone() for t in self.params.trained}
-        for t, m in zip(self.params.trained, self.velocity or []):
-            out[f"momentum.{t.name}"] = m.clone()
-        if hasattr(self, "fo"):
-            for idx, st in self.fo.opt.state_dict()["state"].items():
-                for k, v in st.items():
-                    out[f"opt.{idx}.{k}"] = torch.as_tensor(v).clone()
+        names = self.params.layout.names
+        out = prefixed(dict(self.params.named_tensors()), PARAM)
+        out.update(prefixed(dict(zip(names, self.velocity or [])), MOMENTUM))
+        if self._optimizer is not None:
+            out.update(prefixed(self._optimizer.state(), OPT))
         return out
 
     @torch.no_grad()
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        for t in self.params.trained:
-            t.tensor.copy_(tensors[f"param.{t.name}"])
-        for t, m in zip(self.params.trained, self.velocity or []):
-            m.copy_(tensors[f"momentum.{t.name}"])
-        if hasattr(self, "fo"):
-            sd = self.fo.opt.state_dict()
-            state: dict[int, dict] = {}
-            for key, v in tensors.items():
-                if key.startswith("opt."):
-                    _, idx, k = key.split(".", 2)
-                    state.setdefault(int(idx), {})[k] = v.clone()
-            sd["state"] = state
-            self.fo.opt.load_state_dict(sd)
+        for n, t in self.params.named_tensors():
+            t.copy_(tensors[PARAM + n])
+        for n, m in zip(self.params.layout.names, self.velocity or []):
+            m.copy_(tensors[MOMENTUM + n])
+        if self._optimizer is not None:
+            self._optimizer.load_state(part(tensors, OPT))

@@ -19,7 +19,7 @@ file. A JSON sidecar (`<file>.json`) records the shapes, the adapter layout and 
 .pte; `PteProgram.load` checks them, so a truncated, corrupted or mismatched program is refused
 with a clear error instead of failing inside the runtime.
 
-ExecuTorch traps handled here (DESIGN.md section 4): trained tensors must be buffers (not
+ExecuTorch traps handled here (docs/engines.md): trained tensors must be buffers (not
 parameters), methods share them only with MemoryPlanningPass(share_mutable_buffers=True) and
 emit_mutable_buffer_names=True, their initial values are not serialised (PteProgram always sets
 theta at load), and a delegate must never own them as constant data (methods that only read theta
@@ -28,6 +28,7 @@ would silently keep the export-time values).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -39,32 +40,30 @@ import torch
 import torch.nn as nn
 
 import zotune
+from zotune.adapters.theta import set_theta, theta_of
 from zotune.engines._graph_passes import PASSES
 from zotune.engines.et_lowering import (
-    KeepStatePartitioner, attention_impl, cheap_provenance, portable_ops, quantize_8da4w,
+    KeepStatePartitioner,
+    attention_impl,
+    cheap_provenance,
+    portable_ops,
+    quantize_8da4w,
 )
+from zotune.engines.et_parity import TOLERANCE, parity_check
 from zotune.engines.export_common import (
-    FORMAT_VERSION, EngineError, ExportCheckError, ProgramFileError, check_batch, flat_trained,
-    layout, load_flat, sidecar_path, trained_to_buffers, write_atomic,
+    FORMAT_VERSION,
+    EngineError,
+    ExportCheckError,
+    ProgramFileError,
+    check_batch,
+    sidecar_path,
+    trained_to_buffers,
 )
 from zotune.engines.pte import ENGINE, METHODS, ExecuTorchEngine, PteProgram
-from zotune.estimators.prge import VELOCITY, PRGEStep, flat_update
-from zotune.rng import noise as rng_noise
+from zotune.estimators.prge import VELOCITY, PRGEStep
+from zotune.io import atomic_write_bytes, atomic_write_text
 
 QUANTIZE = (None, "8da4w")
-# Parity after one step, max abs differences (the metrics: _parity_check). An fp32 program must
-# match eager in all of them. An 8da4w program is held to the torchao-quantized eager model in
-# the forward logits and the loss at 5e-2 only: with 8-bit dynamic activations a last-bit
-# difference upstream flips a rounding downstream, and the flips cascade through the layers (one
-# quantized linear agrees to 1.5e-5; SmolLM2's 30 layers end 1.7e-2 apart in relative logits
-# and 2.0e-2 in the loss). The loss differences behind g are of that size too, so g and theta
-# after a step cannot be compared with eager's; what is checked exactly instead is that the
-# program applies the update its own g implies ("update", "momentum").
-_EXACT = {"set_get": 1e-5, "update": 1e-5, "momentum": 1e-5}
-TOLERANCE = {
-    None: {**_EXACT, "forward": 1e-5, "loss": 1e-5, "loss_diff": 1e-5, "theta": 1e-5},
-    "8da4w": {**_EXACT, "forward": 5e-2, "loss": 5e-2},
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +97,7 @@ class _GetLora(nn.Module):
         self.model, self.adapter = model, adapter
 
     def forward(self):
-        return torch.cat([t.tensor.reshape(-1) for t in self.adapter.trained])
+        return self.adapter.layout.gather(self.adapter.tensors())
 
 
 class _SetLora(nn.Module):
@@ -108,8 +107,7 @@ class _SetLora(nn.Module):
 
     @torch.no_grad()
     def forward(self, flat):
-        for t in self.adapter.trained:
-            t.tensor.copy_(flat[t.offset: t.offset + t.tensor.numel()].reshape(t.tensor.shape))
+        self.adapter.layout.scatter(flat, self.adapter.tensors())
 
 
 class _GetMomentum(nn.Module):
@@ -149,10 +147,6 @@ class ExportReport:
         return asdict(self)
 
 
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
-
-
 def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int, n_choices: int,
                    dual: bool = True, noise: str = "normal", quantize: str | None = None,
                    out_path: str | Path = "model.pte", *, eval_batch: int | None = None,
@@ -170,9 +164,69 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
     value for every metric) in the forward logits (relative to max(1, |logits|)), the loss, the
     loss differences behind g (2 eps g), theta after one step, or the update the program's own g
     implies. With momentum > 0 the step keeps a heavy-ball buffer (the same update as
-    eager ZO-SGD with that momentum) and the program gains get_momentum / set_momentum."""
+    eager ZO-SGD with that momentum) and the program gains get_momentum / set_momentum.
+
+    Stages: check the options, build the methods, trace, lower, emit, check parity against
+    eager, write the program and its metadata."""
     t_start = time.perf_counter()
     say = log or (lambda msg: None)
+    _check_options(adapter, loss, quantize, noise, momentum, q, b, seq_len, n_choices)
+    tol = (TOLERANCE[quantize] if tolerance is None
+           else {k: float(tolerance) for k in TOLERANCE[quantize]})
+    out_path = Path(out_path)
+    dtype = adapter.tensors()[0].dtype
+
+    trained_to_buffers(adapter)
+    if quantize:
+        # quantize_ rewrites modules in place: work on a copy so the caller's model stays fp32.
+        model, adapter = copy.deepcopy((model, adapter))
+        quantized = quantize_8da4w(model, adapter, group_size)
+        say(f"8da4w: quantized {len(quantized)} linear layers (group size {group_size})")
+    was_training = model.training
+    model.eval()
+    theta0 = theta_of(adapter)
+    opts = dict(q=q, b=b, seq_len=seq_len, n_choices=n_choices, eval_batch=eval_batch or b)
+    opts.update(dual=dual, noise=noise, momentum=momentum, check=(check_seed, check_lr, check_eps))
+    plan = _Plan(model, adapter, loss, **opts)
+    seconds = {}
+    try:
+        with _timed(seconds, "export"):
+            programs = _trace(plan, attention)
+        say(f"torch.export: {seconds['export']:.1f} s")
+        with _timed(seconds, "lower"):
+            edge = _lower(plan, programs, xnnpack)
+        portable = {name: portable_ops(edge.exported_program(name)) for name in plan.methods}
+        say(f"to_edge + lowering: {seconds['lower']:.1f} s; non-delegated ops {portable}")
+        with _timed(seconds, "emit"):
+            data = _emit(edge)
+        del edge, programs
+        say(f"to_executorch: {seconds['emit']:.1f} s, {len(data) / 2**20:.1f} MiB")
+        with _timed(seconds, "check"):
+            check = parity_check(data, plan, theta0, dtype)
+    finally:
+        set_theta(adapter, theta0)  # the eager check moved theta: give the caller its own back
+        model._buffers.pop(VELOCITY, None)
+        model.train(was_training)
+    say(f"parity vs eager: {check}")
+    bad = {k: v for k, v in check.items() if k in tol and not (v <= tol[k])}  # NaN is bad
+    if bad:
+        raise ExportCheckError(
+            "the lowered ExecuTorch program differs from eager PyTorch beyond tolerance: "
+            + ", ".join(f"{k} {v:.3g} > {tol[k]:g}" for k, v in bad.items())
+            + f"; nothing was written to {out_path}")
+
+    meta = _metadata(plan, data, dtype, theta0, quantize, group_size, xnnpack, model_name,
+                     check, tol)
+    atomic_write_bytes(out_path, data)
+    atomic_write_text(sidecar_path(out_path), json.dumps(meta, indent=1))
+    seconds["total"] = time.perf_counter() - t_start
+    return ExportReport(str(out_path), str(sidecar_path(out_path)), len(data), meta["sha256"],
+                        seconds, check, tol, portable, meta)
+
+
+# -- the stages of export_program ----------------------------------------------------------------
+
+def _check_options(adapter, loss, quantize, noise, momentum, q, b, seq_len, n_choices) -> None:
     if quantize not in QUANTIZE:
         raise EngineError(f"quantize: expected one of {QUANTIZE}, got {quantize!r}")
     if noise not in ("normal", "rademacher"):
@@ -188,139 +242,124 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
     for name, v in (("q", q), ("b", b), ("seq_len", seq_len), ("n_choices", n_choices)):
         if int(v) < 1 or (name == "n_choices" and v < 2):
             raise EngineError(f"{name} must be a positive integer (n_choices >= 2), got {v}")
-    eval_batch = eval_batch or b
-    tol = (TOLERANCE[quantize] if tolerance is None
-           else {k: float(tolerance) for k in TOLERANCE[quantize]})
-    out_path = Path(out_path)
-    dtype = adapter.trained[0].tensor.dtype
 
-    trained_to_buffers(adapter)
-    if quantize:
-        # quantize_ rewrites modules in place: work on a copy so the caller's model stays fp32.
-        model, adapter = copy.deepcopy((model, adapter))
-        quantized = quantize_8da4w(model, adapter, group_size)
-        say(f"8da4w: quantized {len(quantized)} linear layers (group size {group_size})")
-    was_training = model.training
-    model.eval()
-    theta0 = flat_trained(adapter)
-    lay = layout(adapter)
-    state_fqns = [f"model.{t.name}" for t in adapter.trained]
-    if momentum:
-        state_fqns.append(f"model.{VELOCITY}")
 
-    vocab = model.get_input_embeddings().weight.shape[0]
-    batch = check_batch(vocab, b, seq_len, n_choices, seed=check_seed)
-    eval_in = check_batch(vocab, eval_batch, seq_len, n_choices, seed=check_seed + 1)[:4]
-    seed_t = torch.tensor([check_seed], dtype=torch.int64)
-    lr_t = torch.tensor([check_lr], dtype=torch.float32)
-    eps_t = torch.tensor([check_eps], dtype=torch.float32)
+class _Plan:
+    """The methods to export, with the example inputs they are traced and checked with."""
 
-    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, \
-        to_edge_transform_and_lower
+    def __init__(self, model, adapter, loss, *, q, b, seq_len, n_choices, eval_batch, dual, noise,
+                 momentum, check):
+        check_seed, check_lr, check_eps = check
+        self.model, self.adapter, self.loss = model, adapter, loss
+        self.q, self.b, self.seq_len, self.n_choices = q, b, seq_len, n_choices
+        self.eval_batch, self.dual, self.noise, self.momentum = eval_batch, dual, noise, momentum
+        self.check_seed = check_seed
+        # The buffers every method shares: what no delegate may own, and what train_step updates.
+        self.state_fqns = [f"model.{name}" for name in adapter.layout.names]
+        if momentum:
+            self.state_fqns.append(f"model.{VELOCITY}")
+        vocab = model.get_input_embeddings().weight.shape[0]
+        self.batch = check_batch(vocab, b, seq_len, n_choices, seed=check_seed)
+        self.eval_in = check_batch(vocab, eval_batch, seq_len, n_choices, seed=check_seed + 1)[:4]
+        self.seed_t = torch.tensor([check_seed], dtype=torch.int64)
+        self.lr_t = torch.tensor([check_lr], dtype=torch.float32)
+        self.eps_t = torch.tensor([check_eps], dtype=torch.float32)
+        self.step = PRGEStep(model, adapter, loss, q, dual=dual, noise=noise, momentum=momentum,
+                             fused_noise=True)  # registers the model's VELOCITY buffer
+        theta = torch.zeros(adapter.numel, dtype=adapter.tensors()[0].dtype)
+        self.modules = {
+            "train_step": (self.step, (self.seed_t, self.lr_t, self.eps_t, *self.batch)),
+            "forward": (_Forward(model, adapter, loss), self.eval_in),
+            "get_lora": (_GetLora(model, adapter), ()),
+            "set_lora": (_SetLora(model, adapter), (theta,)),
+        }
+        if momentum:
+            self.modules["get_momentum"] = (_GetMomentum(model), ())
+            self.modules["set_momentum"] = (_SetMomentum(model), (torch.zeros_like(theta),))
+        self.methods = list(self.modules)
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict, stage: str):
+    t0 = time.perf_counter()
+    yield
+    seconds[stage] = time.perf_counter() - t0
+
+
+def _trace(plan: _Plan, attention) -> dict:
+    """torch.export of every method."""
+    # MATH sdpa while tracing: the fused CPU kernel reports transposed output strides, so the
+    # model's .contiguous() after attention is traced away and the views after it break once
+    # to_edge decomposes sdpa (with different strides).
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    programs = {}
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), attention_impl(plan.model, attention):
+        for name, (mod, args) in plan.modules.items():
+            programs[name] = torch.export.export(mod, tuple(args), strict=False)
+    return programs
+
+
+def _lower(plan: _Plan, programs: dict, xnnpack: bool):
+    """to_edge with XNNPACK delegation of train_step and forward (never of the shared state)."""
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    partitioners = {name: [] for name in plan.methods}
+    if xnnpack:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        for name in ("train_step", "forward"):
+            partitioners[name] = [KeepStatePartitioner(XnnpackPartitioner(), plan.state_fqns)]
+    with sdpa_kernel([SDPBackend.MATH]), cheap_provenance():  # same sdpa strides as traced
+        edge = to_edge_transform_and_lower(
+            programs, partitioner=partitioners,
+            transform_passes=list(PASSES) if xnnpack else None,
+            compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    # torch.export records the buffer mutations only after decomposition: check them here.
+    mutated = set(edge.exported_program("train_step").graph_signature.buffers_to_mutate.values())
+    missing = [f for f in plan.state_fqns if f not in mutated]
+    if missing:
+        raise EngineError(f"train_step does not update {len(missing)} trained tensors "
+                          f"(e.g. {missing[0]}) after lowering")
+    return edge
+
+
+def _emit(edge) -> bytes:
+    """The .pte bytes, with one copy of the mutable state shared by all methods."""
+    from executorch.exir import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
 
-    step = PRGEStep(model, adapter, loss, q, dual=dual, noise=noise, momentum=momentum,
-                    fused_noise=True)  # registers the model's VELOCITY buffer when momentum > 0
-    modules = {
-        "train_step": (step, (seed_t, lr_t, eps_t, *batch)),
-        "forward": (_Forward(model, adapter, loss), eval_in),
-        "get_lora": (_GetLora(model, adapter), ()),
-        "set_lora": (_SetLora(model, adapter), (theta0.clone(),)),
-    }
-    if momentum:
-        modules["get_momentum"] = (_GetMomentum(model), ())
-        modules["set_momentum"] = (_SetMomentum(model), (torch.zeros_like(theta0),))
-    methods = list(modules)
-    seconds = {}
-    try:
-        t0 = time.perf_counter()
-        programs = {}
-        # MATH sdpa while tracing: the fused CPU kernel reports transposed output strides, so the
-        # model's .contiguous() after attention is traced away and the views after it break once
-        # to_edge decomposes sdpa (with different strides).
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), attention_impl(model, attention):
-            for name, (mod, args) in modules.items():
-                programs[name] = torch.export.export(mod, tuple(args), strict=False)
-        seconds["export"] = time.perf_counter() - t0
-        say(f"torch.export: {seconds['export']:.1f} s")
+    with warnings.catch_warnings():
+        # "initial values of mutated buffers are not serialised": expected, PteProgram
+        # always sets theta when it loads a program.
+        warnings.filterwarnings("ignore", message="Mutation on a buffer")
+        et = edge.to_executorch(ExecutorchBackendConfig(
+            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+            emit_mutable_buffer_names=True))
+    return et.buffer
 
-        t0 = time.perf_counter()
-        partitioners = {name: [] for name in methods}
-        if xnnpack:
-            from executorch.backends.xnnpack.partition.xnnpack_partitioner import \
-                XnnpackPartitioner
-            for name in ("train_step", "forward"):
-                partitioners[name] = [KeepStatePartitioner(XnnpackPartitioner(), state_fqns)]
-        with sdpa_kernel([SDPBackend.MATH]), cheap_provenance():  # same sdpa strides as traced
-            edge = to_edge_transform_and_lower(
-                programs, partitioner=partitioners,
-                transform_passes=list(PASSES) if xnnpack else None,
-                compile_config=EdgeCompileConfig(_check_ir_validity=False))
-        seconds["lower"] = time.perf_counter() - t0
-        mutated = set(edge.exported_program("train_step").graph_signature.buffers_to_mutate
-                      .values())
-        missing = [f for f in state_fqns if f not in mutated]
-        if missing:
-            raise EngineError(f"train_step does not update {len(missing)} trained tensors "
-                              f"(e.g. {missing[0]}) after lowering")
-        portable = {name: portable_ops(edge.exported_program(name)) for name in methods}
-        say(f"to_edge + lowering: {seconds['lower']:.1f} s; non-delegated ops {portable}")
 
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            # "initial values of mutated buffers are not serialised": expected, PteProgram
-            # always sets theta when it loads a program.
-            warnings.filterwarnings("ignore", message="Mutation on a buffer")
-            et = edge.to_executorch(ExecutorchBackendConfig(
-                memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
-                emit_mutable_buffer_names=True))
-        data = et.buffer
-        del edge, et, programs
-        seconds["emit"] = time.perf_counter() - t0
-        say(f"to_executorch: {seconds['emit']:.1f} s, {len(data) / 2**20:.1f} MiB")
-
-        # Parity: the lowered program against eager PyTorch, from the same (nonzero) theta.
-        t0 = time.perf_counter()
-        theta_c = (torch.randn(theta0.shape, generator=torch.Generator().manual_seed(check_seed))
-                   * 0.02).to(dtype)
-        velocity_c = (torch.randn(theta0.shape, generator=torch.Generator().manual_seed(
-            check_seed + 1)) * 0.1).to(dtype) if momentum else None
-        check = _parity_check(data, step, adapter, loss, model, theta_c, velocity_c, seed_t,
-                              lr_t, eps_t, batch, eval_in)
-        seconds["check"] = time.perf_counter() - t0
-    finally:
-        load_flat(adapter, theta0)  # the eager check moved theta: give the caller its own back
-        model._buffers.pop(VELOCITY, None)
-        model.train(was_training)
-    say(f"parity vs eager: {check}")
-    bad = {k: v for k, v in check.items() if k in tol and not (v <= tol[k])}  # NaN is bad
-    if bad:
-        raise ExportCheckError(
-            "the lowered ExecuTorch program differs from eager PyTorch beyond tolerance: "
-            + ", ".join(f"{k} {v:.3g} > {tol[k]:g}" for k, v in bad.items())
-            + f"; nothing was written to {out_path}")
-
-    meta = {
-        "format": FORMAT_VERSION, "engine": ENGINE, "methods": methods,
-        "q": int(q), "b": int(b), "seq_len": int(seq_len), "n_choices": int(n_choices),
-        "eval_batch": int(eval_batch), "numel": int(adapter.numel), "noise": noise,
-        "dual": bool(dual), "momentum": float(momentum), "quantize": quantize,
+def _metadata(plan: _Plan, data: bytes, dtype, theta0, quantize, group_size, xnnpack, model_name,
+              check, tol) -> dict:
+    """The sidecar: shapes, options, theta's layout, versions, the check and the file's hash."""
+    model = plan.model
+    return {
+        "format": FORMAT_VERSION, "engine": ENGINE, "methods": plan.methods,
+        "q": int(plan.q), "b": int(plan.b), "seq_len": int(plan.seq_len),
+        "n_choices": int(plan.n_choices), "eval_batch": int(plan.eval_batch),
+        "numel": int(plan.adapter.numel), "noise": plan.noise, "dual": bool(plan.dual),
+        "momentum": float(plan.momentum), "quantize": quantize,
         "group_size": group_size if quantize else None,
-        "xnnpack": bool(xnnpack), "loss": loss.kind, "dtype": str(dtype).replace("torch.", ""),
+        "xnnpack": bool(xnnpack), "loss": plan.loss.kind,
+        "dtype": str(dtype).replace("torch.", ""),
         "model": (model_name or getattr(model.config, "_name_or_path", "")
                   or model.config.model_type),
-        "model_type": model.config.model_type, "layout": lay,
+        "model_type": model.config.model_type, "layout": plan.adapter.layout.to_json(),
         "init": "zeros" if not theta0.any() else "given",
         "zotune": zotune.__version__, "torch": torch.__version__, "executorch": _et_version(),
         "check": check, "tolerance": tol,
         "size": len(data), "sha256": _sha256_bytes(data),
     }
-    write_atomic(out_path, data)
-    write_atomic(sidecar_path(out_path), json.dumps(meta, indent=1))
-    seconds["total"] = time.perf_counter() - t_start
-    return ExportReport(str(out_path), str(sidecar_path(out_path)), len(data), meta["sha256"],
-                        seconds, check, tol, portable, meta)
 
 
 def _sha256_bytes(data: bytes) -> str:
@@ -334,50 +373,6 @@ def _et_version() -> str:
         return version("executorch")
     except Exception:  # noqa: BLE001 - only informative
         return "unknown"
-
-
-@torch.no_grad()
-def _parity_check(data: bytes, step, adapter, loss, model, theta, velocity, seed_t, lr_t, eps_t,
-                  batch, eval_in) -> dict:
-    from executorch.runtime import Runtime
-
-    program = Runtime.get().load_program(data)
-    methods = {name: program.load_method(name) for name in program.method_names}  # all first
-    methods["set_lora"].execute([theta.clone()])
-    if velocity is not None:
-        methods["set_momentum"].execute([velocity.clone()])
-        getattr(model, VELOCITY).copy_(velocity)
-    got = methods["get_lora"].execute([])[0]
-    logits_pte = methods["forward"].execute(list(eval_in))[0]
-    loss_pte, g_pte = methods["train_step"].execute([seed_t, lr_t, eps_t, *batch])
-    theta_pte = methods["get_lora"].execute([])[0]
-
-    load_flat(adapter, theta)
-    logits_eager = loss.logits(model, *eval_in)
-    loss_eager, g_eager = step(seed_t, lr_t, eps_t, *batch)
-    theta_eager = flat_trained(adapter)
-
-    # The update the program's own g implies, computed in eager from the same z (the RNG is
-    # bit-exact): checks the noise, the update and the momentum buffer whatever g came out.
-    z = rng_noise(seed_t, 0, step.q * theta.numel(), step.noise, theta.dtype)
-    z = z.reshape(step.q, -1)  # [q, N]
-    v_expected = None if velocity is None else velocity.clone()
-    theta_expected = flat_update(theta, z, g_pte, lr_t, step.momentum, v_expected)
-    momentum = {}
-    if velocity is not None:
-        momentum["momentum"] = _max_diff(methods["get_momentum"].execute([])[0], v_expected)
-    return {
-        "set_get": _max_diff(got, theta),
-        # Logits are compared relative to their scale (real LMs give logits of 10-30).
-        "forward": _max_diff(logits_pte, logits_eager)
-        / max(1.0, float(logits_eager.abs().max())),
-        "loss": _max_diff(loss_pte, loss_eager),
-        # g = (l+ - l-) / (2 eps): compare the loss differences it comes from.
-        "loss_diff": _max_diff(g_pte * 2 * eps_t, g_eager * 2 * eps_t),
-        "theta": _max_diff(theta_pte, theta_eager),
-        "update": _max_diff(theta_pte, theta_expected),
-        **momentum,
-    }
 
 
 __all__ = ["export_program", "ExportReport", "PteProgram", "ExecuTorchEngine", "ENGINE",

@@ -1,27 +1,26 @@
-"""What every exporter of the training step shares: the trained tensors as buffers, the flat layout
-of theta, a check batch, the sidecar metadata and its hash, and atomic writes.
+"""What every exporter of the training step shares: the trained tensors as buffers, a check batch,
+the sidecar metadata and its hash, and the checks a loaded program goes through.
 
 Exported programs carry the trained tensors as state (ExecuTorch: mutable buffers) or as an
 input/output pair (ONNX). Either way the host talks to them through one flat vector theta of N
-values laid out as `LoRAAdapter.trained` says (name, shape, offset), the same layout the hash RNG
-draws z in.
+values laid out as the adapter's `ThetaLayout` says (name, shape, offset), the same layout the
+hash RNG draws z in.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from zotune.adapters.lora import TrainedTensor
+from zotune.adapters.theta import ThetaLayout
 from zotune.errors import ZotuneError
 
-FORMAT_VERSION = 1
+# The sidecar's format; its "layout" field is a ThetaLayout in its own versioned JSON form.
+FORMAT_VERSION = 2
 
 
 class EngineError(ZotuneError):
@@ -41,89 +40,20 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return model.get_submodule(module_name), attr
 
 
-class LiveTrainedTensor(TrainedTensor):
-    """A TrainedTensor whose `.tensor` is looked up on its module at every access.
-
-    torch.export (non-strict) swaps a module's buffers for fake tensors while it traces; a tensor
-    reference cached before tracing would be captured as a constant (and its in-place update lost
-    or rejected). Reading the attribute through the module sees whatever the module holds now."""
-
-    def __init__(self, name: str, offset: int, module: nn.Module, attr: str):
-        self.name, self.offset = name, offset
-        self._module, self._attr = module, attr
-
-    @property
-    def tensor(self) -> torch.Tensor:
-        return getattr(self._module, self._attr)
-
-    @tensor.setter
-    def tensor(self, value: torch.Tensor) -> None:
-        setattr(self._module, self._attr, value)
-
-
 def trained_to_buffers(adapter) -> list[str]:
     """Turn every trained tensor of the adapter into a registered buffer of the same name.
 
     torch.export does not allow mutating parameters; buffers written in place become mutable state
-    of the exported program. The values are kept (the buffer shares the parameter's storage) and
-    the entries of `adapter.trained` become LiveTrainedTensor views of the buffers, so the adapter,
-    eager PRGEStep and `state()`/`load_state()` keep working on the same tensors, eagerly and
-    under tracing. Idempotent. Returns the trained tensor names (relative to the model)."""
-    names = []
-    for i, t in enumerate(adapter.trained):
-        module, attr = _owner(adapter.model, t.name)
+    of the exported program. The values are kept (the buffer shares the parameter's storage), and
+    the adapter reads its tensors through their modules (`adapter.tensors()`), so it, eager
+    PRGEStep and `state()`/`load_state()` keep working on the same tensors, eagerly and under
+    tracing. Idempotent. Returns the trained tensor names (relative to the model)."""
+    for name in adapter.layout.names:
+        module, attr = _owner(adapter.model, name)
         if attr in module._parameters:
             value = module._parameters.pop(attr).detach()
             module.register_buffer(attr, value, persistent=True)
-        if not isinstance(t, LiveTrainedTensor):
-            adapter.trained[i] = LiveTrainedTensor(t.name, t.offset, module, attr)
-        names.append(t.name)
-    return names
-
-
-def layout(adapter) -> dict:
-    """The adapter layout an exported program was built for (JSON-ready)."""
-    return {
-        "kind": "lora" if getattr(adapter, "train_a", False) else "lora-fa",
-        "rank": getattr(adapter, "rank", None),
-        "alpha": getattr(adapter, "alpha", None),
-        "targets": list(getattr(adapter, "target_patterns", [])),
-        "layers": list(getattr(adapter, "layers", {})),
-        "numel": adapter.numel,
-        "tensors": [{"name": t.name, "shape": list(t.tensor.shape), "offset": t.offset,
-                     "numel": t.tensor.numel()} for t in adapter.trained],
-    }
-
-
-def flat_trained(adapter) -> torch.Tensor:
-    """theta: the trained tensors flattened and concatenated in layout order. -> [N] (a copy)"""
-    return torch.cat([t.tensor.detach().reshape(-1) for t in adapter.trained]).clone()
-
-
-@torch.no_grad()
-def load_flat(adapter, flat: torch.Tensor) -> None:
-    for t in adapter.trained:
-        t.tensor.copy_(flat[t.offset: t.offset + t.tensor.numel()].reshape(t.tensor.shape))
-
-
-def unflatten(flat: torch.Tensor, tensors: list[dict]) -> dict[str, torch.Tensor]:
-    return {d["name"]: flat[d["offset"]: d["offset"] + d["numel"]].reshape(d["shape"]).clone()
-            for d in tensors}
-
-
-def flatten(state: dict[str, torch.Tensor], tensors: list[dict],
-            dtype=torch.float32) -> torch.Tensor:
-    """A dict name -> tensor (extra keys such as lora_A of LoRA-FA are ignored) -> theta [N]."""
-    parts = []
-    for d in tensors:
-        if d["name"] not in state:
-            raise EngineError(f"adapter state has no tensor '{d['name']}'")
-        v = torch.as_tensor(state[d["name"]])
-        if list(v.shape) != list(d["shape"]):
-            raise EngineError(f"adapter tensor '{d['name']}' has shape {list(v.shape)}, "
-                              f"the program expects {d['shape']}")
-        parts.append(v.detach().to(dtype).reshape(-1))
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+    return adapter.layout.names
 
 
 def check_batch(vocab_size: int, b: int, seq_len: int, n_choices: int,
@@ -153,21 +83,6 @@ def sha256_file(path: str | Path) -> str:
 
 def sidecar_path(path: str | Path) -> Path:
     return Path(str(path) + ".json")
-
-
-def write_atomic(path: str | Path, data: bytes | str) -> None:
-    """Write to a temporary file in the same folder, then os.replace: no reader sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_sidecar(path: str | Path, engine: str) -> dict:
@@ -214,15 +129,17 @@ def check_expected(path, meta: dict, expect: dict) -> None:
                                + "; ".join(wrong) + "); re-export it")
 
 
-def check_layout(path, meta: dict, adapter) -> None:
-    want = layout(adapter)
-    have = meta.get("layout", {})
-    for key in ("kind", "rank", "alpha", "numel"):
-        if have.get(key) != want[key]:
-            raise ProgramFileError(f"{path}: adapter {key} is {have.get(key)!r} in the program, "
-                                   f"{want[key]!r} in this adapter; re-export it")
-    if have.get("tensors") != want["tensors"]:
-        names = {d["name"] for d in want["tensors"]} ^ {d["name"] for d in have.get("tensors", [])}
-        detail = f" (differing tensors: {sorted(names)[:4]})" if names else " (shapes or offsets)"
-        raise ProgramFileError(f"{path}: adapter layout differs from this adapter{detail}; "
-                               "re-export it")
+def program_layout(path, meta: dict) -> ThetaLayout:
+    """The theta layout an exported program was built for, from its metadata."""
+    try:
+        return ThetaLayout.from_json(meta.get("layout"), f"{sidecar_path(path)}: field 'layout'")
+    except ZotuneError as e:
+        raise ProgramFileError(f"{e}; re-export the program") from None
+
+
+def check_layout(path, layout: ThetaLayout, adapter) -> None:
+    """The program's theta layout against the caller's adapter."""
+    diff = layout.mismatch(adapter.layout)
+    if diff:
+        raise ProgramFileError(f"{path}: the program's adapter layout differs from this "
+                               f"adapter's ({diff}); re-export it")

@@ -8,9 +8,16 @@ from pathlib import Path
 
 import torch
 
+from zotune.adapters.theta import LayoutError
+from zotune.engines.base import MOMENTUM, PARAM, part, prefixed
 from zotune.engines.export_common import (
-    EngineError, ProgramFileError, check_expected, check_layout, flatten, read_sidecar,
-    unflatten, verify_file,
+    EngineError,
+    ProgramFileError,
+    check_expected,
+    check_layout,
+    program_layout,
+    read_sidecar,
+    verify_file,
 )
 
 ENGINE = "executorch"
@@ -40,14 +47,14 @@ class PteProgram:
         self.q, self.b, self.seq_len = meta["q"], meta["b"], meta["seq_len"]
         self.n_choices, self.eval_batch, self.numel = (meta["n_choices"], meta["eval_batch"],
                                                        meta["numel"])
-        self.tensors = meta["layout"]["tensors"]
+        self.layout = program_layout(path, meta)
         self.dtype = _DTYPES.get(meta.get("dtype", "float32"), torch.float32)
-        self.momentum = float(meta.get("momentum", 0.0))
+        self.momentum = float(meta["momentum"])
         self.method_names = METHODS + (MOMENTUM_METHODS if self.momentum else ())
 
     @classmethod
     def load(cls, path: str | Path, *, adapter=None, lora=None, verify: bool = True,
-             **expect) -> "PteProgram":
+             **expect) -> PteProgram:
         """Open a program written by export_program.
 
         adapter: if given, its layout (names, shapes, offsets, rank, alpha) must match.
@@ -60,12 +67,11 @@ class PteProgram:
                             f"{sorted(_EXPECTABLE)})")
         path = Path(path)
         meta = read_sidecar(path, ENGINE)
-        meta.setdefault("momentum", 0.0)  # programs from before momentum was exportable
         if verify:
             verify_file(path, meta)
         check_expected(path, meta, expect)
         if adapter is not None:
-            check_layout(path, meta, adapter)
+            check_layout(path, program_layout(path, meta), adapter)
         from executorch.runtime import Runtime
 
         try:
@@ -165,13 +171,16 @@ class PteProgram:
 
     def get_lora(self) -> dict[str, torch.Tensor]:
         """The trained tensors, unflattened with the program's layout."""
-        return unflatten(self.get_lora_flat(), self.tensors)
+        return self.layout.split(self.get_lora_flat())
 
     def _flat(self, values, what: str) -> torch.Tensor:
         """A dict name -> tensor (extra keys ignored) or a flat tensor -> [N] in the program's
         layout and dtype."""
         if isinstance(values, dict):
-            return flatten(values, self.tensors, self.dtype)
+            try:
+                return self.layout.gather(values, self.dtype)
+            except LayoutError as e:
+                raise EngineError(f"{what}: {e}") from None
         flat = torch.as_tensor(values).detach().to(self.dtype).reshape(-1)
         if flat.numel() != self.numel:
             raise EngineError(f"{what}: {flat.numel()} values, the program holds {self.numel}")
@@ -188,7 +197,7 @@ class PteProgram:
         """The momentum buffer, unflattened like theta ({} without momentum)."""
         if not self.momentum:
             return {}
-        return unflatten(self._methods["get_momentum"].execute([])[0], self.tensors)
+        return self.layout.split(self._methods["get_momentum"].execute([])[0])
 
     def set_momentum(self, velocity) -> None:
         """Set the momentum buffer from a dict name -> tensor or a flat [N] tensor."""
@@ -198,8 +207,7 @@ class PteProgram:
 
 
 class ExecuTorchEngine:
-    """A loaded program behind the surface the training loop uses for every engine (the same
-    methods as EagerEngine): step, scores, state / load_state, adapter_state.
+    """A loaded program behind the engine contract (engines/base.py) the training loop drives.
 
     frozen: tensors the program does not hold but an adapter file needs (LoRA-FA's A matrices,
     e.g. `adapter.state()` of the eager adapter the program was exported from)."""
@@ -223,13 +231,11 @@ class ExecuTorchEngine:
 
     def state(self) -> dict[str, torch.Tensor]:
         """The same keys as EagerEngine.state: param.<name> and momentum.<name>."""
-        out = {f"param.{k}": v for k, v in self.program.get_lora().items()}
-        out.update({f"momentum.{k}": v for k, v in self.program.get_momentum().items()})
+        out = prefixed(self.program.get_lora(), PARAM)
+        out.update(prefixed(self.program.get_momentum(), MOMENTUM))
         return out
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        def part(prefix):
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        self.program.set_lora(part("param."))
+        self.program.set_lora(part(tensors, PARAM))
         if self.program.momentum:
-            self.program.set_momentum(part("momentum."))
+            self.program.set_momentum(part(tensors, MOMENTUM))

@@ -30,8 +30,17 @@ class FirstOrder:
         self.opt.step()
         return float(loss.detach()), torch.zeros(0)
 
-    def state_dict(self):
-        return self.opt.state_dict()
+    def state(self) -> dict[str, torch.Tensor]:
+        """The optimizer's per-parameter state (moments, step counts) as tensors keyed
+        '<parameter index>.<field>', copies."""
+        return {f"{idx}.{k}": torch.as_tensor(v).clone()
+                for idx, st in self.opt.state_dict()["state"].items() for k, v in st.items()}
 
-    def load_state_dict(self, state):
-        self.opt.load_state_dict(state)
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        sd = self.opt.state_dict()
+        state: dict[int, dict] = {}
+        for key, v in tensors.items():
+            idx, k = key.split(".", 1)
+            state.setdefault(int(idx), {})[k] = v.clone()
+        sd["state"] = state
+        self.opt.load_state_dict(sd)

@@ -51,25 +51,24 @@ def perturbed(p: torch.Tensor, z: torch.Tensor, eps, signs: tuple[int, ...],
 
 def replica_stacks(adapter: LoRAAdapter, z_of, n_query: int, eps, signs: tuple[int, ...]) -> dict:
     """For every layer, a function that builds its perturbed (A, B) stacks, sign-major
-    [+z_1..+z_q, -z_1..-z_q], when the layer runs. z_of(trained tensor) -> its z [q, *shape].
+    [+z_1..+z_q, -z_1..-z_q], when the layer runs. z_of(tensor name) -> its z [q, *shape].
 
     Every layer builds into the same buffers, sized for the largest, so a step holds one layer's
-    stacks instead of every layer's (SmolLM2 at q=16: 3 MB instead of 320 MB; the step's peak
-    went from 1.45x the inference peak in session 3 to 1.04x, benchmarks/results/cost.md)."""
-    by_name = {t.name: t for t in adapter.trained}
+    stacks instead of every layer's (SmolLM2 at q=16: 3 MB instead of 320 MB; the step's peak is
+    1.04x the inference peak instead of 1.45x, benchmarks/README.md)."""
     n_rep = len(signs) * n_query
-    sizes = {kind: max((getattr(layer, kind).numel() for layer in adapter.layers.values()))
+    sizes = {kind: max(getattr(layer, kind).numel() for layer in adapter.layers.values())
              for kind in ("lora_A", "lora_B")}
-    like = adapter.trained[0].tensor
+    like = adapter.tensors()[0]
     b_buf = like.new_empty(n_rep * sizes["lora_B"])
     a_buf = like.new_empty(n_rep * sizes["lora_A"]) if adapter.train_a else None
 
     def builder(name: str, layer):
         def build():
-            b = perturbed(layer.lora_B, z_of(by_name[f"{name}.lora_B"]), eps, signs, b_buf)
+            b = perturbed(layer.lora_B, z_of(f"{name}.lora_B"), eps, signs, b_buf)
             if a_buf is None:
                 return None, b  # [R, d_out, r]
-            return perturbed(layer.lora_A, z_of(by_name[f"{name}.lora_A"]), eps, signs, a_buf), b
+            return perturbed(layer.lora_A, z_of(f"{name}.lora_A"), eps, signs, a_buf), b
         return build
 
     return {name: builder(name, layer) for name, layer in adapter.layers.items()}
@@ -90,8 +89,7 @@ def flat_replica_losses(model, adapter: LoRAAdapter, loss, theta: torch.Tensor, 
     instead of one per layer), which is what export and lowering time scale with."""
     stack = torch.cat([theta + (s * eps) * z for s in signs])  # [R, N]
     n_rep = stack.shape[0]
-    parts = {t.name: stack[:, t.offset: t.offset + t.tensor.numel()].reshape(n_rep, *t.tensor.shape)
-             for t in adapter.trained}
+    parts = adapter.layout.views(stack)  # name -> [R, *shape]
     stacks = {name: (parts.get(f"{name}.lora_A"), parts[f"{name}.lora_B"]) for name in adapter.layers}
     return stacked_losses(model, adapter, loss, stacks, n_rep, batch, totals)
 
@@ -129,21 +127,21 @@ class PRGEStep(nn.Module):
         self.velocity = None if fused_noise else momentum_buffers(adapter.tensors(), momentum)
         if fused_noise and momentum > 0:
             if not hasattr(model, VELOCITY):
-                model.register_buffer(VELOCITY, adapter.trained[0].tensor.new_zeros(adapter.numel))
-            flat = getattr(model, VELOCITY)  # [N]; per-tensor views, for checkpoints
-            self.velocity = [flat[t.offset: t.offset + t.tensor.numel()].view(t.tensor.shape)
-                             for t in adapter.trained]
+                model.register_buffer(VELOCITY, adapter.tensors()[0].new_zeros(adapter.numel))
+            # [N]; per-tensor views of it, for checkpoints
+            self.velocity = list(adapter.layout.views(getattr(model, VELOCITY)).values())
 
     @torch.no_grad()
     def forward(self, seed: torch.Tensor, lr: torch.Tensor, eps: torch.Tensor,
                 *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        trained, args = self.adapter.trained, (self.model, self.adapter, self.loss)
+        layout, args = self.adapter.layout, (self.model, self.adapter, self.loss)
+        tensors = self.adapter.tensors()  # read now: under tracing they are the traced buffers
         flat = self.fused_noise  # the exported form
         lo, hi = self.queries
         own = (lo, hi) != (0, self.q)  # a query-parallel rank: its queries only
         if flat:
-            theta = torch.cat([t.tensor.reshape(-1) for t in trained])  # [N]
-            z = noise(seed, 0, self.q * self.adapter.numel, self.noise, theta.dtype, theta.device)
+            theta = layout.gather(tensors)  # [N]
+            z = noise(seed, 0, self.q * layout.numel, self.noise, theta.dtype, theta.device)
             z = z.reshape(self.q, -1)  # [q, N]
             z_own = z[lo:hi] if own else z  # [k, N], k = hi - lo
 
@@ -152,12 +150,12 @@ class PRGEStep(nn.Module):
         else:
             # One draw over [0, q*N), viewed per tensor: the same bits as per-tensor draws,
             # hashed on every thread.
-            z_list = draw(seed, trained, self.adapter.numel, self.q, self.noise, fused=True)
-            zs = {t.name: z for t, z in zip(trained, z_list)}
-            z_own = {t.name: (z[lo:hi] if own else z) for t, z in zip(trained, z_list)}
+            zs = dict(zip(layout.names, draw(seed, layout, tensors[0], self.q, self.noise,
+                                             fused=True)))
+            z_own = {name: (z[lo:hi] if own else z) for name, z in zs.items()}
 
             def totals_for(signs):
-                return replica_losses(*args, lambda t: z_own[t.name], hi - lo, eps, signs, batch,
+                return replica_losses(*args, z_own.__getitem__, hi - lo, eps, signs, batch,
                                       totals=True)
         if self.dual:
             sums, counts = totals_for((1, -1))  # [2k] each
@@ -168,9 +166,8 @@ class PRGEStep(nn.Module):
         g = projected_gradient(losses[: self.q], losses[self.q:], eps)  # [q]
         if flat:
             new = flat_update(theta, z, g, lr, self.momentum, getattr(self.model, VELOCITY, None))
-            for t in trained:
-                t.tensor.copy_(new[t.offset: t.offset + t.tensor.numel()].reshape(t.tensor.shape))
+            layout.scatter(new, tensors)
         else:
-            apply_update(self.adapter.tensors(), (estimate(zs[t.name], g) for t in trained), lr,
+            apply_update(tensors, (estimate(zs[name], g) for name in layout.names), lr,
                          self.momentum, self.velocity)
         return losses.mean(), g

@@ -24,8 +24,7 @@ class RGE:
             with self.params.perturbed(seed, query, sign * eps, self.noise):
                 return per_replica(*self.loss.rows(self.model, *batch), 1)[0]
         # One replica: the adapter computes with B + sign * eps * z_query, never writing B.
-        def z_of(t):  # [1, *shape], a view of the query's z
-            return z_query[t.offset: t.offset + t.tensor.numel()].view(1, *t.tensor.shape)
+        z_of = self.params.layout.views(z_query.unsqueeze(0)).__getitem__  # name -> [1, *shape]
         return replica_losses(self.model, self.params, self.loss, z_of, 1, eps, (sign,), batch)[0]
 
     def _z(self, seed: torch.Tensor, query: int) -> torch.Tensor | None:
@@ -33,7 +32,7 @@ class RGE:
         draws per tensor inside its modules instead: N is the whole model there)."""
         if isinstance(self.params, FullParams):
             return None
-        like, n = self.params.trained[0].tensor, self.params.numel
+        like, n = self.params.tensors()[0], self.params.numel
         return noise(seed, query * n, n, self.noise, like.dtype, like.device)
 
     @torch.no_grad()
@@ -46,6 +45,6 @@ class RGE:
             minus.append(self._loss(seed_t, i, -1, eps, batch, z))
         plus, minus = torch.stack(plus), torch.stack(minus)  # [q] each
         g = projected_gradient(plus, minus, eps)
-        update_from_seed(self.params.trained, self.params.numel, seed_t, g, lr, self.noise,
+        update_from_seed(self.params.layout, self.params.tensors(), seed_t, g, lr, self.noise,
                          self.momentum, self.velocity)
         return float(torch.cat([plus, minus]).mean()), g

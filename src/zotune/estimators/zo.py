@@ -11,27 +11,25 @@ from __future__ import annotations
 
 import torch
 
-from zotune.adapters.lora import TrainedTensor
+from zotune.adapters.theta import ThetaLayout
 from zotune.rng import noise, noise_at
 
 
-def draw(seed: torch.Tensor, trained: list[TrainedTensor], numel: int, q: int, kind: str,
+def draw(seed: torch.Tensor, layout: ThetaLayout, like: torch.Tensor, q: int, kind: str,
          fused: bool = False, query: int | None = None) -> list[torch.Tensor]:
-    """z for every trained tensor: a list of [q, *shape] tensors, or [1, *shape] for one query."""
+    """z for every trained tensor, in the dtype and on the device of `like`: a list of
+    [q, *shape] tensors, or [1, *shape] for one query."""
     if fused:
-        dtype, device = trained[0].tensor.dtype, trained[0].tensor.device
-        z = noise(seed, 0, q * numel, kind, dtype, device).reshape(q, numel)  # [q, N]
-        return [z[:, t.offset: t.offset + t.tensor.numel()].reshape(q, *t.tensor.shape)
-                for t in trained]
-    out = []
-    device = trained[0].tensor.device
+        z = noise(seed, 0, q * layout.numel, kind, like.dtype, like.device)
+        return list(layout.views(z.reshape(q, layout.numel)).values())  # [q, N] viewed
+    device = like.device
     ids = torch.arange(q, device=device) if query is None else torch.tensor([query], device=device)
-    queries = ids.to(torch.int64).unsqueeze(1) * numel  # [q, 1]
-    for t in trained:
-        n = t.tensor.numel()
-        index = queries + t.offset + torch.arange(n, dtype=torch.int64, device=device)  # [q, n]
-        out.append(noise_at(seed, index, kind, t.tensor.dtype).reshape(-1, *t.tensor.shape))
-    return out
+    return [_draw_entry(seed, layout, e, ids, kind, like.dtype) for e in layout]
+
+
+def _draw_entry(seed, layout: ThetaLayout, e, queries: torch.Tensor, kind: str, dtype):
+    """z of one trained tensor for the given queries. -> [len(queries), *e.shape]"""
+    return noise_at(seed, layout.counters(e, queries), kind, dtype).reshape(-1, *e.shape)
 
 
 def projected_gradient(loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps) -> torch.Tensor:
@@ -66,10 +64,12 @@ def momentum_buffers(tensors: list[torch.Tensor], momentum: float) -> list[torch
     return [torch.zeros_like(t) for t in tensors] if momentum > 0 else None
 
 
-def update_from_seed(trained: list[TrainedTensor], numel: int, seed: torch.Tensor, g: torch.Tensor,
-                     lr, kind: str, momentum: float = 0.0,
+def update_from_seed(layout: ThetaLayout, tensors: list[torch.Tensor], seed: torch.Tensor,
+                     g: torch.Tensor, lr, kind: str, momentum: float = 0.0,
                      buffers: list[torch.Tensor] | None = None) -> None:
     """The update of one step rebuilt from (seed, g) alone, drawing z one tensor at a time.
     Used by sequential RGE and by replay; the same bits as an update from z drawn in one go."""
-    grads = (estimate(draw(seed, [t], numel, g.shape[0], kind)[0], g) for t in trained)
-    apply_update([t.tensor for t in trained], grads, lr, momentum, buffers)
+    queries = torch.arange(g.shape[0], device=tensors[0].device)
+    grads = (estimate(_draw_entry(seed, layout, e, queries, kind, t.dtype), g)
+             for e, t in zip(layout, tensors, strict=True))
+    apply_update(tensors, grads, lr, momentum, buffers)

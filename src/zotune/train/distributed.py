@@ -29,8 +29,8 @@ from safetensors.torch import save as save_tensors
 from zotune.config import Config
 from zotune.errors import ConfigError, ZotuneError
 from zotune.eval import score_chunks
+from zotune.io import atomic_write_text
 from zotune.loss import mean_loss
-from zotune.train.checkpoint import atomic_write_text
 
 # Score dtypes an evaluation gather may carry (as float64, which holds each of them exactly).
 _FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -200,10 +200,13 @@ class Ranks:
                                          **dict(model.named_buffers())}.items())]
         self._same("start", digest(tensors), "model weights")
 
-    def check_state(self, engine) -> None:
-        """Every rank holds the same trained tensors and momentum (start-up, every checkpoint)."""
+    def check_state(self, engine, scale: dict) -> None:
+        """Every rank holds the same trained tensors, momentum and step scale (start-up, every
+        checkpoint). The scale is a function of the g sequence, which every rank computes alike."""
         state = engine.state()
-        self._same("check", digest([state[k] for k in sorted(state)]), "adapter state")
+        scale_bytes = json.dumps(scale, sort_keys=True).encode()
+        self._same("check", digest([state[k] for k in sorted(state)] + [scale_bytes]),
+                   "adapter state or step scale")
 
     def _same(self, purpose: str, value: int, what: str) -> None:
         hashes = self._hashes(purpose, value)

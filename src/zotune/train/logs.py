@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from zotune.train.checkpoint import atomic_write_text
+from zotune.io import atomic_write_text
 
 # Fields that differ between two runs of the same training (wall-clock measurements).
 TIMING_FIELDS = ("time", "wall", "steps_per_s", "tokens_per_s")
@@ -35,7 +35,7 @@ class JsonlLog:
 
     def truncate(self, done: int) -> None:
         """Keep the header and the lines written at or before `done` updates (not the final
-        evaluation of an earlier, shorter run)."""
+        evaluation of a run that ended at fewer steps)."""
         if not self.enabled:
             return
         kept = [r for r in self.read() if r.get("done", 0) <= done and r.get("type") != "final"]

@@ -4,23 +4,28 @@ at the end; JSONL metrics and replay logs; atomic checkpoints and exact resume; 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
 from zotune.config import Config
+from zotune.engines.base import Engine
 from zotune.errors import ZotuneError
 from zotune.eval import calibrated_accuracy, evaluate
+from zotune.io import atomic_write_text
 from zotune.loss import batch_tensors
 from zotune.rng import step_seed
-from zotune.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from zotune.train.checkpoint import load_checkpoint, save_checkpoint
 from zotune.train.logs import JsonlLog
 from zotune.train.plot import plot_run
+from zotune.train.scale import StepScale
 from zotune.train.schedule import lr_at
 
 
@@ -56,6 +61,42 @@ def _public(result: dict) -> dict:
     return {k: v for k, v in result.items() if k != "logits"}
 
 
+class _StepResult(NamedTuple):
+    loss: float
+    g: torch.Tensor  # [q]
+    seed: int
+    lr: float  # what the step applied (after the step scale), and what replay re-applies
+    lr_schedule: float
+    tokens: int  # real (unpadded) tokens through the model, all replicas
+
+
+class _Clock:
+    """Wall time since the loop started, and training time: wall time minus what evaluation and
+    checkpoints took (what steps/s, tokens/s and train.time_limit_s are measured in). Both are
+    read when a step ends."""
+
+    def __init__(self):
+        self.t0, self.aside_s, self.tokens = time.perf_counter(), 0.0, 0
+        self.wall = self.elapsed = 0.0
+
+    def count(self, tokens: int) -> None:
+        """A step ended: its tokens count, and wall / elapsed are read now."""
+        self.tokens += tokens
+        self.wall = time.perf_counter() - self.t0
+        self.elapsed = self.wall - self.aside_s
+
+    def since_start(self) -> float:
+        return time.perf_counter() - self.t0
+
+    @contextlib.contextmanager
+    def aside(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.aside_s += time.perf_counter() - t
+
+
 class OneProcess:
     """What the loop asks of the processes that train together, answered for a run on one.
     train/distributed.py answers the same for the ranks of a torchrun job."""
@@ -65,15 +106,16 @@ class OneProcess:
         """read() on the main process, its result on every process (start-up files)."""
         return read()
 
-    def check_state(self, engine) -> None:
-        """Every process holds the same trained state (nothing to compare with one)."""
+    def check_state(self, engine, scale: dict) -> None:
+        """Every process holds the same trained state and step scale (nothing to compare with
+        one)."""
 
     def any(self, flag: bool) -> bool:
         return flag
 
 
 class Trainer:
-    def __init__(self, cfg: Config, engine, splits: Splits, run_dir: Path, save_adapter,
+    def __init__(self, cfg: Config, engine: Engine, splits: Splits, run_dir: Path, save_adapter,
                  replay_header: dict | None = None, procs=None):
         self.cfg, self.engine, self.splits = cfg, engine, splits
         self.run_dir = Path(run_dir)
@@ -86,6 +128,9 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoint"
         self.best_dir = self.run_dir / "best"
         self.best_state = None  # the dev-selected state, kept in memory for the final test
+        # First-order optimizers (AdamW) have their own scale-free steps: normalize is ZO-only.
+        zo = cfg.optim.estimator != "fo"
+        self.scale = StepScale(cfg.optim.normalize if zo else "none", cfg.optim.rms_decay)
 
     def _eval(self, split: str, done: int, kind: str = "eval") -> dict:
         t = self.cfg.train
@@ -95,11 +140,14 @@ class Trainer:
         return result
 
     def _checkpoint(self, done: int, best: dict) -> None:
-        self.procs.check_state(self.engine)
+        # Every rank computed the same g, so every rank's scale is the same: checked with the state.
+        self.procs.check_state(self.engine, self.scale.state())
         if self.main:
-            save_checkpoint(self.ckpt_dir, self.engine.state(), {"done": done, "best": best})
+            save_checkpoint(self.ckpt_dir, self.engine.state(),
+                            {"done": done, "best": best, "scale": self.scale.state()})
 
     def _select(self, done: int) -> None:
+        """The engine's state becomes the best (dev-selected) state."""
         # Cloned: an engine's state may alias buffers its next call overwrites.
         self.best_state = {k: v.clone() for k, v in self.engine.state().items()}
         if self.main:
@@ -114,75 +162,26 @@ class Trainer:
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict | None:
         """Train to cfg.train.steps (or stop after `stop_after` updates, as if killed right after
         a checkpoint: returns None). -> the run summary."""
-        cfg, t, o = self.cfg, self.cfg.train, self.cfg.optim
-        train = self.splits.train
-        if len(train) < o.batch_size:
-            raise ZotuneError(f"train split has {len(train)} examples, fewer than "
-                              f"optim.batch_size={o.batch_size}")
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
-        start, best, zero_shot = 0, {"score": None, "done": 0}, {}
-        if resume:
-            tensors, meta, self.best_state, zero_shot = self.procs.from_main(self._read_start)
-            self.engine.load_state(tensors)
-            start, best = meta["done"], meta["best"]
-            self.metrics.truncate(start)
-            self.replay.truncate(start)
-            self.procs.check_state(self.engine)
-        else:
-            self.metrics.reset()
-            self.replay.reset()
-            if self.replay_header is not None:
-                self.replay.write({"type": "header", "done": 0, **self.replay_header})
-            zero_shot = self._zero_shot()
-            best = {"score": _score(zero_shot["dev"]), "done": 0, "dev": zero_shot["dev"]}
-            self._select(0)
-            self._checkpoint(0, best)
-
-        replicas = 1 if o.estimator == "fo" else 2 * o.q
-        tokens = 0
-        t0, last_eval = time.perf_counter(), None
-        aside = 0.0  # seconds in evaluation and checkpoints: not training speed
-        done = start
+        t = self.cfg.train
+        start, best, zero_shot = self._setup(resume)
+        clock = _Clock()
+        done, last_eval = start, None
         bar = tqdm(range(start, t.steps), initial=start, total=t.steps, dynamic_ncols=True,
-                   disable=not (t.progress and self.main), desc=f"{o.estimator}")
+                   disable=not (t.progress and self.main), desc=f"{self.cfg.optim.estimator}")
         for step in bar:
             done = step + 1
-            idx = batch_indices(len(train), o.batch_size, step, t.seed)
-            batch = batch_tensors(train.index(idx), self.splits.kind)
-            seed = step_seed(t.seed, step)
-            lr = lr_at(step, t.steps, o.lr, o.schedule, o.warmup_steps, o.min_lr_ratio)
-            loss, g = self.engine.step(batch, seed, lr, o.eps)
-            tokens += int(batch[1].sum()) * replicas  # real (unpadded) tokens through the model
-            if loss != loss:  # NaN: stop before it reaches a checkpoint
-                raise ZotuneError(f"loss became NaN at step {done}; lower optim.lr or optim.eps")
-            wall = time.perf_counter() - t0
-            elapsed = wall - aside
-            speed = (done - start) / elapsed
-            self.replay.write({"type": "step", "done": done, "step": step, "seed": seed, "lr": lr,
-                               "eps": o.eps, "g": [float(x) for x in g]})
-            out_of_time = t.time_limit_s is not None and self.procs.any(elapsed >= t.time_limit_s)
+            res = self._step(step)
+            clock.count(res.tokens)
+            # Every process must stop at the same step: the first out of time stops them all.
+            out_of_time = t.time_limit_s is not None and self.procs.any(clock.elapsed >= t.time_limit_s)
             last = done == t.steps or out_of_time
-            if done % t.log_every == 0 or last:
-                self.metrics.write({"type": "train", "done": done, "loss": loss, "lr": lr,
-                                    "time": elapsed, "wall": wall, "steps_per_s": speed,
-                                    "tokens_per_s": tokens / elapsed})
-            t_aside = time.perf_counter()
-            if done % t.eval_every == 0 or last:
-                last_eval = self._eval("dev", done)
-                if t.track_test:
-                    self._eval("test", done, "track")
-                if _score(last_eval) > best["score"]:
-                    best = {"score": _score(last_eval), "done": done, "dev": _public(last_eval)}
-                    self._select(done)
-            if done % t.checkpoint_every == 0 or last:
-                self._checkpoint(done, best)
-            aside += time.perf_counter() - t_aside
-            post = {"loss": f"{loss:.4f}", "it/s": f"{speed:.2f}", "tok/s": f"{tokens / elapsed:.0f}"}
-            if last_eval is not None:
-                post["dev"] = f"{_score(last_eval):.3f}"
-            bar.set_postfix(post)
+            self._log(step, res, clock, start, last)
+            with clock.aside():  # evaluation and checkpoints are not training time
+                if done % t.eval_every == 0 or last:
+                    last_eval, best = self._evaluate(done, best)
+                if done % t.checkpoint_every == 0 or last:
+                    self._checkpoint(done, best)
+            bar.set_postfix(self._progress(res.loss, clock, start, done, last_eval))
             if stop_after is not None and done >= stop_after and done < t.steps:
                 self._checkpoint(done, best)
                 bar.close()
@@ -190,7 +189,90 @@ class Trainer:
             if out_of_time:
                 break
         bar.close()
-        return self._finish(zero_shot, best, time.perf_counter() - t0, done)
+        return self._finish(zero_shot, best, clock.since_start(), done)
+
+    # -- the phases of a run ---------------------------------------------------------------------
+
+    def _setup(self, resume: bool) -> tuple[int, dict, dict]:
+        """A fresh run (logs reset, zero-shot evaluated, step-0 checkpoints), or the state of the
+        last checkpoint with both logs cut back to it. -> (start step, best so far, zero-shot)"""
+        train, b = self.splits.train, self.cfg.optim.batch_size
+        if len(train) < b:
+            raise ZotuneError(f"train split has {len(train)} examples, fewer than "
+                              f"optim.batch_size={b}")
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
+        if resume:
+            # Read by the main process and handed to every other (the scale is in the meta).
+            tensors, meta, self.best_state, zero_shot = self.procs.from_main(self._read_start)
+            self.engine.load_state(tensors)
+            start, best = meta["done"], meta["best"]
+            if "scale" in meta:
+                self.scale.load_state(meta["scale"])
+            self.metrics.truncate(start)
+            self.replay.truncate(start)
+            self.procs.check_state(self.engine, self.scale.state())
+            return start, best, zero_shot
+        self.metrics.reset()
+        self.replay.reset()
+        if self.replay_header is not None:
+            self.replay.write({"type": "header", "done": 0, **self.replay_header})
+        zero_shot = self._zero_shot()
+        best = {"score": _score(zero_shot["dev"]), "done": 0, "dev": zero_shot["dev"]}
+        self._select(0)
+        self._checkpoint(0, best)
+        return 0, best, zero_shot
+
+    def _step(self, step: int) -> _StepResult:
+        """One update on the engine: the batch and seed are functions of (train.seed, step)."""
+        t, o = self.cfg.train, self.cfg.optim
+        idx = batch_indices(len(self.splits.train), o.batch_size, step, t.seed)
+        batch = batch_tensors(self.splits.train.index(idx), self.splits.kind)
+        lr_schedule = lr_at(step, t.steps, o.lr, o.schedule, o.warmup_steps, o.min_lr_ratio)
+        lr = self.scale.lr(lr_schedule)
+        seed = step_seed(t.seed, step)
+        loss, g = self.engine.step(batch, seed, lr, o.eps)
+        if loss != loss or not bool(torch.isfinite(torch.as_tensor(g)).all()):
+            # Stop before it reaches a checkpoint or the replay log.
+            raise ZotuneError(f"step {step + 1}: the loss or g is not finite; lower optim.lr or "
+                              "optim.eps")
+        self.scale.update(g)
+        replicas = 1 if o.estimator == "fo" else 2 * o.q
+        return _StepResult(loss, g, seed, lr, lr_schedule,
+                           int(batch.attention_mask.sum()) * replicas)
+
+    def _log(self, step: int, res: _StepResult, clock: _Clock, start: int, last: bool) -> None:
+        """The step's replay line (always) and its metrics line (every log_every steps)."""
+        t, done = self.cfg.train, step + 1
+        self.replay.write({"type": "step", "done": done, "step": step, "seed": res.seed,
+                           "lr": res.lr, "eps": self.cfg.optim.eps, "g": [float(x) for x in res.g]})
+        if done % t.log_every == 0 or last:
+            elapsed = clock.elapsed
+            self.metrics.write({"type": "train", "done": done, "loss": res.loss, "lr": res.lr,
+                                "lr_schedule": res.lr_schedule,
+                                "time": elapsed, "wall": clock.wall,
+                                "steps_per_s": (done - start) / elapsed,
+                                "tokens_per_s": clock.tokens / elapsed})
+
+    def _evaluate(self, done: int, best: dict) -> tuple[dict, dict]:
+        """Dev (and, with track_test, test) now; a better dev score becomes the best state."""
+        result = self._eval("dev", done)
+        if self.cfg.train.track_test:
+            self._eval("test", done, "track")
+        if _score(result) > best["score"]:
+            best = {"score": _score(result), "done": done, "dev": _public(result)}
+            self._select(done)
+        return result, best
+
+    @staticmethod
+    def _progress(loss: float, clock: _Clock, start: int, done: int, last_eval) -> dict:
+        elapsed = clock.elapsed
+        post = {"loss": f"{loss:.4f}", "it/s": f"{(done - start) / elapsed:.2f}",
+                "tok/s": f"{clock.tokens / elapsed:.0f}"}
+        if last_eval is not None:
+            post["dev"] = f"{_score(last_eval):.3f}"
+        return post
 
     def _zero_shot(self) -> dict:
         dev, test = self._eval("dev", 0), self._eval("test", 0)
@@ -214,8 +296,7 @@ class Trainer:
             self.save_adapter(self.engine.adapter_state(), adapter_dir)
         self.engine.load_state(final_state)
         if self.main:
-            plot_run(self.metrics.read(), plot,
-                     f"{self.cfg.optim.estimator} on {self.cfg.data.task}")
+            plot_run(self.metrics.read(), plot, f"{self.cfg.optim.estimator} on {self.cfg.data.task}")
         summary = {
             "zero_shot": zero_shot,
             "selected_step": best["done"],

@@ -8,7 +8,7 @@ import torch
 
 from zotune import __version__
 from zotune.adapters.full import FullParams
-from zotune.adapters.peft_io import load_peft, save_peft
+from zotune.adapters.peft_io import load_peft, save_peft, save_peft_described
 from zotune.config import Config
 from zotune.data import load_task
 from zotune.data.tokenize import encode
@@ -16,7 +16,7 @@ from zotune.engines.eager import EagerEngine
 from zotune.errors import ZotuneError
 from zotune.eval import evaluate
 from zotune.models import load_model
-from zotune.replay import read_replay_log, replay_lora, replay_steps
+from zotune.replay import header_layout, read_replay_log, replay_lora, replay_steps
 from zotune.train import distributed
 from zotune.train.loop import Splits, Trainer
 
@@ -64,10 +64,7 @@ def replay_header(cfg: Config, params) -> dict:
     o = cfg.optim
     header = {"version": __version__, "model": cfg.model.name, "estimator": o.estimator,
               "q": o.q, "noise": o.noise, "momentum": o.momentum, "adapter_kind": cfg.adapter.kind}
-    if isinstance(params, FullParams):
-        header["layout"] = {"numel": params.numel, "dtype": cfg.model.dtype}
-    else:
-        header["layout"] = params.layout()
+    header["layout"] = params.layout.to_json()
     return header
 
 
@@ -100,15 +97,16 @@ def evaluate_adapter(cfg: Config, adapter_dir: str | None, split: str = "test") 
 
 def replay(log_path: str, out_dir: str) -> Path:
     header, steps = read_replay_log(log_path)
-    layout = header["layout"]
+    layout = header_layout(header, log_path)
     if header["adapter_kind"] == "full":
-        model, _, _ = load_model(header["model"], layout["dtype"])
+        model, _, _ = load_model(header["model"], layout.dtype)
         params = FullParams(model)
-        replay_steps(params.trained, params.numel, header, steps)
+        if params.layout.mismatch(layout):
+            raise ZotuneError(f"{log_path}: the model {header['model']} does not have the "
+                              f"trained tensors of this log ({params.layout.mismatch(layout)})")
+        replay_steps(params.layout, params.tensors(), header, steps)
         model.save_pretrained(out_dir, safe_serialization=True)
         return Path(out_dir)
     state = replay_lora(header, steps)
-    layers = [name for name, _, _ in layout["layers"]]
-    return save_peft(out_dir, state, layers, layout["rank"], layout["alpha"], header["model"],
-                     layout["fan_in_fan_out"], extra={"replayed_from": str(log_path),
-                                                      "steps": len(steps)})
+    extra = {"replayed_from": str(log_path), "steps": len(steps)}
+    return save_peft_described(out_dir, state, layout.adapter, header["model"], extra)
