@@ -4,6 +4,7 @@
     zotune data [--config x.yaml] [--k v]   load a task and show its splits
     zotune fetch                            prepare the embedded model and data offline caches
     zotune train --config x.yaml [--section.key value ...] [--resume]
+    torchrun --nproc_per_node N -m zotune.cli train --config x.yaml --train.parallel data|query
     zotune eval --config x.yaml [--adapter DIR] [--split test] [--harness TASKS [--harness-include DIR]]
     zotune export --engine executorch --config x.yaml --out model.pte [--quantize 8da4w]
     zotune export --engine onnx --config x.yaml --out step.onnx [--quantize int4]
@@ -67,10 +68,13 @@ def cmd_fetch(args, rest):
 
 
 def cmd_train(args, rest):
+    from zotune.train.distributed import is_main
     from zotune.train.run import train
 
     cfg = _config(args, rest)
     summary = train(cfg, resume=args.resume, stop_after=args.stop_after)
+    if not is_main():  # under torchrun, rank 0 alone reports
+        return
     if summary is None:
         print(f"stopped after {args.stop_after} steps; continue with --resume")
         return

@@ -107,6 +107,10 @@ class TrainConfig:
     out_dir: str = _field("runs/default", "run folder: logs, checkpoints, adapter, plot")
     threads: int | None = _field(None, "torch (and ExecuTorch) threads; default: all cores")
     progress: bool = _field(True, "show a progress bar")
+    parallel: str = _field("none", "under torchrun: how a step is split over the ranks, data "
+                                   "(the batch) or query (the queries); one process ignores it")
+    dist_timeout_s: float = _field(300.0, "under torchrun: a collective that waits longer than this "
+                                          "is an error")
 
 
 @dataclass
@@ -273,6 +277,7 @@ _CHOICES = {
     ("model", "dtype"): ("float32", "float64", "bfloat16", "float16"),
     ("federated", "mode"): ("zo", "fedavg"),
     ("federated", "partition"): ("iid", "dirichlet"),
+    ("train", "parallel"): ("none", "data", "query"),
 }
 
 
@@ -287,6 +292,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{section}.{key}: expected a positive integer")
     if cfg.optim.eps <= 0:
         raise ConfigError("optim.eps: expected a positive number")
+    if cfg.train.dist_timeout_s <= 0:
+        raise ConfigError("train.dist_timeout_s: expected a positive number")
     if not 0.0 <= cfg.optim.rms_decay < 1.0:
         raise ConfigError("optim.rms_decay: expected a number in [0, 1)")
     if cfg.train.steps < 0:

@@ -8,6 +8,7 @@ necessarily uninformative). Generation: mean token loss and perplexity over the 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
@@ -18,12 +19,19 @@ def collect_scores(engine, batch, kind: str, eval_batch_size: int):
     """Engine scores for every row, in chunks (static-shape engines pad chunks themselves)."""
     # Dynamic-shape engines trim padding per chunk: group prompts of similar length together.
     order = batch.attention_mask.reshape(len(batch), -1).sum(1).argsort(stable=True)
-    parts: list[tuple[torch.Tensor, ...]] = []
-    for start in range(0, len(batch), eval_batch_size):
-        chunk = batch.index(order[start: start + eval_batch_size])
-        parts.append(tuple(engine.scores(batch_tensors(chunk, kind))))
+    chunks = [order[s: s + eval_batch_size] for s in range(0, len(batch), eval_batch_size)]
+    # A distributed engine scores its rank's share of the chunks and gathers the rest
+    # (train/distributed.py): the same chunks, so the same scores as one process.
+    score = getattr(engine, "score_chunks", None) or partial(score_chunks, engine)
+    parts = score(batch, chunks, kind)
     inverse = order.argsort()
     return tuple(torch.cat(p)[inverse] for p in zip(*parts))
+
+
+def score_chunks(engine, batch, chunks: list[torch.Tensor],
+                 kind: str) -> list[tuple[torch.Tensor, ...]]:
+    """engine.scores of each chunk of rows (index tensors into batch)."""
+    return [tuple(engine.scores(batch_tensors(batch.index(c), kind))) for c in chunks]
 
 
 def evaluate(engine, batch, kind: str, eval_batch_size: int = 32) -> dict:

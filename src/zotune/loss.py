@@ -167,6 +167,17 @@ def trim_left_padding(batch: tuple[torch.Tensor, ...], keep: int = 1) -> tuple[t
     return batch._make(trimmed) if hasattr(batch, "_make") else trimmed  # named tuples stay named
 
 
+def replica_sums(nll: torch.Tensor, count: torch.Tensor,
+                 n_rep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss sum and token count of each replica: rows are laid out replica-major. -> [R], [R]"""
+    return nll.reshape(n_rep, -1).sum(1), count.reshape(n_rep, -1).sum(1)
+
+
+def mean_loss(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Token-level mean loss from sums and counts (kept apart so ranks can add them first)."""
+    return sums / counts.clamp_min(1)
+
+
 def per_replica(nll: torch.Tensor, count: torch.Tensor, n_rep: int) -> torch.Tensor:
     """Token-level mean loss of each replica: rows are laid out replica-major. -> [R]"""
-    return nll.reshape(n_rep, -1).sum(1) / count.reshape(n_rep, -1).sum(1).clamp_min(1)
+    return mean_loss(*replica_sums(nll, count, n_rep))

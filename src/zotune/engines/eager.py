@@ -26,7 +26,8 @@ def build_params(model, cfg: Config):
 class EagerEngine:
     name = "eager"
 
-    def __init__(self, model, cfg: Config, kind: str):
+    def __init__(self, model, cfg: Config, kind: str, step_options: dict | None = None):
+        """step_options: PRGEStep's `queries` / `reduce` for one rank of a distributed run."""
         self.model, self.cfg, self.kind = model, cfg, kind
         o = cfg.optim
         self.params = build_params(model, cfg)
@@ -38,7 +39,7 @@ class EagerEngine:
             # one layer's stacks in memory. Both give the same bits (tests/estimators).
             flat = next(model.parameters()).device.type != "cpu"
             step = PRGEStep(model, self.params, self.loss, o.q, o.dual, o.noise, o.momentum,
-                            fused_noise=flat)
+                            fused_noise=flat, **(step_options or {}))
             self._step, self.velocity, self._optimizer = self._prge(step), step.velocity, None
         elif o.estimator == "rge":
             rge = RGE(model, self.params, self.loss, o.q, o.noise, o.momentum)

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from zotune.adapters.lora import LoRAAdapter
 from zotune.estimators.zo import apply_update, draw, estimate, momentum_buffers, projected_gradient
-from zotune.loss import per_replica
+from zotune.loss import mean_loss, replica_sums
 from zotune.rng import noise
 
 # The flat step's momentum buffer [N], registered on the model: every exported method holds the
@@ -24,8 +24,9 @@ VELOCITY = "zotune_velocity"
 
 
 def stacked_losses(model, adapter: LoRAAdapter, loss, stacks: dict, n_rep: int,
-                   batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Per-replica losses of one forward pass with the adapter's layers in replica mode. -> [R]"""
+                   batch: tuple[torch.Tensor, ...], totals: bool = False):
+    """Per-replica losses of one forward pass with the adapter's layers in replica mode. -> [R]
+    With totals: the per-replica loss sums and token counts instead. -> ([R], [R])"""
     # Tile the b examples once per replica: row k*b + i is example i under replica k.
     tiled = [t.repeat(n_rep, *([1] * (t.dim() - 1))) for t in batch]  # [R*b, ...]
     adapter.set_replicas(stacks)
@@ -33,7 +34,8 @@ def stacked_losses(model, adapter: LoRAAdapter, loss, stacks: dict, n_rep: int,
         nll, count = loss.rows(model, *tiled)  # [R*b]
     finally:
         adapter.set_replicas(None)
-    return per_replica(nll, count, n_rep)
+    sums, counts = replica_sums(nll, count, n_rep)
+    return (sums, counts) if totals else mean_loss(sums, counts)
 
 
 def perturbed(p: torch.Tensor, z: torch.Tensor, eps, signs: tuple[int, ...],
@@ -73,14 +75,15 @@ def replica_stacks(adapter: LoRAAdapter, z_of, n_query: int, eps, signs: tuple[i
 
 
 def replica_losses(model, adapter: LoRAAdapter, loss, z_of, n_query: int, eps,
-                   signs: tuple[int, ...], batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Losses of len(signs) * n_query replicas (sign-major). -> [R]"""
+                   signs: tuple[int, ...], batch: tuple[torch.Tensor, ...], totals: bool = False):
+    """Losses of len(signs) * n_query replicas (sign-major). -> [R] (totals: sums, counts)"""
     stacks = replica_stacks(adapter, z_of, n_query, eps, signs)
-    return stacked_losses(model, adapter, loss, stacks, len(signs) * n_query, batch)
+    return stacked_losses(model, adapter, loss, stacks, len(signs) * n_query, batch, totals)
 
 
 def flat_replica_losses(model, adapter: LoRAAdapter, loss, theta: torch.Tensor, z: torch.Tensor,
-                        eps, signs: tuple[int, ...], batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+                        eps, signs: tuple[int, ...], batch: tuple[torch.Tensor, ...],
+                        totals: bool = False):
     """replica_losses with theta [N] and z [q, N] flat: one perturbed stack [R, N] sliced per
     layer. The same values as the per-layer stacks, in far fewer graph ops (one add per sign
     instead of one per layer), which is what export and lowering time scale with."""
@@ -88,7 +91,7 @@ def flat_replica_losses(model, adapter: LoRAAdapter, loss, theta: torch.Tensor, 
     n_rep = stack.shape[0]
     parts = adapter.layout.views(stack)  # name -> [R, *shape]
     stacks = {name: (parts.get(f"{name}.lora_A"), parts[f"{name}.lora_B"]) for name in adapter.layers}
-    return stacked_losses(model, adapter, loss, stacks, n_rep, batch)
+    return stacked_losses(model, adapter, loss, stacks, n_rep, batch, totals)
 
 
 def flat_update(theta: torch.Tensor, z: torch.Tensor, g: torch.Tensor, lr, momentum: float = 0.0,
@@ -104,14 +107,23 @@ def flat_update(theta: torch.Tensor, z: torch.Tensor, g: torch.Tensor, lr, momen
 
 
 class PRGEStep(nn.Module):
-    """train_step(seed, lr, eps, *batch) -> (mean loss, g[q]); updates the adapter in place."""
+    """train_step(seed, lr, eps, *batch) -> (mean loss, g[q]); updates the adapter in place.
+
+    One process evaluates all q queries on its batch. A rank of a distributed run
+    (train/distributed.py) evaluates only `queries` = [lo, hi) (query-parallel) or only its slice
+    of the batch (data-parallel), and `reduce` combines what the ranks measured: it takes this
+    process's per-replica loss sums and token counts (sign-major, 2 * (hi - lo) each) and returns
+    all 2q losses, the same on every rank. z is drawn from the seed for all q queries either way:
+    the update needs every z_i, and nothing but losses crosses the wire."""
 
     def __init__(self, model: nn.Module, adapter: LoRAAdapter, loss, q: int, dual: bool = True,
-                 noise: str = "normal", momentum: float = 0.0, fused_noise: bool = False):
+                 noise: str = "normal", momentum: float = 0.0, fused_noise: bool = False,
+                 queries: tuple[int, int] | None = None, reduce=mean_loss):
         super().__init__()
         self.model, self.adapter, self.loss = model, adapter, loss
         self.q, self.dual, self.noise, self.fused_noise = q, dual, noise, fused_noise
         self.momentum = momentum
+        self.queries, self.reduce = queries or (0, q), reduce
         self.velocity = None if fused_noise else momentum_buffers(adapter.tensors(), momentum)
         if fused_noise and momentum > 0:
             if not hasattr(model, VELOCITY):
@@ -133,7 +145,8 @@ class PRGEStep(nn.Module):
     # trained tensors when called: under tracing they are the traced buffers.
 
     def draw_noise(self, seed: torch.Tensor):
-        """The step's z: (theta [N], z [q, N]) in the flat form, else {tensor name: z [q, *shape]}."""
+        """The step's z for all q queries: (theta [N], z [q, N]) in the flat form, else
+        {tensor name: z [q, *shape]}."""
         layout, tensors = self.adapter.layout, self.adapter.tensors()
         if self.fused_noise:  # the exported form
             theta = layout.gather(tensors)  # [N]
@@ -145,19 +158,29 @@ class PRGEStep(nn.Module):
 
     @torch.no_grad()
     def losses(self, z, eps, *batch: torch.Tensor) -> torch.Tensor:
-        """Losses of the 2q replicas, sign-major [+z_1..+z_q, -z_1..-z_q]. -> [2q]"""
+        """Losses of the 2q replicas, sign-major [+z_1..+z_q, -z_1..-z_q], as `reduce` combines
+        this process's queries [lo, hi) (and batch) with the other ranks'. -> [2q]"""
         args = (self.model, self.adapter, self.loss)
+        lo, hi = self.queries
+        own = (lo, hi) != (0, self.q)  # a query-parallel rank: its queries only
         if self.fused_noise:
             theta, flat_z = z
+            z_own = flat_z[lo:hi] if own else flat_z  # [k, N], k = hi - lo
 
-            def losses_for(signs):
-                return flat_replica_losses(*args, theta, flat_z, eps, signs, batch)
+            def totals_for(signs):
+                return flat_replica_losses(*args, theta, z_own, eps, signs, batch, totals=True)
         else:
-            def losses_for(signs):
-                return replica_losses(*args, z.__getitem__, self.q, eps, signs, batch)
+            z_own = {name: (t[lo:hi] if own else t) for name, t in z.items()}
+
+            def totals_for(signs):
+                return replica_losses(*args, z_own.__getitem__, hi - lo, eps, signs, batch,
+                                      totals=True)
         if self.dual:
-            return losses_for((1, -1))  # [2q]
-        return torch.cat([losses_for((1,)), losses_for((-1,))])  # [2q]
+            sums, counts = totals_for((1, -1))  # [2k] each
+        else:
+            (s_plus, c_plus), (s_minus, c_minus) = totals_for((1,)), totals_for((-1,))
+            sums, counts = torch.cat([s_plus, s_minus]), torch.cat([c_plus, c_minus])  # [2k]
+        return self.reduce(sums, counts)  # [2q]
 
     @torch.no_grad()
     def update(self, z, g: torch.Tensor, lr) -> None:

@@ -101,18 +101,38 @@ class _Clock:
             self.aside_s += time.perf_counter() - t
 
 
+class OneProcess:
+    """What the loop asks of the processes that train together, answered for a run on one.
+    train/distributed.py answers the same for the ranks of a torchrun job."""
+    main = True  # writes logs, checkpoints and outputs
+
+    def from_main(self, read):
+        """read() on the main process, its result on every process (start-up files)."""
+        return read()
+
+    def check_state(self, engine, scale: dict) -> None:
+        """Every process holds the same trained state and step scale (nothing to compare with
+        one)."""
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+
 class Trainer:
     def __init__(self, cfg: Config, engine: Engine, splits: Splits, run_dir: Path, save_adapter,
-                 replay_header: dict | None = None, judge=None):
+                 replay_header: dict | None = None, judge=None, procs=None):
         self.cfg, self.engine, self.splits = cfg, engine, splits
         self.judge = judge  # split name -> generation metrics (eval_generate), or None
         self.run_dir = Path(run_dir)
         self.save_adapter = save_adapter  # (state, folder) -> None
         self.replay_header = replay_header
-        self.metrics = JsonlLog(self.run_dir / "metrics.jsonl")
-        self.replay = JsonlLog(self.run_dir / "replay.jsonl")
+        self.procs = procs or OneProcess()
+        self.main = self.procs.main  # only the main process writes
+        self.metrics = JsonlLog(self.run_dir / "metrics.jsonl", self.main)
+        self.replay = JsonlLog(self.run_dir / "replay.jsonl", self.main)
         self.ckpt_dir = self.run_dir / "checkpoint"
         self.best_dir = self.run_dir / "best"
+        self.best_state = None  # the dev-selected state, kept in memory for the final test
         # First-order optimizers (AdamW) have their own scale-free steps: normalize is ZO-only.
         zo = cfg.optim.estimator != "fo"
         self.scale = StepScale(cfg.optim.normalize if zo else "none", cfg.optim.rms_decay)
@@ -127,8 +147,24 @@ class Trainer:
         return result
 
     def _checkpoint(self, done: int, best: dict) -> None:
-        save_checkpoint(self.ckpt_dir, self.engine.state(),
-                        {"done": done, "best": best, "scale": self.scale.state()})
+        # Every rank computed the same g, so every rank's scale is the same: checked with the state.
+        self.procs.check_state(self.engine, self.scale.state())
+        if self.main:
+            save_checkpoint(self.ckpt_dir, self.engine.state(),
+                            {"done": done, "best": best, "scale": self.scale.state()})
+
+    def _select(self, done: int) -> None:
+        """The engine's state becomes the best (dev-selected) state."""
+        # Cloned: an engine's state may alias buffers its next call overwrites.
+        self.best_state = {k: v.clone() for k, v in self.engine.state().items()}
+        if self.main:
+            save_checkpoint(self.best_dir, self.best_state, {"done": done})
+
+    def _read_start(self):
+        """-> (checkpoint tensors, its meta, best tensors, zero-shot results) of a run to resume."""
+        tensors, meta = load_checkpoint(self.ckpt_dir)
+        best, _ = load_checkpoint(self.best_dir)
+        return tensors, meta, best, json.loads((self.run_dir / "zero_shot.json").read_text())
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict | None:
         """Train to cfg.train.steps (or stop after `stop_after` updates, as if killed right after
@@ -137,13 +173,14 @@ class Trainer:
         start, best, zero_shot = self._setup(resume)
         clock = _Clock()
         done, last_eval = start, None
-        bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=not t.progress,
-                   dynamic_ncols=True, desc=f"{self.cfg.optim.estimator}")
+        bar = tqdm(range(start, t.steps), initial=start, total=t.steps, dynamic_ncols=True,
+                   disable=not (t.progress and self.main), desc=f"{self.cfg.optim.estimator}")
         for step in bar:
             done = step + 1
             res = self._step(step)
             clock.count(res.tokens)
-            out_of_time = t.time_limit_s is not None and clock.elapsed >= t.time_limit_s
+            # Every process must stop at the same step: the first out of time stops them all.
+            out_of_time = t.time_limit_s is not None and self.procs.any(clock.elapsed >= t.time_limit_s)
             last = done == t.steps or out_of_time
             self._log(step, res, clock, start, last)
             with clock.aside():  # evaluation and checkpoints are not training time
@@ -170,24 +207,27 @@ class Trainer:
         if len(train) < b:
             raise ZotuneError(f"train split has {len(train)} examples, fewer than "
                               f"optim.batch_size={b}")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
         if resume:
-            tensors, meta = load_checkpoint(self.ckpt_dir)
+            # Read by the main process and handed to every other (the scale is in the meta).
+            tensors, meta, self.best_state, zero_shot = self.procs.from_main(self._read_start)
             self.engine.load_state(tensors)
             start, best = meta["done"], meta["best"]
             if "scale" in meta:
                 self.scale.load_state(meta["scale"])
             self.metrics.truncate(start)
             self.replay.truncate(start)
-            return start, best, json.loads((self.run_dir / "zero_shot.json").read_text())
+            self.procs.check_state(self.engine, self.scale.state())
+            return start, best, zero_shot
         self.metrics.reset()
         self.replay.reset()
         if self.replay_header is not None:
             self.replay.write({"type": "header", "done": 0, **self.replay_header})
         zero_shot = self._zero_shot()
         best = {"score": _score(zero_shot["dev"]), "done": 0, "dev": zero_shot["dev"]}
-        save_checkpoint(self.best_dir, self.engine.state(), {"done": 0})
+        self._select(0)
         self._checkpoint(0, best)
         return 0, best, zero_shot
 
@@ -229,7 +269,7 @@ class Trainer:
             self._eval("test", done, "track")
         if _score(result) > best["score"]:
             best = {"score": _score(result), "done": done, "dev": _public(result)}
-            save_checkpoint(self.best_dir, self.engine.state(), {"done": done})
+            self._select(done)
         return result, best
 
     @staticmethod
@@ -249,20 +289,21 @@ class Trainer:
                                                  test["logits"], self.splits.test.labels)
             out["test_calibrated"] = {"accuracy": acc, "threshold": threshold}
             out["test_positive_rate"] = float((test["logits"].argmax(-1) == 0).float().mean())
-        atomic_write_text(self.run_dir / "zero_shot.json", json.dumps(out, indent=1))
+        if self.main:
+            atomic_write_text(self.run_dir / "zero_shot.json", json.dumps(out, indent=1))
         return out
 
     def _finish(self, zero_shot: dict, best: dict, wall: float, done: int) -> dict:
-        tensors, _ = load_checkpoint(self.best_dir)
         final_state = self.engine.state()
-        self.engine.load_state(tensors)  # model selection by dev only
+        self.engine.load_state(self.best_state)  # model selection by dev only
         dev = best["dev"]  # measured when this state was selected
         test = _public(self._eval("test", best["done"], "final"))
-        adapter_dir = self.run_dir / "adapter"
-        self.save_adapter(self.engine.adapter_state(), adapter_dir)
+        adapter_dir, plot = self.run_dir / "adapter", self.run_dir / "training.png"
+        if self.main:
+            self.save_adapter(self.engine.adapter_state(), adapter_dir)
         self.engine.load_state(final_state)
-        plot = plot_run(self.metrics.read(), self.run_dir / "training.png",
-                        f"{self.cfg.optim.estimator} on {self.cfg.data.task}")
+        if self.main:
+            plot_run(self.metrics.read(), plot, f"{self.cfg.optim.estimator} on {self.cfg.data.task}")
         summary = {
             "zero_shot": zero_shot,
             "selected_step": best["done"],
@@ -275,5 +316,6 @@ class Trainer:
             "plot": str(plot),
             "config": self.cfg.to_dict(),
         }
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+        if self.main:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         return summary

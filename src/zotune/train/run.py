@@ -19,6 +19,7 @@ from zotune.eval import evaluate
 from zotune.eval_generate import judge_generation, judgeable
 from zotune.models import load_model
 from zotune.replay import header_layout, read_replay_log, replay_lora, replay_steps
+from zotune.train import distributed
 from zotune.train.loop import Splits, Trainer
 
 
@@ -86,6 +87,8 @@ def generation_judge(cfg: Config, model, tokenizer, splits: Splits):
 
 
 def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> dict | None:
+    if distributed.world_size() > 1:  # one rank of a torchrun job
+        return distributed.train(cfg, resume, stop_after)
     model, tokenizer, splits = prepare(cfg)
     engine = EagerEngine(model, cfg, splits.kind)
     trainer = Trainer(cfg, engine, splits, Path(cfg.train.out_dir), adapter_saver(cfg, engine),
