@@ -29,8 +29,7 @@ from lockstep import machine, machine_line
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 # (q, b, processes, parallel mode)
-RUNS = [(4, 4, 1, "none"), (4, 4, 2, "data"), (4, 4, 2, "query"),
-        (16, 1, 1, "none"), (16, 1, 2, "query")]
+RUNS = [(4, 4, 1, "none"), (4, 4, 2, "data"), (4, 4, 2, "query"), (16, 1, 1, "none"), (16, 1, 2, "query")]
 
 
 def free_port() -> int:
@@ -40,30 +39,75 @@ def free_port() -> int:
 
 
 def run_one(q: int, b: int, procs: int, mode: str, steps: int, out: Path) -> dict:
-    args = ["-m", "zotune.cli", "train", "--config", str(ROOT / "configs/demo.yaml"),
-            "--optim.q", str(q), "--optim.batch_size", str(b), "--train.steps", str(steps),
-            "--train.eval_every", str(steps), "--train.checkpoint_every", str(steps),
-            "--data.train_size", "64", "--data.dev_size", "20", "--data.test_size", "20",
-            "--train.eval_batch_size", "10", "--train.threads", "1", "--train.progress", "false",
-            "--train.parallel", mode, "--train.out_dir", str(out)]
+    args = [
+        "-m",
+        "zotune.cli",
+        "train",
+        "--config",
+        str(ROOT / "configs/demo.yaml"),
+        "--optim.q",
+        str(q),
+        "--optim.batch_size",
+        str(b),
+        "--train.steps",
+        str(steps),
+        "--train.eval_every",
+        str(steps),
+        "--train.checkpoint_every",
+        str(steps),
+        "--data.train_size",
+        "64",
+        "--data.dev_size",
+        "20",
+        "--data.test_size",
+        "20",
+        "--train.eval_batch_size",
+        "10",
+        "--train.threads",
+        "1",
+        "--train.progress",
+        "false",
+        "--train.parallel",
+        mode,
+        "--train.out_dir",
+        str(out),
+    ]
     cmd = [sys.executable]
     if procs > 1:
-        cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+        cmd += [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(procs),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
-    job = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=900,
-                         cwd=ROOT)
+    job = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     if job.returncode != 0:
         raise SystemExit(f"{q},{b} x{procs} {mode} failed:\n{job.stderr[-3000:]}")
-    times = [r["time"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-             if r["type"] == "train"]
+    times = [
+        r["time"]
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if r["type"] == "train"
+    ]
     per_step = [t1 - t0_ for t0_, t1 in zip(times, times[1:])]  # step 1 is the warm-up
     header, *lines = map(json.loads, (out / "replay.jsonl").read_text().splitlines())
-    report = {"q": q, "b": b, "procs": procs, "mode": mode, "wall_s": time.perf_counter() - t0,
-              "median_s": statistics.median(per_step), "min_s": min(per_step),
-              "max_s": max(per_step), "numel": header["layout"]["numel"],
-              "g": [r["g"] for r in lines]}
+    report = {
+        "q": q,
+        "b": b,
+        "procs": procs,
+        "mode": mode,
+        "wall_s": time.perf_counter() - t0,
+        "median_s": statistics.median(per_step),
+        "min_s": min(per_step),
+        "max_s": max(per_step),
+        "numel": header["layout"]["numel"],
+        "g": [r["g"] for r in lines],
+    }
     if procs > 1:
         d = json.loads((out / "distributed.json").read_text())
         report["step_bytes"] = d["traffic"]["step"]["bytes"] / d["steps"]
@@ -96,13 +140,15 @@ def main() -> None:
     numel = rows[0]["numel"]
     fo_bytes = numel * 4  # fp32 gradient of the trained tensors, all-reduced every step
     lines = [
-        "# Distributed P-RGE: step time and bytes per step, 1 and 2 processes", "",
+        "# Distributed P-RGE: step time and bytes per step, 1 and 2 processes",
+        "",
         f"Command: `benchmarks/bench_distributed.py --steps {args.steps}`. Machine: "
         f"{machine_line(m)}. configs/demo.yaml (SmolLM2-135M fp32, LoRA-FA r=16 on every "
         f"linear, {numel} trained values, T=64) with the q, b below; one torch thread per "
         f"process; 2 processes = `torchrun --nproc_per_node 2` on 127.0.0.1 (gloo). {args.steps} "
         f"steps per run, the first dropped; median (min-max) seconds of rank 0's training clock. "
-        f"Whole script: {minutes:.1f} min.", "",
+        f"Whole script: {minutes:.1f} min.",
+        "",
         "| q, b | processes | train.parallel | step s | speedup over 1 process | "
         "bytes per step (collectives) | data-parallel first-order all-reduce per step | "
         "ratio | g of every step against 1 process |",
@@ -114,9 +160,11 @@ def main() -> None:
         same = compare_g(r["g"], one["g"]) if r["procs"] > 1 else ""
         sent = f"{r['step_bytes']:.0f}" if "step_bytes" in r else "0"
         ratio = f"1 : {fo_bytes / r['step_bytes']:,.0f}" if "step_bytes" in r else ""
-        lines.append(f"| {r['q']}, {r['b']} | {r['procs']} | {r['mode']} | "
-                     f"{r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) | {speed:.2f} | "
-                     f"{sent} | {fo_bytes:,} ({numel:,} floats) | {ratio} | {same} |")
+        lines.append(
+            f"| {r['q']}, {r['b']} | {r['procs']} | {r['mode']} | "
+            f"{r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) | {speed:.2f} | "
+            f"{sent} | {fo_bytes:,} ({numel:,} floats) | {ratio} | {same} |"
+        )
     evals = [r for r in rows if "eval_bytes" in r]
     eval_bytes = ", ".join(f"{r['eval_bytes']:.0f}" for r in evals)
     other_bytes = ", ".join(f"{r['other_bytes']:.0f}" for r in evals)

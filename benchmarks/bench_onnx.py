@@ -42,20 +42,25 @@ def main() -> None:
     base = results["eager"].get("median_s")
     m = machine()
     lines = [
-        "# P-RGE step: eager PyTorch and ONNX Runtime (SmolLM2-135M)", "",
+        "# P-RGE step: eager PyTorch and ONNX Runtime (SmolLM2-135M)",
+        "",
         f"Command: `python benchmarks/bench_onnx.py {' '.join(sys.argv[1:])}`. Machine: "
         f"{m['cores']} cores ({m['cpu']}), load average "
         f"{'/'.join(f'{x:.2f}' for x in m['load_average'])} at the end; torch {m['torch']}. "
         f"{args.threads} threads per engine; q={args.q}, b={args.b}, T={args.T}, LoRA-FA r=16 "
         f"on all linears (ONNX: the exported programs' adapter); {args.steps} measured steps "
-        "after 1 warm-up, engines interleaved, one process each; median (min-max) seconds.", "",
-        "| engine | step s | step / eager | peak RSS MB |", "|---|---|---|---|"]
+        "after 1 warm-up, engines interleaved, one process each; median (min-max) seconds.",
+        "",
+        "| engine | step s | step / eager | peak RSS MB |",
+        "|---|---|---|---|",
+    ]
     for name, r in results.items():
         ratio = f"{r['median_s'] / base:.2f}" if "error" not in r and base else "-"
         lines.append(f"| {name} | {fmt_time(r)} | {ratio} | {r.get('peak_rss_mb', 0):.0f} |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
-    Path(args.out + ".json").write_text(json.dumps({"results": results, "machine": m,
-                                                    "args": vars(args)}, indent=1))
+    Path(args.out + ".json").write_text(
+        json.dumps({"results": results, "machine": m, "args": vars(args)}, indent=1)
+    )
     print("\n".join(lines))
 
 

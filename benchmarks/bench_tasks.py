@@ -30,9 +30,15 @@ def write_chat_data(path: Path) -> None:
     for ex in task["examples"]:
         target = ex["target"][0] if isinstance(ex["target"], list) else ex["target"]
         if len(ex["input"]) <= 200:
-            rows.append({"messages": [{"role": "system", "content": SYSTEM},
-                                      {"role": "user", "content": f"{ex['input']} what?"},
-                                      {"role": "assistant", "content": target.strip()}]})
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "system", "content": SYSTEM},
+                        {"role": "user", "content": f"{ex['input']} what?"},
+                        {"role": "assistant", "content": target.strip()},
+                    ]
+                }
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -44,8 +50,16 @@ def main():
     args = p.parse_args()
     write_chat_data(ROOT / "runs" / "tasks" / "auto_categorization_chat.jsonl")
     for kind in args.only.split(","):
-        cmd = [sys.executable, "-m", "zotune.cli", "train", "--config", f"configs/tasks/{kind}.yaml",
-               "--train.progress", "false"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "zotune.cli",
+            "train",
+            "--config",
+            f"configs/tasks/{kind}.yaml",
+            "--train.progress",
+            "false",
+        ]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
         wall = time.perf_counter() - t0
@@ -62,8 +76,13 @@ def write_report() -> None:
     for kind in KINDS:
         run = ROOT / "runs" / "tasks" / kind
         if (run / "summary.json").is_file() and (run / "wall_s.txt").is_file():
-            rows.append((kind, json.loads((run / "summary.json").read_text()),
-                         float((run / "wall_s.txt").read_text())))
+            rows.append(
+                (
+                    kind,
+                    json.loads((run / "summary.json").read_text()),
+                    float((run / "wall_s.txt").read_text()),
+                )
+            )
     _report(rows)
 
 
@@ -72,21 +91,27 @@ def fmt(d: dict, keys) -> str:
 
 
 def _report(rows) -> None:
-    out = ["# Task kinds on SmolLM2-135M: before/after a short P-RGE run", "",
-           "`python benchmarks/bench_tasks.py` (each run: `zotune train --config configs/tasks/<kind>.yaml`,",
-           "one thread, one run at a time). Test scores of the zero-shot model and of the adapter selected",
-           "on dev; LoRA-FA r=16 on all 210 projections, P-RGE dual, ZO-SGD with momentum 0.9.", "",
-           "| kind | task | train/dev/test | steps (q, b) | zero-shot test "
-           "| trained test (selected at step) | wall |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        "# Task kinds on SmolLM2-135M: before/after a short P-RGE run",
+        "",
+        "`python benchmarks/bench_tasks.py` (each run: `zotune train --config configs/tasks/<kind>.yaml`,",
+        "one thread, one run at a time). Test scores of the zero-shot model and of the adapter selected",
+        "on dev; LoRA-FA r=16 on all 210 projections, P-RGE dual, ZO-SGD with momentum 0.9.",
+        "",
+        "| kind | task | train/dev/test | steps (q, b) | zero-shot test "
+        "| trained test (selected at step) | wall |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for kind, s, wall in rows:
         c = s["config"]
         keys = ("accuracy",) if "accuracy" in s["test"] else ("exact_match", "f1", "rougeL")
         d = c["data"]
-        out.append(f"| {kind} | `{d['task']}` | {d['train_size']}/{d['dev_size']}/{d['test_size']} | "
-                   f"{s['steps']} ({c['optim']['q']}, {c['optim']['batch_size']}) | "
-                   f"{fmt(s['zero_shot']['test'], keys)} | {fmt(s['test'], keys)} ({s['selected_step']}) | "
-                   f"{wall:.0f} s |")
+        out.append(
+            f"| {kind} | `{d['task']}` | {d['train_size']}/{d['dev_size']}/{d['test_size']} | "
+            f"{s['steps']} ({c['optim']['q']}, {c['optim']['batch_size']}) | "
+            f"{fmt(s['zero_shot']['test'], keys)} | {fmt(s['test'], keys)} ({s['selected_step']}) | "
+            f"{wall:.0f} s |"
+        )
     out += ["", "Sample predictions (test, trained adapter):", ""]
     for kind, s, _ in rows:
         for x in s["test"].get("samples", [])[:2]:

@@ -52,8 +52,9 @@ def main():
     x = torch.tensor([ids])
     with torch.no_grad():
         base = model(input_ids=x).logits[0].double().numpy()
-        adapter = LoRAAdapter(model, rank=config["r"], alpha=config["lora_alpha"],
-                              targets=config["target_modules"])
+        adapter = LoRAAdapter(
+            model, rank=config["r"], alpha=config["lora_alpha"], targets=config["target_modules"]
+        )
         adapter.load_state(state)
         tuned = model(input_ids=x).logits[0].double().numpy()
     gguf_base = str(_embedded_gguf("smollm2-135m"))
@@ -64,9 +65,11 @@ def main():
     effect_zotune, effect_cpp = tuned - base, cpp_tuned - cpp_base
     diff = float(np.abs(effect_zotune - effect_cpp).max())
     top1 = bool((tuned.argmax(-1) == cpp_tuned.argmax(-1)).all())
-    print(f"adapter effect on the logits: zotune max |d| {np.abs(effect_zotune).max():.4f}, "
-          f"llama.cpp {np.abs(effect_cpp).max():.4f}; max difference {diff:.4f} (tol {args.tol}); "
-          f"top-1 agrees at every position: {top1}")
+    print(
+        f"adapter effect on the logits: zotune max |d| {np.abs(effect_zotune).max():.4f}, "
+        f"llama.cpp {np.abs(effect_cpp).max():.4f}; max difference {diff:.4f} (tol {args.tol}); "
+        f"top-1 agrees at every position: {top1}"
+    )
     return 0 if diff <= args.tol and top1 else 1
 
 

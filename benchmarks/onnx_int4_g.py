@@ -28,10 +28,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def export(cfg_path: str, out: Path, threads: int, quantize: str | None, block: int,
-           overrides: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "zotune.cli", "export", "--engine", "onnx", "--config",
-           cfg_path, "--out", str(out), "--train.threads", str(threads), *overrides]
+def export(
+    cfg_path: str, out: Path, threads: int, quantize: str | None, block: int, overrides: list[str]
+) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "zotune.cli",
+        "export",
+        "--engine",
+        "onnx",
+        "--config",
+        cfg_path,
+        "--out",
+        str(out),
+        "--train.threads",
+        str(threads),
+        *overrides,
+    ]
     if quantize:
         cmd += ["--quantize", quantize, "--block-size", str(block)]
     t0 = time.perf_counter()
@@ -39,10 +53,14 @@ def export(cfg_path: str, out: Path, threads: int, quantize: str | None, block: 
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"export failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    report = json.loads(proc.stdout[proc.stdout.index("\n{") + 1:])
-    return {"wall_s": wall, "seconds": report["seconds"], "check": report["check"],
-            "size_mb": (out.stat().st_size + Path(str(out) + ".eval.onnx").stat().st_size) / 2**20,
-            "children_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    report = json.loads(proc.stdout[proc.stdout.index("\n{") + 1 :])
+    return {
+        "wall_s": wall,
+        "seconds": report["seconds"],
+        "check": report["check"],
+        "size_mb": (out.stat().st_size + Path(str(out) + ".eval.onnx").stat().st_size) / 2**20,
+        "children_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
 
 
 def pearson(a: list[float], b: list[float]) -> float:
@@ -62,11 +80,11 @@ def main() -> None:
     p.add_argument("--quantize", default="int4", choices=["int4", "int4-zp"])
     p.add_argument("--dir", default=str(ROOT / ".cache" / "onnx-int4"))
     p.add_argument("--reuse", action="store_true", help="keep programs already exported")
-    p.add_argument("--out", default=None, help="results file stem (default "
-                   "benchmarks/results/onnx-<quantize>-b<block>)")
+    p.add_argument(
+        "--out", default=None, help="results file stem (default benchmarks/results/onnx-<quantize>-b<block>)"
+    )
     args = p.parse_args()
-    args.out = args.out or str(ROOT / "benchmarks" / "results"
-                               / f"onnx-{args.quantize}-b{args.block_size}")
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / f"onnx-{args.quantize}-b{args.block_size}")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
     import torch
@@ -85,16 +103,20 @@ def main() -> None:
     cfg = load_config(args.config, overrides)
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"fp32": folder / "fp32.onnx",
-             "int4": folder / f"{args.quantize}-b{args.block_size}.onnx"}
+    paths = {"fp32": folder / "fp32.onnx", "int4": folder / f"{args.quantize}-b{args.block_size}.onnx"}
     exports = {}
     for name, path in paths.items():
         if args.reuse and path.is_file():
             continue
         print(f"exporting {name} ...", flush=True)
-        exports[name] = export(args.config, path, args.threads,
-                               args.quantize if name == "int4" else None, args.block_size,
-                               overrides)
+        exports[name] = export(
+            args.config,
+            path,
+            args.threads,
+            args.quantize if name == "int4" else None,
+            args.block_size,
+            overrides,
+        )
         print(f"  {exports[name]['wall_s']:.1f} s, {exports[name]['size_mb']:.0f} MB", flush=True)
 
     set_threads(args.threads)
@@ -107,8 +129,7 @@ def main() -> None:
     for k in range(args.steps):
         idx = batch_indices(len(splits.train), o.batch_size, k, t.seed)
         batch = batch_tensors(splits.train.index(idx), splits.kind)
-        seed, lr = step_seed(t.seed, k), lr_at(k, t.steps, o.lr, o.schedule, o.warmup_steps,
-                                              o.min_lr_ratio)
+        seed, lr = step_seed(t.seed, k), lr_at(k, t.steps, o.lr, o.schedule, o.warmup_steps, o.min_lr_ratio)
         progs["int4"].set_lora(progs["fp32"].get_lora_flat())  # re-sync theta (and momentum)
         if progs["fp32"].momentum:
             progs["int4"].set_momentum(progs["fp32"].pair.get_velocity())
@@ -118,24 +139,39 @@ def main() -> None:
             step_s[name].append(time.perf_counter() - t0)
             g[name] += [float(x) for x in gk]
             losses[name].append(loss)
-        print(f"step {k + 1}: g fp32 {[round(x, 3) for x in g['fp32'][-o.q:]]} "
-              f"int4 {[round(x, 3) for x in g['int4'][-o.q:]]}", flush=True)
+        print(
+            f"step {k + 1}: g fp32 {[round(x, 3) for x in g['fp32'][-o.q :]]} "
+            f"int4 {[round(x, 3) for x in g['int4'][-o.q :]]}",
+            flush=True,
+        )
 
     a, b = g["fp32"], g["int4"]
     err = (sum((x - y) ** 2 for x, y in zip(a, b)) / sum(x * x for x in a)) ** 0.5
     result = {
-        "config": args.config, "steps": args.steps, "eps": args.eps, "q": o.q, "b": o.batch_size,
-        "T": cfg.data.max_length, "quantize": args.quantize, "block_size": args.block_size,
+        "config": args.config,
+        "steps": args.steps,
+        "eps": args.eps,
+        "q": o.q,
+        "b": o.batch_size,
+        "T": cfg.data.max_length,
+        "quantize": args.quantize,
+        "block_size": args.block_size,
         "threads": args.threads,
         "pearson_g": pearson(a, b),
         "sign_agreement": sum((x > 0) == (y > 0) for x, y in zip(a, b)) / len(a),
         "relative_l2_error_g": err,
         "loss_abs_diff_max": max(abs(x - y) for x, y in zip(losses["fp32"], losses["int4"])),
         "step_s_median": {k: statistics.median(v) for k, v in step_s.items()},
-        "exports": exports, "g": g, "loss": losses,
-        "machine": {"cpus": os.cpu_count(), "load": os.getloadavg(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "onnxruntime": __import__("onnxruntime").__version__},
+        "exports": exports,
+        "g": g,
+        "loss": losses,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load": os.getloadavg(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "onnxruntime": __import__("onnxruntime").__version__,
+        },
         "command": "python benchmarks/onnx_int4_g.py " + " ".join(sys.argv[1:]),
     }
     Path(args.out + ".json").write_text(json.dumps(result, indent=1))

@@ -71,8 +71,9 @@ def build(spec: dict):
 
     if spec.get("random_init"):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_name),
-                                                 attn_implementation="sdpa").eval()
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(model_name), attn_implementation="sdpa"
+        ).eval()
     else:
         model, _, _ = load_model(model_name)
     model.to(device)
@@ -89,6 +90,7 @@ def build(spec: dict):
             if device.type == "cuda":
                 torch.cuda.synchronize()  # the step ends when the device is done
             return out
+
         return forward
 
     from zotune.engines.eager import EagerEngine
@@ -106,6 +108,7 @@ def build(spec: dict):
         if device.type == "cuda":
             torch.cuda.synchronize()
         return out
+
     return step
 
 
@@ -135,8 +138,7 @@ def main() -> None:
             i += 1
         elif line.strip() == "quit":
             break
-    info = {"peak_rss_mb": peak_rss_mb(), "import_rss_mb": import_rss,
-            "threads": torch.get_num_threads()}
+    info = {"peak_rss_mb": peak_rss_mb(), "import_rss_mb": import_rss, "threads": torch.get_num_threads()}
     if spec.get("device", "cpu").startswith("cuda"):
         info["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         info["gpu"] = torch.cuda.get_device_name()

@@ -26,23 +26,39 @@ FACTS = [(f"{a} plus {b} is", f" {a + b}") for a in range(1, 5) for b in range(1
 
 def make_batch(tokenizer, pairs):
     """Left-padded prompt + answer rows, with a mask over the answer tokens."""
-    rows = [(tokenizer(p, add_special_tokens=False)["input_ids"],
-             tokenizer(a, add_special_tokens=False)["input_ids"]) for p, a in pairs]
+    rows = [
+        (
+            tokenizer(p, add_special_tokens=False)["input_ids"],
+            tokenizer(a, add_special_tokens=False)["input_ids"],
+        )
+        for p, a in pairs
+    ]
     T = max(len(p) + len(a) for p, a in rows)
     ids = torch.full((len(rows), T), tokenizer.pad_token_id)
     attn, answer = torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T)
     for i, (p, a) in enumerate(rows):
-        ids[i, T - len(p) - len(a):] = torch.tensor(p + a)
-        attn[i, T - len(p) - len(a):] = 1
-        answer[i, T - len(a):] = 1
-    return {"input_ids": ids, "attention_mask": attn,
-            "position_ids": (attn.cumsum(1) - 1).clamp_min(0), "answer_mask": answer}
+        ids[i, T - len(p) - len(a) :] = torch.tensor(p + a)
+        attn[i, T - len(p) - len(a) :] = 1
+        answer[i, T - len(a) :] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "position_ids": (attn.cumsum(1) - 1).clamp_min(0),
+        "answer_mask": answer,
+    }
 
 
 def loss_fn(model, batch):
     """Mean cross-entropy of each example's answer tokens -> [n] (one loss per example)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"]).logits[:, :-1].float()
+    logits = (
+        model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+        )
+        .logits[:, :-1]
+        .float()
+    )
     nll = F.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")  # [n, T-1]
     mask = batch["answer_mask"][:, 1:]
     return (nll * mask).sum(1) / mask.sum(1)
@@ -73,13 +89,22 @@ def main():
             loss, g = est.step(batch)
         else:
             for k in range(args.accumulate):  # micro-batches: same z, g averaged, one update
-                est.accumulate({key: v[k * n:(k + 1) * n] for key, v in batch.items()})
+                est.accumulate({key: v[k * n : (k + 1) * n] for key, v in batch.items()})
             loss, g = est.apply()
     with torch.no_grad():
         after = float(loss_fn(model, batch).mean())
-    print(json.dumps({"loss_before": before, "loss_after": after, "steps": est.steps,
-                      "trained_values": est.numel, "fp32_master": est.params.master,
-                      "last_g": [round(float(x), 4) for x in g]}))
+    print(
+        json.dumps(
+            {
+                "loss_before": before,
+                "loss_after": after,
+                "steps": est.steps,
+                "trained_values": est.numel,
+                "fp32_master": est.params.master,
+                "last_g": [round(float(x), 4) for x in g],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -55,9 +55,18 @@ def main():
     reloaded = PeftModel.from_pretrained(fresh, out)
     with torch.no_grad():
         again = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    print(json.dumps({"loss_before": before, "loss_after": after, "steps": est.steps,
-                      "trained_values": est.numel, "adapter": out,
-                      "reload_max_abs_diff": float((logits - again).abs().max())}))
+    print(
+        json.dumps(
+            {
+                "loss_before": before,
+                "loss_after": after,
+                "steps": est.steps,
+                "trained_values": est.numel,
+                "adapter": out,
+                "reload_max_abs_diff": float((logits - again).abs().max()),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -19,13 +19,19 @@ def batch_of(tokenizer, n=4):
     texts = [f"fact number {i} is that {i} plus one is {i + 1}" for i in range(n)]
     enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
     mask = enc["attention_mask"]
-    return {"input_ids": enc["input_ids"], "attention_mask": mask,
-            "position_ids": (mask.cumsum(1) - 1).clamp_min(0)}
+    return {
+        "input_ids": enc["input_ids"],
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(1) - 1).clamp_min(0),
+    }
 
 
 def lm_rows(model, batch):
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"]).logits[:, :-1]
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+    ).logits[:, :-1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp64 models stay fp64
     nll = F.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
     m = batch["attention_mask"][:, 1:].to(nll.dtype)
@@ -33,8 +39,9 @@ def lm_rows(model, batch):
 
 
 def test_load_config_overrides():
-    cfg = zotune.load_config({"optim": {"q": 8}}, optim__lr=1e-3, train={"steps": 5},
-                             **{"data.max_length": 32})
+    cfg = zotune.load_config(
+        {"optim": {"q": 8}}, optim__lr=1e-3, train={"steps": 5}, **{"data.max_length": 32}
+    )
     assert (cfg.optim.q, cfg.optim.lr, cfg.train.steps, cfg.data.max_length) == (8, 1e-3, 5, 32)
     again = zotune.load_config(cfg, optim__q=2)
     assert again.optim.q == 2 and cfg.optim.q == 8  # a copy
@@ -45,9 +52,19 @@ def test_load_config_overrides():
 
 
 def test_train_and_evaluate_from_python(tmp_path, tiny_folder, cls_jsonl):
-    cfg = {"model": {"name": tiny_folder}, "data": {"task": f"jsonl:{cls_jsonl}", "train_size": 20,
-           "dev_size": 8, "test_size": 8, "max_length": 16}, "adapter": {"rank": 2},
-           "optim": {"q": 2, "batch_size": 2}, "train": {"steps": 2, "eval_every": 2, "progress": False}}
+    cfg = {
+        "model": {"name": tiny_folder},
+        "data": {
+            "task": f"jsonl:{cls_jsonl}",
+            "train_size": 20,
+            "dev_size": 8,
+            "test_size": 8,
+            "max_length": 16,
+        },
+        "adapter": {"rank": 2},
+        "optim": {"q": 2, "batch_size": 2},
+        "train": {"steps": 2, "eval_every": 2, "progress": False},
+    }
     summary = zotune.train(cfg, train__out_dir=str(tmp_path / "run"))
     assert summary["steps"] == 2 and (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
     metrics = zotune.evaluate(cfg, adapter=tmp_path / "run" / "adapter", split="test")
@@ -66,6 +83,7 @@ def test_step_is_zotunes_step(tokenizer):
         randomize(adapter.tensors())
         seed = step_seed(7, 0)
         if use_api:
+
             def loss_fn(m, b):
                 return ClassificationLoss().rows(m, *b)[0]
 
@@ -107,8 +125,10 @@ def test_peft_model_g_is_the_two_sided_difference(tokenizer):
     computed by writing B +- eps z into PEFT's own weights and running PEFT's forward."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(make_tiny_model("llama", tokenizer, dtype=torch.float64),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = get_peft_model(
+        make_tiny_model("llama", tokenizer, dtype=torch.float64),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    )
     batch = batch_of(tokenizer, 3)
     est = zotune.PRGE(model, lm_rows, q=2, eps=1e-3, lr=0.0, seed=3)
     randomize(est.params.tensors())

@@ -11,9 +11,13 @@ from zotune.data.chat import generation_prompt
 from zotune.data.tokenize import encode
 from zotune.errors import DataError
 
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
-        {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"},
-        {"role": "assistant", "content": "Rome."}]
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Italy?"},
+    {"role": "assistant", "content": "Rome."},
+]
 
 
 def write(path, rows):
@@ -22,8 +26,15 @@ def write(path, rows):
 
 
 def chats(n):
-    return [{"messages": [{"role": "user", "content": f"Say the number {i}."},
-                          {"role": "assistant", "content": f"{i}"}]} for i in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"Say the number {i}."},
+                {"role": "assistant", "content": f"{i}"},
+            ]
+        }
+        for i in range(n)
+    ]
 
 
 def test_loss_is_on_the_assistant_turns_only(tmp_path, tokenizer):
@@ -47,12 +58,18 @@ def test_loss_is_on_the_assistant_turns_only(tmp_path, tokenizer):
     assert prompt.endswith("And of Italy?<|im_end|>\n<|im_start|>assistant\n")
 
 
-@pytest.mark.parametrize("record,field", [
-    ({"messages": [{"role": "user", "content": "hi"}]}, "messages"),
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}, "messages[1].role"),
-    ({"messages": [{"role": "user", "content": 3}]}, "messages[0]"),
-])
+@pytest.mark.parametrize(
+    "record,field",
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, "messages"),
+        ({"messages": []}, "messages"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]},
+            "messages[1].role",
+        ),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages[0]"),
+    ],
+)
 def test_bad_chats_name_file_line_field(tmp_path, record, field):
     f = write(tmp_path / "bad.jsonl", chats(4) + [record])
     with pytest.raises(DataError) as e:
@@ -70,11 +87,34 @@ def test_assistant_part_longer_than_max_target_length(tmp_path, tokenizer):
 
 def test_chat_run_from_the_command_line(tmp_path, tiny_folder, capsys):
     f = write(tmp_path / "c.jsonl", chats(40))
-    args = ["--model.name", tiny_folder, "--data.task", f"jsonl:{f}", "--data.train_size", "20",
-            "--data.dev_size", "6", "--data.test_size", "6", "--data.max_length", "48",
-            "--data.max_target_length", "8", "--adapter.rank", "2", "--optim.q", "2",
-            "--optim.batch_size", "2", "--train.steps", "2", "--train.eval_every", "2",
-            "--train.progress", "false"]
+    args = [
+        "--model.name",
+        tiny_folder,
+        "--data.task",
+        f"jsonl:{f}",
+        "--data.train_size",
+        "20",
+        "--data.dev_size",
+        "6",
+        "--data.test_size",
+        "6",
+        "--data.max_length",
+        "48",
+        "--data.max_target_length",
+        "8",
+        "--adapter.rank",
+        "2",
+        "--optim.q",
+        "2",
+        "--optim.batch_size",
+        "2",
+        "--train.steps",
+        "2",
+        "--train.eval_every",
+        "2",
+        "--train.progress",
+        "false",
+    ]
     out = tmp_path / "run"
     assert main(["train", *args, "--train.out_dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())

@@ -21,8 +21,9 @@ from zotune.loss import batch_tensors, make_loss
 from zotune.models.tiny import make_tiny_model
 
 EXAMPLES = [
-    Example("The man broke his toe because",
-            (" he dropped a hammer on his foot", " he got a hole in his sock"), 0),
+    Example(
+        "The man broke his toe because", (" he dropped a hammer on his foot", " he got a hole in his sock"), 0
+    ),
     Example("Q: the capital of France?\nA:", (" Paris", " Lyon in the south", " a small town"), 2),
     Example("It rained so", (" the ground was wet", " we sang"), 1),
 ]
@@ -80,8 +81,9 @@ def test_scores_equal_a_direct_per_choice_computation(family, tokenizer, normali
         scores = loss.scores(model, *batch_tensors(b, "choice")[:5])  # [3, 3]
         for i, ex in enumerate(EXAMPLES):
             want = direct_scores(model, tokenizer, ex, normalize)
-            torch.testing.assert_close(scores[i, : len(want)], torch.tensor(want, dtype=scores.dtype),
-                                       rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(
+                scores[i, : len(want)], torch.tensor(want, dtype=scores.dtype), rtol=1e-6, atol=1e-6
+            )
         assert scores[0, 2] == float("-inf") and scores[2, 2] == float("-inf")
         nll, count = loss.rows(model, *batch_tensors(b, "choice"))
         want_nll = -torch.log_softmax(scores, -1).gather(1, b.labels[:, None]).squeeze(1)
@@ -92,12 +94,15 @@ def test_scores_equal_a_direct_per_choice_computation(family, tokenizer, normali
 def test_one_token_choices_match_classification(tokenizer):
     """With one-token choices the choice loss is the classification loss."""
     model = make_tiny_model("llama", tokenizer, dtype=torch.float64)
-    exs = [Example("Review: fine\nSentiment:", (" positive", " negative"), 0),
-           Example("Review: awful stuff\nSentiment:", (" positive", " negative"), 1)]
+    exs = [
+        Example("Review: fine\nSentiment:", (" positive", " negative"), 0),
+        Example("Review: awful stuff\nSentiment:", (" positive", " negative"), 1),
+    ]
     with torch.no_grad():
         a = make_loss("choice").rows(model, *batch_tensors(encode(exs, tokenizer, 16, 4, "choice"), "choice"))
         c = make_loss("classification").rows(
-            model, *batch_tensors(encode(exs, tokenizer, 16, 4, "classification"), "classification"))
+            model, *batch_tensors(encode(exs, tokenizer, 16, 4, "classification"), "classification")
+        )
     torch.testing.assert_close(a[0], c[0])
 
 
@@ -126,27 +131,33 @@ def write(path, rows):
 
 def choice_rows(n):
     colours = [" red", " green", " deep blue", " pale yellow"]
-    return [{"prompt": f"Item {i} has the colour", "choices": colours[: 2 + i % 3], "answer": i % 2}
-            for i in range(n)]
+    return [
+        {"prompt": f"Item {i} has the colour", "choices": colours[: 2 + i % 3], "answer": i % 2}
+        for i in range(n)
+    ]
 
 
 def test_jsonl_choice_file(tmp_path, tokenizer):
     f = write(tmp_path / "mc.jsonl", choice_rows(30))
-    s = load_task(DataConfig(task=f"jsonl:{f}", train_size=10, dev_size=5, test_size=5,
-                             template="Q: {input}\nA:"))
+    s = load_task(
+        DataConfig(task=f"jsonl:{f}", train_size=10, dev_size=5, test_size=5, template="Q: {input}\nA:")
+    )
     assert s.kind == "choice" and s.sizes() == {"train": 10, "dev": 5, "test": 5}
     ex = s.train[0]
     assert ex.prompt.startswith("Q: Item ") and ex.choices[:2] == (" red", " green")
     assert ex.origin[0] == str(f)
 
 
-@pytest.mark.parametrize("record,field", [
-    ({"prompt": "p", "choices": [], "answer": 0}, "choices"),
-    ({"prompt": "p", "choices": [" only"], "answer": 0}, "choices"),
-    ({"prompt": "p", "choices": [" a", " b"], "answer": 2}, "answer"),
-    ({"prompt": "p", "choices": [" a", ""], "answer": 0}, "choices[1]"),
-    ({"prompt": "p", "choices": [" a", " b"], "answer": True}, "answer"),
-])
+@pytest.mark.parametrize(
+    "record,field",
+    [
+        ({"prompt": "p", "choices": [], "answer": 0}, "choices"),
+        ({"prompt": "p", "choices": [" only"], "answer": 0}, "choices"),
+        ({"prompt": "p", "choices": [" a", " b"], "answer": 2}, "answer"),
+        ({"prompt": "p", "choices": [" a", ""], "answer": 0}, "choices[1]"),
+        ({"prompt": "p", "choices": [" a", " b"], "answer": True}, "answer"),
+    ],
+)
 def test_bad_choice_records_name_file_line_field(tmp_path, record, field):
     f = write(tmp_path / "bad.jsonl", choice_rows(3) + [record])
     with pytest.raises(DataError) as e:
@@ -156,8 +167,11 @@ def test_bad_choice_records_name_file_line_field(tmp_path, record, field):
 
 def test_choice_longer_than_max_target_length(tmp_path, tokenizer):
     rows = choice_rows(6)
-    rows[4] = {"prompt": "p", "choices": [" a", " a very long choice with many many words in it"],
-               "answer": 0}
+    rows[4] = {
+        "prompt": "p",
+        "choices": [" a", " a very long choice with many many words in it"],
+        "answer": 0,
+    }
     f = write(tmp_path / "long.jsonl", rows)
     s = load_task(DataConfig(task=f"jsonl:{f}", train_size=2, dev_size=2, test_size=2))
     with pytest.raises(DataError, match="more than data.max_target_length=4") as e:
@@ -167,11 +181,34 @@ def test_choice_longer_than_max_target_length(tmp_path, tokenizer):
 
 def test_train_and_bad_input_from_the_command_line(tmp_path, tiny_folder, capsys):
     f = write(tmp_path / "mc.jsonl", choice_rows(40))
-    args = ["--model.name", tiny_folder, "--data.task", f"jsonl:{f}", "--data.train_size", "20",
-            "--data.dev_size", "8", "--data.test_size", "8", "--data.max_length", "16",
-            "--data.max_target_length", "4", "--adapter.rank", "2", "--optim.q", "2",
-            "--optim.batch_size", "2", "--train.steps", "3", "--train.eval_every", "3",
-            "--train.progress", "false"]
+    args = [
+        "--model.name",
+        tiny_folder,
+        "--data.task",
+        f"jsonl:{f}",
+        "--data.train_size",
+        "20",
+        "--data.dev_size",
+        "8",
+        "--data.test_size",
+        "8",
+        "--data.max_length",
+        "16",
+        "--data.max_target_length",
+        "4",
+        "--adapter.rank",
+        "2",
+        "--optim.q",
+        "2",
+        "--optim.batch_size",
+        "2",
+        "--train.steps",
+        "3",
+        "--train.eval_every",
+        "3",
+        "--train.progress",
+        "false",
+    ]
     assert main(["train", *args, "--train.out_dir", str(tmp_path / "run")]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert 0 <= summary["test"]["accuracy"] <= 1 and summary["zero_shot"]["dev"]["loss"] > 0

@@ -12,10 +12,17 @@ RUNS = {"own_loop.py": ["--dtype", "bfloat16", "--accumulate", "2"], "peft_model
 
 def test_examples_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    procs = {script: subprocess.Popen([sys.executable, str(ROOT / "examples" / script), "--steps", "12",
-                                       *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env=env, cwd=tmp_path)
-             for script, args in RUNS.items()}  # both at once: most of their time is imports
+    procs = {
+        script: subprocess.Popen(
+            [sys.executable, str(ROOT / "examples" / script), "--steps", "12", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
+        for script, args in RUNS.items()
+    }  # both at once: most of their time is imports
     try:
         outs = {script: p.communicate(timeout=300) for script, p in procs.items()}
     finally:

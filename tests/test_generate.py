@@ -48,8 +48,7 @@ def test_kv_cache_generation_equals_a_plain_greedy_loop(tokenizer):
     adapter = LoRAAdapter(model, rank=4, alpha=8)
     randomize(adapter.tensors(), std=0.5)  # the adapter changes what is generated
     prompts = ["Question: what is the capital of France?\nAnswer:", "Hi", "one two three four five six"]
-    texts = generate(model, tokenizer, prompts, max_length=64, max_new_tokens=6, batch_size=2,
-                     progress=False)
+    texts = generate(model, tokenizer, prompts, max_length=64, max_new_tokens=6, batch_size=2, progress=False)
     for prompt, text in zip(prompts, texts):
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         want = greedy_loop(model, ids, 6, tokenizer.eos_token_id)
@@ -71,11 +70,34 @@ def qa_rows(n):
 
 def test_generation_run_selects_on_the_generation_score(tmp_path, tiny_folder, capsys):
     f = write(tmp_path / "qa.jsonl", qa_rows(40))
-    args = ["--model.name", tiny_folder, "--data.task", f"jsonl:{f}", "--data.train_size", "20",
-            "--data.dev_size", "6", "--data.test_size", "6", "--data.max_length", "24",
-            "--data.max_target_length", "4", "--adapter.rank", "2", "--optim.q", "2",
-            "--optim.batch_size", "2", "--train.steps", "2", "--train.eval_every", "1",
-            "--train.progress", "false"]
+    args = [
+        "--model.name",
+        tiny_folder,
+        "--data.task",
+        f"jsonl:{f}",
+        "--data.train_size",
+        "20",
+        "--data.dev_size",
+        "6",
+        "--data.test_size",
+        "6",
+        "--data.max_length",
+        "24",
+        "--data.max_target_length",
+        "4",
+        "--adapter.rank",
+        "2",
+        "--optim.q",
+        "2",
+        "--optim.batch_size",
+        "2",
+        "--train.steps",
+        "2",
+        "--train.eval_every",
+        "1",
+        "--train.progress",
+        "false",
+    ]
     out = tmp_path / "run"
     assert main(["train", *args, "--train.out_dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -100,10 +122,23 @@ def test_generation_run_selects_on_the_generation_score(tmp_path, tiny_folder, c
 
 
 def test_mezo_squad_and_drop(tmp_path):
-    squad = [{"title": "T", "context": f"Context {i}.", "question": f"Question {i}? ",
-              "answers": {"text": [f"answer {i}", "other"], "answer_start": [0, 3]}} for i in range(12)]
-    drop = [{"passage": f"Passage {i}.", "question": f"How many {i}?",
-             "answers_spans": {"spans": [str(i)], "types": ["number"]}} for i in range(12)]
+    squad = [
+        {
+            "title": "T",
+            "context": f"Context {i}.",
+            "question": f"Question {i}? ",
+            "answers": {"text": [f"answer {i}", "other"], "answer_start": [0, 3]},
+        }
+        for i in range(12)
+    ]
+    drop = [
+        {
+            "passage": f"Passage {i}.",
+            "question": f"How many {i}?",
+            "answers_spans": {"spans": [str(i)], "types": ["number"]},
+        }
+        for i in range(12)
+    ]
     for name, rows in (("squad", squad), ("drop", drop)):
         folder = tmp_path / name
         folder.mkdir()

@@ -30,10 +30,26 @@ def test_harness_matches_zotunes_choice_accuracy(tmp_path, tiny_folder, tokenize
     yaml = yaml.replace("examples/harness/tiny_mc.jsonl", str(data))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "zotune_tiny_mc.yaml").write_text(yaml)
-    assert main(["eval", "--model.name", tiny_folder, "--adapter", str(folder), "--harness", "zotune_tiny_mc",
-                 "--harness-include", str(tmp_path / "tasks"), "--train.eval_batch_size", "4"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model.name",
+                tiny_folder,
+                "--adapter",
+                str(folder),
+                "--harness",
+                "zotune_tiny_mc",
+                "--harness-include",
+                str(tmp_path / "tasks"),
+                "--train.eval_batch_size",
+                "4",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    acc = json.loads(out[out.index("{"):])["zotune_tiny_mc"]["acc,none"]
+    acc = json.loads(out[out.index("{") :])["zotune_tiny_mc"]["acc,none"]
     # zotune's own choice scoring of the same rows; lm-eval joins context and choice with a space
     exs = [Example(r["prompt"], tuple(" " + c for c in r["choices"]), r["answer"]) for r in rows]
     batch = encode(exs, tokenizer, 24, 8, "choice")

@@ -46,6 +46,7 @@ HALF = (torch.bfloat16, torch.float16)
 
 # ----------------------------------------------------------------------------- config-driven runs
 
+
 def _apply(cfg: Config, overrides: dict, source: str) -> None:
     """{"optim.lr": 1e-3} / {"optim__lr": 1e-3} / {"optim": {"lr": 1e-3}} set on cfg, type-checked."""
     for key, value in overrides.items():
@@ -79,8 +80,12 @@ def train(config: str | Path | Config | dict | None = None, *, resume: bool = Fa
     return _train(load_config(config, **overrides), resume=resume)
 
 
-def evaluate(config: str | Path | Config | dict | None = None, adapter: str | Path | None = None,
-             split: str = "test", **overrides) -> dict:
+def evaluate(
+    config: str | Path | Config | dict | None = None,
+    adapter: str | Path | None = None,
+    split: str = "test",
+    **overrides,
+) -> dict:
     """Evaluate the config's model, with a PEFT adapter folder if given, on a split."""
     from zotune.train.run import evaluate_adapter
 
@@ -89,6 +94,7 @@ def evaluate(config: str | Path | Config | dict | None = None, adapter: str | Pa
 
 
 # ----------------------------------------------------------------------------- the estimator
+
 
 def _peft_layers(model: nn.Module, train_a: bool) -> dict[str, tuple[nn.Module, LoRALinear]]:
     """name -> (PEFT LoRA linear, a zotune LoRALinear sharing its tensors), for the active adapter."""
@@ -107,8 +113,9 @@ def _peft_layers(model: nn.Module, train_a: bool) -> dict[str, tuple[nn.Module, 
             raise ZotuneError(f"PEFT layer {name}: expected one active LoRA adapter, got {active}")
         key = active[0]
         a, b = mod.lora_A[key].weight, mod.lora_B[key].weight  # [r, d_in], [d_out, r]
-        view = LoRALinear(mod.base_layer, a.shape[1], b.shape[0], a.shape[0], 1.0, 0.0, train_a,
-                          torch.Generator())
+        view = LoRALinear(
+            mod.base_layer, a.shape[1], b.shape[0], a.shape[0], 1.0, 0.0, train_a, torch.Generator()
+        )
         view.lora_A, view.lora_B = a, b  # the PEFT parameters themselves
         view.scale, view.dropout = mod.scaling[key], mod.lora_dropout[key]
         out[name] = (mod, view)
@@ -145,8 +152,11 @@ class _Trained:
         return [t for _, t in self._named]
 
     def describe(self) -> dict:
-        return {"kind": "lora" if self.train_a else "lora-fa", "peft": bool(self.peft),
-                "layers": [[name, layer.d_in, layer.d_out] for name, layer in self.real.items()]}
+        return {
+            "kind": "lora" if self.train_a else "lora-fa",
+            "peft": bool(self.peft),
+            "layers": [[name, layer.d_in, layer.d_out] for name, layer in self.real.items()],
+        }
 
     @property
     def master(self) -> bool:
@@ -180,8 +190,10 @@ class _ClosureLoss:
         n = tensors[0].shape[0]
         if not torch.is_tensor(out) or out.dim() != 1 or out.shape[0] != n:
             got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-            raise ZotuneError(f"loss_fn must return one loss per example, shape [{n}] for this batch "
-                              f"(use reduction='none' and average over each example's tokens); got {got}")
+            raise ZotuneError(
+                f"loss_fn must return one loss per example, shape [{n}] for this batch "
+                f"(use reduction='none' and average over each example's tokens); got {got}"
+            )
         out = out.float() if out.dtype in HALF else out
         return out, torch.ones_like(out)
 
@@ -196,8 +208,9 @@ def _flatten(batch):
     if isinstance(batch, (tuple, list)):
         kind = type(batch)
         return tuple(batch), lambda ts: kind(ts)
-    raise ZotuneError("batch must be a tensor, a tuple/list or a dict of tensors, "
-                      f"got {type(batch).__name__}")
+    raise ZotuneError(
+        f"batch must be a tensor, a tuple/list or a dict of tensors, got {type(batch).__name__}"
+    )
 
 
 class PRGE:
@@ -210,10 +223,24 @@ class PRGE:
     from `history` (seed, g, lr per step).
     """
 
-    def __init__(self, model: nn.Module, loss_fn, *, q: int = 4, eps: float = 1e-2, lr: float = 1e-4,
-                 momentum: float = 0.0, dual: bool = True, noise: str = "normal", seed: int = 0,
-                 train_a: bool = False, adapter: LoRAAdapter | None = None, rank: int = 16,
-                 alpha: float = 32.0, targets: list[str] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn,
+        *,
+        q: int = 4,
+        eps: float = 1e-2,
+        lr: float = 1e-4,
+        momentum: float = 0.0,
+        dual: bool = True,
+        noise: str = "normal",
+        seed: int = 0,
+        train_a: bool = False,
+        adapter: LoRAAdapter | None = None,
+        rank: int = 16,
+        alpha: float = 32.0,
+        targets: list[str] | None = None,
+    ):
         if q < 1 or eps <= 0:
             raise ConfigError(f"PRGE: expected q >= 1 and eps > 0, got q={q}, eps={eps}")
         self.model, self.loss_fn = model, loss_fn
@@ -226,14 +253,16 @@ class PRGE:
         elif any(isinstance(m, LoRALinear) for m in model.modules()):
             raise ZotuneError("the model has zotune LoRA layers: pass their LoRAAdapter as adapter=")
         else:
-            adapter = LoRAAdapter(model, rank=rank, alpha=alpha, targets=targets or ["all-linear"],
-                                  train_a=train_a)
+            adapter = LoRAAdapter(
+                model, rank=rank, alpha=alpha, targets=targets or ["all-linear"], train_a=train_a
+            )
             layers = adapter.layers
         self.adapter = adapter  # the zotune adapter, when zotune's layers are used
         self.params = _Trained(layers, train_a, {n: mod for n, (mod, _) in peft.items()})
         device = self.params.tensors()[0].device
-        self._step = PRGEStep(model, self.params, None, q, dual, noise, momentum,
-                              fused_noise=device.type != "cpu")
+        self._step = PRGEStep(
+            model, self.params, None, q, dual, noise, momentum, fused_noise=device.type != "cpu"
+        )
         self.steps = 0
         self.history: list[dict] = []
         self._pending = None  # (z, seed, sum of per-replica losses weighted by examples, examples)
@@ -264,12 +293,13 @@ class PRGE:
         self._pending = None
         like = self.params.tensors()[0]
         losses = (total / n).to(like.dtype)  # [2q]: each replica's mean over all examples
-        g = projected_gradient(losses[: self.q], losses[self.q:], self.eps)  # [q]
+        g = projected_gradient(losses[: self.q], losses[self.q :], self.eps)  # [q]
         lr = self.lr if lr is None else lr
         self._step.update(z, g, lr)
         self.params.sync()
-        self.history.append({"step": self.steps, "seed": seed, "lr": lr, "eps": self.eps,
-                             "g": [float(x) for x in g]})
+        self.history.append(
+            {"step": self.steps, "seed": seed, "lr": lr, "eps": self.eps, "g": [float(x) for x in g]}
+        )
         self.steps += 1
         return float(losses.mean()), g
 

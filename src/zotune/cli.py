@@ -41,10 +41,21 @@ def cmd_models(args, rest):
         return
     model, tokenizer, source = load_model(args.name)
     n_params = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"name": args.name, "source": source.kind, "path": source.path,
-                      "architecture": type(model).__name__, "parameters": n_params,
-                      "layers": model.config.num_hidden_layers,
-                      "hidden_size": model.config.hidden_size, "vocab": len(tokenizer)}, indent=1))
+    print(
+        json.dumps(
+            {
+                "name": args.name,
+                "source": source.kind,
+                "path": source.path,
+                "architecture": type(model).__name__,
+                "parameters": n_params,
+                "layers": model.config.num_hidden_layers,
+                "hidden_size": model.config.hidden_size,
+                "vocab": len(tokenizer),
+            },
+            indent=1,
+        )
+    )
 
 
 def cmd_data(args, rest):
@@ -55,8 +66,14 @@ def cmd_data(args, rest):
     print(json.dumps({"task": task.name, "kind": task.kind, **task.sizes()}, indent=1))
     for ex in task.train[: args.show]:
         print("---")
-        print(ex.prompt + (f"  -> {ex.choices[ex.label]!r} of {list(ex.choices)}"
-                           if ex.label is not None else f"  -> {ex.target!r}"))
+        print(
+            ex.prompt
+            + (
+                f"  -> {ex.choices[ex.label]!r} of {list(ex.choices)}"
+                if ex.label is not None
+                else f"  -> {ex.target!r}"
+            )
+        )
 
 
 def cmd_fetch(args, rest):
@@ -86,10 +103,11 @@ def _print_summary(s: dict) -> None:
     metric = next(m for m in ("accuracy", "score", "loss") if m in s["test"])
     print(f"zero-shot test {metric}: {zs['test'][metric]:.4f}")
     if "test_calibrated" in zs:
-        print(f"zero-shot test accuracy with a dev-chosen threshold: "
-              f"{zs['test_calibrated']['accuracy']:.4f}")
-    print(f"after {s['steps']} steps (selected on dev at step {s['selected_step']}): "
-          f"dev {metric} {s['dev'][metric]:.4f}, test {metric} {s['test'][metric]:.4f}")
+        print(f"zero-shot test accuracy with a dev-chosen threshold: {zs['test_calibrated']['accuracy']:.4f}")
+    print(
+        f"after {s['steps']} steps (selected on dev at step {s['selected_step']}): "
+        f"dev {metric} {s['dev'][metric]:.4f}, test {metric} {s['test'][metric]:.4f}"
+    )
     print(f"train time {s['train_wall_s']:.0f} s, peak RSS {s['peak_rss_mb']:.0f} MB")
     print(f"adapter: {s['adapter']}\nplot: {s['plot']}")
 
@@ -101,8 +119,9 @@ def cmd_export(args, rest):
     quantize = None if args.quantize == "none" else args.quantize
     allowed = {"executorch": (None, "8da4w"), "onnx": (None, "int4", "int4-zp")}[args.engine]
     if quantize not in allowed:
-        raise ZotuneError(f"--quantize {quantize}: the {args.engine} engine offers "
-                          f"{[q or 'none' for q in allowed]}")
+        raise ZotuneError(
+            f"--quantize {quantize}: the {args.engine} engine offers {[q or 'none' for q in allowed]}"
+        )
     report = export(cfg, args.out, args.engine, quantize, args.block_size)
     print(json.dumps(report, indent=1))
 
@@ -125,8 +144,11 @@ def cmd_eval(args, rest):
     if args.harness:  # lm-evaluation-harness tasks instead of the config's task
         from zotune.harness import run_harness
 
-        print(json.dumps(run_harness(cfg, args.adapter, args.harness, args.harness_include, args.limit),
-                         indent=1))
+        print(
+            json.dumps(
+                run_harness(cfg, args.adapter, args.harness, args.harness_include, args.limit), indent=1
+            )
+        )
         return
     print(json.dumps(evaluate_adapter(cfg, args.adapter, args.split), indent=1))
 
@@ -159,12 +181,13 @@ def cmd_federate(args, rest):
     zs, metric = summary["zero_shot"], "accuracy" if "accuracy" in summary["test"] else "loss"
     print(f"zero-shot test {metric}: {zs['test'][metric]:.4f}")
     if "test_calibrated" in zs:
-        print(f"zero-shot test accuracy with a dev-chosen threshold: "
-              f"{zs['test_calibrated']['accuracy']:.4f}")
-    print(f"after {summary['rounds']} rounds ({summary['mode']}): test {metric} "
-          f"{summary['test'][metric]:.4f}; bytes per client per round: up "
-          f"{summary['bytes_up_per_client_round']:.0f}, down "
-          f"{summary['bytes_down_per_client_round']:.0f}")
+        print(f"zero-shot test accuracy with a dev-chosen threshold: {zs['test_calibrated']['accuracy']:.4f}")
+    print(
+        f"after {summary['rounds']} rounds ({summary['mode']}): test {metric} "
+        f"{summary['test'][metric]:.4f}; bytes per client per round: up "
+        f"{summary['bytes_up_per_client_round']:.0f}, down "
+        f"{summary['bytes_down_per_client_round']:.0f}"
+    )
     print(f"adapter: {summary['adapter']}")
 
 
@@ -180,43 +203,57 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("models", help="list embedded models or describe one")
     s.add_argument("name", nargs="?")
     s.set_defaults(fn=cmd_models)
-    for name, fn, help_ in (("data", cmd_data, "load a task and show its splits"),
-                            ("train", cmd_train, "fine-tune (eager PyTorch)"),
-                            ("eval", cmd_eval, "evaluate a model and adapter on a split"),
-                            ("export", cmd_export,
-                             "export the training step (ExecuTorch .pte or ONNX)"),
-                            ("device-train", cmd_device_train,
-                             "train with an engine's runtime executing an exported step")):
-        s = sub.add_parser(name, help=help_, epilog=_config_epilog(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, fn, help_ in (
+        ("data", cmd_data, "load a task and show its splits"),
+        ("train", cmd_train, "fine-tune (eager PyTorch)"),
+        ("eval", cmd_eval, "evaluate a model and adapter on a split"),
+        ("export", cmd_export, "export the training step (ExecuTorch .pte or ONNX)"),
+        ("device-train", cmd_device_train, "train with an engine's runtime executing an exported step"),
+    ):
+        s = sub.add_parser(
+            name, help=help_, epilog=_config_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         s.add_argument("--config", help="YAML config; further --section.key value override it")
         s.set_defaults(fn=fn)
     sub.choices["data"].add_argument("--show", type=int, default=2, help="examples to print")
-    sub.choices["device-train"].add_argument("program",
-                                             help="a .pte or .onnx written by zotune export")
+    sub.choices["device-train"].add_argument("program", help="a .pte or .onnx written by zotune export")
     for name in ("train", "device-train"):
-        sub.choices[name].add_argument("--resume", action="store_true",
-                                       help="continue from the run folder's checkpoint")
-        sub.choices[name].add_argument("--stop-after", type=int, default=None,
-                                       help="stop after this many steps (resume later)")
+        sub.choices[name].add_argument(
+            "--resume", action="store_true", help="continue from the run folder's checkpoint"
+        )
+        sub.choices[name].add_argument(
+            "--stop-after", type=int, default=None, help="stop after this many steps (resume later)"
+        )
     sub.choices["export"].add_argument("--out", required=True, help="the .pte / .onnx to write")
-    sub.choices["export"].add_argument("--engine", default="executorch",
-                                       choices=["executorch", "onnx"])
-    sub.choices["export"].add_argument("--quantize", default="none",
-                                       choices=["none", "8da4w", "int4", "int4-zp"],
-                                       help="8da4w: ExecuTorch; int4, int4-zp (with zero "
-                                       "points): ONNX (MatMulNBits)")
-    sub.choices["export"].add_argument("--block-size", type=int, default=None,
-                                       help="weights per 4-bit block / group (default 32)")
+    sub.choices["export"].add_argument("--engine", default="executorch", choices=["executorch", "onnx"])
+    sub.choices["export"].add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "8da4w", "int4", "int4-zp"],
+        help="8da4w: ExecuTorch; int4, int4-zp (with zero points): ONNX (MatMulNBits)",
+    )
+    sub.choices["export"].add_argument(
+        "--block-size", type=int, default=None, help="weights per 4-bit block / group (default 32)"
+    )
     sub.choices["eval"].add_argument("--adapter", help="PEFT adapter folder")
     sub.choices["eval"].add_argument("--split", default="test", choices=["train", "dev", "test"])
-    sub.choices["eval"].add_argument("--harness", metavar="TASKS",
-                                     help="run lm-evaluation-harness tasks (comma-separated) on the adapter")
-    sub.choices["eval"].add_argument("--harness-include", action="append", default=None, metavar="DIR",
-                                     help="a folder of lm-eval task YAML files (repeatable)")
+    sub.choices["eval"].add_argument(
+        "--harness", metavar="TASKS", help="run lm-evaluation-harness tasks (comma-separated) on the adapter"
+    )
+    sub.choices["eval"].add_argument(
+        "--harness-include",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="a folder of lm-eval task YAML files (repeatable)",
+    )
     sub.choices["eval"].add_argument("--limit", type=int, default=None, help="--harness: examples per task")
-    s = sub.add_parser("federate", help="federated fine-tuning in Flower's simulation engine",
-                       epilog=_config_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    s = sub.add_parser(
+        "federate",
+        help="federated fine-tuning in Flower's simulation engine",
+        epilog=_config_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     s.add_argument("--config", help="YAML config; further --section.key value override it")
     s.add_argument("--resume", action="store_true", help="continue from the server's checkpoint")
     s.add_argument("--stop-after", type=int, default=None, help="stop after this many rounds")
@@ -227,8 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("log")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_replay)
-    s = sub.add_parser("export-adapter",
-                       help="write a PEFT adapter as a llama.cpp GGUF adapter or a merged model")
+    s = sub.add_parser(
+        "export-adapter", help="write a PEFT adapter as a llama.cpp GGUF adapter or a merged model"
+    )
     s.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     s.add_argument("--format", choices=["gguf", "merged"], default=None)
     s.add_argument("--merge", action="store_true", help="the same as --format merged")

@@ -19,7 +19,7 @@ def collect_scores(engine, batch, kind: str, eval_batch_size: int):
     """Engine scores for every row, in chunks (static-shape engines pad chunks themselves)."""
     # Dynamic-shape engines trim padding per chunk: group prompts of similar length together.
     order = batch.attention_mask.reshape(len(batch), -1).sum(1).argsort(stable=True)
-    chunks = [order[s: s + eval_batch_size] for s in range(0, len(batch), eval_batch_size)]
+    chunks = [order[s : s + eval_batch_size] for s in range(0, len(batch), eval_batch_size)]
     # A distributed engine scores its rank's share of the chunks and gathers the rest
     # (train/distributed.py): the same chunks, so the same scores as one process.
     score = getattr(engine, "score_chunks", None) or partial(score_chunks, engine)
@@ -28,8 +28,7 @@ def collect_scores(engine, batch, kind: str, eval_batch_size: int):
     return tuple(torch.cat(p)[inverse] for p in zip(*parts))
 
 
-def score_chunks(engine, batch, chunks: list[torch.Tensor],
-                 kind: str) -> list[tuple[torch.Tensor, ...]]:
+def score_chunks(engine, batch, chunks: list[torch.Tensor], kind: str) -> list[tuple[torch.Tensor, ...]]:
     """engine.scores of each chunk of rows (index tensors into batch)."""
     return [tuple(engine.scores(batch_tensors(batch.index(c), kind))) for c in chunks]
 
@@ -42,8 +41,11 @@ def evaluate(engine, batch, kind: str, eval_batch_size: int = 32) -> dict:
         pred = logits.argmax(-1)
         logp = torch.log_softmax(logits.float(), -1)
         nll = -logp.gather(1, batch.labels.unsqueeze(1)).mean()
-        return {"accuracy": float((pred == batch.labels).float().mean()), "loss": float(nll),
-                "logits": logits}
+        return {
+            "accuracy": float((pred == batch.labels).float().mean()),
+            "loss": float(nll),
+            "logits": logits,
+        }
     nll, count = collect_scores(engine, batch, kind, eval_batch_size)
     loss = float(nll.sum() / count.sum().clamp_min(1))
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}

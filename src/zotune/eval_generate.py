@@ -83,8 +83,16 @@ def judgeable(examples: Sequence) -> bool:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], max_length: int, max_new_tokens: int,
-             batch_size: int = 16, progress: bool = True, chat: bool = False) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_length: int,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    progress: bool = True,
+    chat: bool = False,
+) -> list[str]:
     """Greedy continuations of the prompts (KV cache, left padding), decoded without special tokens."""
     prefix = [] if chat else special_prefix(tokenizer)  # a chat template writes its own BOS
     ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
@@ -93,20 +101,34 @@ def generate(model, tokenizer, prompts: Sequence[str], max_length: int, max_new_
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     out: list[str] = [""] * len(rows)
-    bar = tqdm(range(0, len(rows), batch_size), desc="generate", disable=not progress, leave=False,
-               dynamic_ncols=True)
+    bar = tqdm(
+        range(0, len(rows), batch_size),
+        desc="generate",
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
+    )
     for start in bar:
-        chunk = order[start: start + batch_size]
+        chunk = order[start : start + batch_size]
         width = max(len(rows[i]) for i in chunk)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for k, i in enumerate(chunk):
-            input_ids[k, width - len(rows[i]):] = torch.tensor(rows[i])
-            mask[k, width - len(rows[i]):] = 1
-        gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             use_cache=True, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                             temperature=None, top_p=None, top_k=None)
+            input_ids[k, width - len(rows[i]) :] = torch.tensor(rows[i])
+            mask[k, width - len(rows[i]) :] = 1
+        gen = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
         for k, i in enumerate(chunk):
             out[i] = tokenizer.decode(gen[k, width:], skip_special_tokens=True)
     return out
@@ -119,20 +141,33 @@ def cut(pred: str, ref: str) -> str:
 def score_generations(preds: Sequence[str], refs: Sequence[str]) -> dict:
     preds = [cut(p, r) for p, r in zip(preds, refs)]
     n = max(1, len(refs))
-    return {"exact_match": sum(map(exact_match, preds, refs)) / n,
-            "f1": sum(map(token_f1, preds, refs)) / n,
-            "rougeL": sum(map(rouge_l, preds, refs)) / n}
+    return {
+        "exact_match": sum(map(exact_match, preds, refs)) / n,
+        "f1": sum(map(token_f1, preds, refs)) / n,
+        "rougeL": sum(map(rouge_l, preds, refs)) / n,
+    }
 
 
-def judge_generation(model, tokenizer, examples: Sequence, kind: str, max_length: int,
-                     max_new_tokens: int, batch_size: int = 16, progress: bool = True) -> dict:
+def judge_generation(
+    model,
+    tokenizer,
+    examples: Sequence,
+    kind: str,
+    max_length: int,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict:
     """-> {"exact_match", "f1", "rougeL", "score" (the PRIMARY metric), "examples": a few predictions}"""
     prompts = [prompt_text(ex, tokenizer) for ex in examples]
-    preds = generate(model, tokenizer, prompts, max_length, max_new_tokens, batch_size, progress,
-                     chat=kind == "chat")
+    preds = generate(
+        model, tokenizer, prompts, max_length, max_new_tokens, batch_size, progress, chat=kind == "chat"
+    )
     refs = [ex.target.strip() for ex in examples]
     result = score_generations([p.strip() for p in preds], refs)
     result["score"] = result[PRIMARY.get(kind, "f1")]
-    result["samples"] = [{"prompt": p[-200:], "prediction": cut(x.strip(), r), "reference": r}
-                         for p, x, r in list(zip(prompts, preds, refs))[:3]]
+    result["samples"] = [
+        {"prompt": p[-200:], "prediction": cut(x.strip(), r), "reference": r}
+        for p, x, r in list(zip(prompts, preds, refs))[:3]
+    ]
     return result

@@ -13,8 +13,9 @@ from zotune.config import Config
 from zotune.errors import ZotuneError
 
 
-def run_harness(cfg: Config, adapter: str | None, tasks: str, include: list[str] | None = None,
-                limit: int | None = None) -> dict:
+def run_harness(
+    cfg: Config, adapter: str | None, tasks: str, include: list[str] | None = None, limit: int | None = None
+) -> dict:
     """-> {task: {metric: value}} from lm_eval.simple_evaluate."""
     try:
         import lm_eval
@@ -32,16 +33,28 @@ def run_harness(cfg: Config, adapter: str | None, tasks: str, include: list[str]
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=3)
             hint = f"; close matches: {', '.join(close)}" if close else ""
-            raise ZotuneError(f"--harness: task '{name}' does not exist in lm-eval's task index"
-                              f"{' or ' + ', '.join(include) if include else ''}{hint}")
+            raise ZotuneError(
+                f"--harness: task '{name}' does not exist in lm-eval's task index"
+                f"{' or ' + ', '.join(include) if include else ''}{hint}"
+            )
     source = resolve(cfg.model.name)
     if source.kind == "hub":
         raise ZotuneError(f"--harness: model '{cfg.model.name}' must be a local model")
     args = {"pretrained": source.path, "dtype": cfg.model.dtype}
     if adapter:
         args["peft"] = adapter
-    out = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=names, task_manager=manager,
-                                  batch_size=cfg.train.eval_batch_size, device="cpu", limit=limit,
-                                  log_samples=False, bootstrap_iters=0)
-    return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
-            for task, metrics in out["results"].items()}
+    out = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=args,
+        tasks=names,
+        task_manager=manager,
+        batch_size=cfg.train.eval_batch_size,
+        device="cpu",
+        limit=limit,
+        log_samples=False,
+        bootstrap_iters=0,
+    )
+    return {
+        task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
+        for task, metrics in out["results"].items()
+    }

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 class ClassificationInputs(NamedTuple):
     """What ClassificationLoss takes, in its argument order."""
+
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T]
     position_ids: torch.Tensor  # [B, T]
@@ -25,6 +26,7 @@ class ClassificationInputs(NamedTuple):
 
 class GenerationInputs(NamedTuple):
     """What LMLoss takes, in its argument order."""
+
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T]
     position_ids: torch.Tensor  # [B, T]
@@ -34,6 +36,7 @@ class GenerationInputs(NamedTuple):
 
 class ChoiceInputs(NamedTuple):
     """What ChoiceLoss (loss_choice.py) takes, in its argument order: every choice is a row."""
+
     input_ids: torch.Tensor  # [B, C, T] prompt + choice c, left padded
     attention_mask: torch.Tensor  # [B, C, T]
     position_ids: torch.Tensor  # [B, C, T]
@@ -52,8 +55,9 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 def decoder_hidden(model: nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
     """Final hidden states [B, T, d] (after the last norm), without the LM head."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids, use_cache=False)
+    out = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
     return out[0]
 
 
@@ -62,8 +66,9 @@ def _softcap(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
     return logits if not cap else torch.tanh(logits / cap) * cap
 
 
-def choice_logits(model: nn.Module, h: torch.Tensor, choice_ids: torch.Tensor,
-                  via_head_module: bool = False) -> torch.Tensor:
+def choice_logits(
+    model: nn.Module, h: torch.Tensor, choice_ids: torch.Tensor, via_head_module: bool = False
+) -> torch.Tensor:
     """Logits of the candidate words. h: [B, d], choice_ids: [B, C] -> [B, C].
 
     By default only the C rows of the LM head are read (index_select), not the whole vocabulary.
@@ -94,8 +99,9 @@ class ClassificationLoss:
 
     def rows(self, model, input_ids, attention_mask, position_ids, choice_ids, labels):
         """-> (nll per row [B], count per row [B])"""
-        logp = F.log_softmax(_at_least_fp32(self.logits(model, input_ids, attention_mask, position_ids,
-                                         choice_ids)), dim=-1)  # [B, C]
+        logp = F.log_softmax(
+            _at_least_fp32(self.logits(model, input_ids, attention_mask, position_ids, choice_ids)), dim=-1
+        )  # [B, C]
         nll = -logp.gather(1, labels.unsqueeze(1)).squeeze(1)  # [B]
         return nll, torch.ones_like(nll)
 
@@ -112,7 +118,7 @@ class LMLoss:
         seq_len, n_target = input_ids.shape[1], target_ids.shape[1]
         h = decoder_hidden(model, input_ids, attention_mask, position_ids)
         # The token at position t is predicted from position t-1.
-        h = h[:, seq_len - n_target - 1: seq_len - 1]  # [B, L, d]
+        h = h[:, seq_len - n_target - 1 : seq_len - 1]  # [B, L, d]
         logits = _at_least_fp32(_softcap(model, model.get_output_embeddings()(h)))  # [B, L, V]
         nll = -F.log_softmax(logits, dim=-1).gather(2, target_ids.unsqueeze(-1)).squeeze(-1)
         mask = target_mask.to(nll.dtype)  # [B, L]
@@ -167,8 +173,7 @@ def trim_left_padding(batch: tuple[torch.Tensor, ...], keep: int = 1) -> tuple[t
     return batch._make(trimmed) if hasattr(batch, "_make") else trimmed  # named tuples stay named
 
 
-def replica_sums(nll: torch.Tensor, count: torch.Tensor,
-                 n_rep: int) -> tuple[torch.Tensor, torch.Tensor]:
+def replica_sums(nll: torch.Tensor, count: torch.Tensor, n_rep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss sum and token count of each replica: rows are laid out replica-major. -> [R], [R]"""
     return nll.reshape(n_rep, -1).sum(1), count.reshape(n_rep, -1).sum(1)
 

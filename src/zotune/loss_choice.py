@@ -30,7 +30,7 @@ class ChoiceLoss:
             return x.reshape(b * c, x.shape[-1])
 
         h = decoder_hidden(model, rows(input_ids), rows(attention_mask), rows(position_ids))
-        h = h[:, seq_len - n_target - 1: seq_len - 1]  # [b*C, L, d]: position t predicts token t+1
+        h = h[:, seq_len - n_target - 1 : seq_len - 1]  # [b*C, L, d]: position t predicts token t+1
         logits = _at_least_fp32(_softcap(model, model.get_output_embeddings()(h)))  # [b*C, L, V]
         logp = F.log_softmax(logits, dim=-1).gather(2, rows(target_ids).unsqueeze(-1)).squeeze(-1)
         mask = rows(target_mask).to(logp.dtype)  # [b*C, L]

@@ -38,9 +38,15 @@ def test_gguf_adapter_reads_back(tmp_path, adapter_dir, tiny_folder):
     config = json.loads((folder / "adapter_config.json").read_text())
     hf = json.loads(open(f"{tiny_folder}/config.json").read())
     n_layers = hf["num_hidden_layers"]
-    gg = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-          "mlp.down_proj": "ffn_down"}
+    gg = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     assert len(tensors) == 2 * 7 * n_layers and config["r"] == 4
     for i in range(n_layers):
         for hf_name, g in gg.items():

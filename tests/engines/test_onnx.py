@@ -52,36 +52,74 @@ class Exported:
         return {name: t.detach().clone() for name, t in self.adapter.named_tensors()}
 
 
-def _export(tmp_path_factory, tokenizer, family, q, b, dual, kind, targets, name, *,
-            train_a=False, momentum=0.0, quantize=None, dynamic_length=True):
+def _export(
+    tmp_path_factory,
+    tokenizer,
+    family,
+    q,
+    b,
+    dual,
+    kind,
+    targets,
+    name,
+    *,
+    train_a=False,
+    momentum=0.0,
+    quantize=None,
+    dynamic_length=True,
+):
     model = make_tiny_model(family, tokenizer, seed=0)
     adapter = LoRAAdapter(model, rank=4, alpha=8, targets=targets, train_a=train_a)
     loss = ClassificationLoss()
     path = tmp_path_factory.mktemp(name) / f"{name}.onnx"
-    report = export_program(model, adapter, loss, q=q, b=b, seq_len=T, n_choices=C, dual=dual,
-                            noise=kind, out_path=path, model_name=f"tiny-{family}",
-                            momentum=momentum, quantize=quantize, threads=1,
-                            dynamic_length=dynamic_length)
+    report = export_program(
+        model,
+        adapter,
+        loss,
+        q=q,
+        b=b,
+        seq_len=T,
+        n_choices=C,
+        dual=dual,
+        noise=kind,
+        out_path=path,
+        model_name=f"tiny-{family}",
+        momentum=momentum,
+        quantize=quantize,
+        threads=1,
+        dynamic_length=dynamic_length,
+    )
     return Exported(path, model, adapter, loss, report, q, b, dual, kind, momentum)
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory, tokenizer):
     # LoRA-FA on every linear of the blocks, dual forwarding, normal noise.
-    return _export(tmp_path_factory, tokenizer, "llama", 2, 2, True, "normal", ["all-linear"],
-                   "llama")
+    return _export(tmp_path_factory, tokenizer, "llama", 2, 2, True, "normal", ["all-linear"], "llama")
 
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory, tokenizer):
     # The other branches: LoRA (A trained too), heavy-ball momentum, q=3, +eps and -eps in
     # separate forwards, Rademacher noise, two targets, one static length.
-    return _export(tmp_path_factory, tokenizer, "qwen2", 3, 2, False, "rademacher",
-                   ["q_proj", "v_proj"], "qwen", train_a=True, momentum=0.9,
-                   dynamic_length=False)
+    return _export(
+        tmp_path_factory,
+        tokenizer,
+        "qwen2",
+        3,
+        2,
+        False,
+        "rademacher",
+        ["q_proj", "v_proj"],
+        "qwen",
+        train_a=True,
+        momentum=0.9,
+        dynamic_length=False,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 class _Noise(nn.Module):
     def __init__(self, start, n):
@@ -94,8 +132,9 @@ class _Noise(nn.Module):
 
 def test_rng_program_is_bit_exact():
     n, start = 4099, 2**33 - 5  # counters across the 32-bit boundary: the high word is hashed too
-    proto = torch.onnx.export(_Noise(start, n).eval(), (torch.tensor([1]),), dynamo=True,
-                              opset_version=20, verbose=False).model_proto
+    proto = torch.onnx.export(
+        _Noise(start, n).eval(), (torch.tensor([1]),), dynamo=True, opset_version=20, verbose=False
+    ).model_proto
     ops = {node.op_type for node in proto.graph.node}
     assert "BitShift" in ops and "BitwiseXor" in ops  # the int64 op chain was traced
     sess = session(proto.SerializeToString(), threads=1)
@@ -134,8 +173,7 @@ def test_export_report_and_metadata(which, request):
     inits = {i.name for i in proto.graph.initializer}
     assert not any("lora_B" in name for name in inits)
     # The caller's model keeps its values; the trained tensors are buffers (as for ExecuTorch).
-    assert torch.equal(theta_of(ex.adapter), torch.cat(
-        [v.reshape(-1) for v in ex.start().values()]))
+    assert torch.equal(theta_of(ex.adapter), torch.cat([v.reshape(-1) for v in ex.start().values()]))
     assert not hasattr(ex.model, VELOCITY)
 
 
@@ -236,16 +274,15 @@ def test_dynamic_length_runs_trimmed_batches_like_eager(llama, qwen, tokenizer):
     trimmed = trim_left_padding(prompts, keep=2)
     assert 2 <= trimmed[0].shape[1] < T
     try:
-        for i, batch in enumerate((prompts, tuple(t[:, -3:] if t.dim() == 2 and t.shape[1] == T
-                                                   else t for t in prompts))):
+        for i, batch in enumerate(
+            (prompts, tuple(t[:, -3:] if t.dim() == 2 and t.shape[1] == T else t for t in prompts))
+        ):
             set_theta(llama.adapter, engine.program.get_lora_flat())
             loss_p, g_p = engine.step(batch, 60 + i, 5e-2, 1e-2)
-            loss_e, g_e = llama.step(torch.tensor([60 + i]), 5e-2, 1e-2,
-                                     *trim_left_padding(batch, keep=2))
+            loss_e, g_e = llama.step(torch.tensor([60 + i]), 5e-2, 1e-2, *trim_left_padding(batch, keep=2))
             assert abs(loss_p - float(loss_e)) <= TOL
             assert float((g_p - g_e).abs().max()) * 2e-2 <= TOL
-            assert float((engine.program.get_lora_flat() - theta_of(llama.adapter))
-                         .abs().max()) <= TOL
+            assert float((engine.program.get_lora_flat() - theta_of(llama.adapter)).abs().max()) <= TOL
         set_theta(llama.adapter, engine.program.get_lora_flat())
         with torch.no_grad():
             want = llama.loss.logits(llama.model, *prompts[:4])
@@ -253,8 +290,7 @@ def test_dynamic_length_runs_trimmed_batches_like_eager(llama, qwen, tokenizer):
         assert float((got - want).abs().max()) <= TOL
     finally:
         set_theta(llama.adapter, torch.zeros(llama.adapter.numel))
-    longer = tuple(torch.cat([t, t[:, :1]], 1) if t.dim() == 2 and t.shape[1] == T else t
-                   for t in prompts)
+    longer = tuple(torch.cat([t, t[:, :1]], 1) if t.dim() == 2 and t.shape[1] == T else t for t in prompts)
     with pytest.raises(EngineError, match="exported for"):
         engine.program.train_step(1, 1e-3, 1e-2, longer)
     static = OrtProgram.load(qwen.path, lora=qwen.start())
@@ -289,8 +325,7 @@ def test_missing_corrupted_and_mismatched_programs(llama, qwen, tmp_path):
 
     def copy_program(src, name):
         dst = tmp_path / name
-        for a, b in ((src, dst), (sidecar_path(src), sidecar_path(dst)),
-                     (eval_path(src), eval_path(dst))):
+        for a, b in ((src, dst), (sidecar_path(src), sidecar_path(dst)), (eval_path(src), eval_path(dst))):
             shutil.copy(a, b)
         meta = json.loads(sidecar_path(dst).read_text())
         meta["graphs"]["forward"]["file"] = eval_path(dst).name
@@ -362,18 +397,26 @@ def test_failed_parity_check_writes_nothing(tokenizer, tmp_path):
     out = tmp_path / "refused.onnx"
     with pytest.raises(ExportCheckError, match="nothing was written"):
         # A negative tolerance makes any result fail.
-        export_program(model, adapter, ClassificationLoss(), q=1, b=1, seq_len=8, n_choices=2,
-                       out_path=out, tolerance=-1.0)
+        export_program(
+            model,
+            adapter,
+            ClassificationLoss(),
+            q=1,
+            b=1,
+            seq_len=8,
+            n_choices=2,
+            out_path=out,
+            tolerance=-1.0,
+        )
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(EngineError, match="quantize"):
-        export_program(model, adapter, ClassificationLoss(), 1, 1, 8, 2, quantize="8da4w",
-                       out_path=out)
+        export_program(model, adapter, ClassificationLoss(), 1, 1, 8, 2, quantize="8da4w", out_path=out)
     with pytest.raises(EngineError, match="block size"):
-        export_program(model, adapter, ClassificationLoss(), 1, 1, 8, 2, quantize="int4",
-                       block_size=48, out_path=out)
+        export_program(
+            model, adapter, ClassificationLoss(), 1, 1, 8, 2, quantize="int4", block_size=48, out_path=out
+        )
     with pytest.raises(EngineError, match="classification"):
-        export_program(model, adapter, ClassificationLoss(via_head_module=True), 1, 1, 8, 2,
-                       out_path=out)
+        export_program(model, adapter, ClassificationLoss(via_head_module=True), 1, 1, 8, 2, out_path=out)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -385,8 +428,19 @@ def test_int4_base_with_fp32_adapter(tokenizer, tmp_path):
     adapter = LoRAAdapter(model, rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"])
     w = model.model.layers[0].mlp.up_proj.weight.clone()
     path = tmp_path / "q.onnx"
-    rep = export_program(model, adapter, ClassificationLoss(), q=2, b=2, seq_len=T, n_choices=C,
-                         quantize="int4", block_size=32, out_path=path, threads=1)
+    rep = export_program(
+        model,
+        adapter,
+        ClassificationLoss(),
+        q=2,
+        b=2,
+        seq_len=T,
+        n_choices=C,
+        quantize="int4",
+        block_size=32,
+        out_path=path,
+        threads=1,
+    )
     assert all(v <= TOLERANCE["int4"][k] for k, v in rep.check.items()), rep.check
     assert rep.check["update"] <= 1e-6, rep.check
     n_base = len(base_linears(model, adapter))
@@ -424,4 +478,3 @@ def test_int4_base_with_fp32_adapter(tokenizer, tmp_path):
         assert abs(loss_p - float(loss_e)) <= TOLERANCE["int4"]["loss"]
         assert float((g_p - g_e).abs().max()) * 2e-2 <= TOLERANCE["int4"]["loss_diff"]
         assert float((prog.get_lora_flat() - theta_of(ref_adapter)).abs().max()) <= TOL
-

@@ -40,7 +40,6 @@ for mode in ("data", "query"):  # one job for both: the mode only picks the step
     except ZotuneError as e:
         error = str(e)
     after = adapter.state()
-    results[mode] = {"error": error,
-                     "unchanged": all(torch.equal(before[k], after[k]) for k in before)}
+    results[mode] = {"error": error, "unchanged": all(torch.equal(before[k], after[k]) for k in before)}
 (out / f"rank{ranks.rank}.json").write_text(json.dumps(results))
 ranks.close()

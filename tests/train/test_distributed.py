@@ -32,28 +32,58 @@ def free_port() -> int:
 
 
 def launcher(nproc: int = 2, port: int | None = None, extra=()) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port or free_port()),
+        *extra,
+    ]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def torchrun(args: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(launcher(**kw) + ["-m", "zotune.cli", "train", *args], env=ENV,
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    return subprocess.run(
+        launcher(**kw) + ["-m", "zotune.cli", "train", *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
 
 
 def cli_args(tiny_folder, cls_jsonl, out: Path, **overrides) -> list[str]:
-    values = {"model.name": tiny_folder, "data.task": f"jsonl:{cls_jsonl}",
-              "data.train_size": 40, "data.dev_size": 16, "data.test_size": 16,
-              "data.max_length": 16, "adapter.rank": 4, "adapter.alpha": 8, "optim.q": 4,
-              "optim.batch_size": 2, "optim.lr": 0.01, "optim.momentum": 0.5,
-              # The step scale: lr of each step from the g of the steps before it, on every rank.
-              "optim.normalize": "rms",
-              "train.steps": STEPS, "train.eval_every": 10, "train.checkpoint_every": 1,
-              "train.eval_batch_size": 6, "train.progress": "false", "train.threads": 1,
-              "train.out_dir": str(out), **overrides}
+    values = {
+        "model.name": tiny_folder,
+        "data.task": f"jsonl:{cls_jsonl}",
+        "data.train_size": 40,
+        "data.dev_size": 16,
+        "data.test_size": 16,
+        "data.max_length": 16,
+        "adapter.rank": 4,
+        "adapter.alpha": 8,
+        "optim.q": 4,
+        "optim.batch_size": 2,
+        "optim.lr": 0.01,
+        "optim.momentum": 0.5,
+        # The step scale: lr of each step from the g of the steps before it, on every rank.
+        "optim.normalize": "rms",
+        "train.steps": STEPS,
+        "train.eval_every": 10,
+        "train.checkpoint_every": 1,
+        "train.eval_batch_size": 6,
+        "train.progress": "false",
+        "train.threads": 1,
+        "train.out_dir": str(out),
+        **overrides,
+    }
     return [x for k, v in values.items() for x in (f"--{k}", str(v))]
 
 
@@ -63,8 +93,10 @@ def single_run(args: list[str], resume: bool = False) -> None:
 
 
 def records(path: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS}
-            for line in path.read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS}
+        for line in path.read_text().splitlines()
+    ]
 
 
 def state(run: Path) -> dict[str, torch.Tensor]:
@@ -72,8 +104,9 @@ def state(run: Path) -> dict[str, torch.Tensor]:
 
 
 def replay_g(run: Path) -> torch.Tensor:
-    return torch.tensor([r["g"] for r in records(run / "replay.jsonl") if r["type"] == "step"],
-                        dtype=torch.float64)  # [steps, q]
+    return torch.tensor(
+        [r["g"] for r in records(run / "replay.jsonl") if r["type"] == "step"], dtype=torch.float64
+    )  # [steps, q]
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +121,7 @@ def query_reference(tmp_path_factory, tiny_folder, cls_jsonl):
 def gen_jsonl(tmp_path_factory):
     """Completions of 1 to 4 words: the ranks' halves of a batch hold different token counts."""
     words = ["good", "bad", "fine", "poor", "great", "awful"]
-    rows = [{"prompt": f"item {i} was", "completion": " " + " ".join(words[: 1 + i % 4])}
-            for i in range(60)]
+    rows = [{"prompt": f"item {i} was", "completion": " " + " ".join(words[: 1 + i % 4])} for i in range(60)]
     path = tmp_path_factory.mktemp("gen") / "gen.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -100,9 +132,15 @@ def test_data_parallel_matches_the_single_process_run(tmp_path, tiny_folder, gen
     token-level mean up to float summation order (fp64 here, so that order is all that differs).
     A generation task, so the halves' token counts differ. The job stops after 3 steps and one
     process resumes it: the checkpoint, step scale included, does not depend on the ranks."""
-    over = {"data.task": f"jsonl:{gen_jsonl}", "data.max_target_length": 6,
-            "model.dtype": "float64", "optim.batch_size": 4, "optim.q": 2, "train.steps": 6,
-            "train.eval_every": 3}
+    over = {
+        "data.task": f"jsonl:{gen_jsonl}",
+        "data.max_target_length": 6,
+        "model.dtype": "float64",
+        "optim.batch_size": 4,
+        "optim.q": 2,
+        "train.steps": 6,
+        "train.eval_every": 3,
+    }
     single = tmp_path / "single"
     single_run(cli_args(tiny_folder, gen_jsonl, single, **over))
     run = tmp_path / "data"
@@ -146,14 +184,20 @@ def _worker_of_rank(parent: int, rank: int, deadline: float) -> int:
 
 
 def test_query_parallel_killed_and_resumed_is_bitwise_the_single_process_run(
-        tmp_path, tiny_folder, cls_jsonl, query_reference):
+    tmp_path, tiny_folder, cls_jsonl, query_reference
+):
     """kill -9 of rank 1 mid-run: rank 0 exits with a clear error within the timeout. The run
     resumes from its last checkpoint on 2 ranks (rank 0 reads it, step scale included, and hands
     it to rank 1) and ends bit for bit where one process ends: state, logs, evaluations, adapter."""
     run = tmp_path / "query"
     args = cli_args(tiny_folder, cls_jsonl, run, **{"train.parallel": "query"})
-    job = subprocess.Popen(launcher() + ["-m", "zotune.cli", "train", *args], env=ENV,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(
+        launcher() + ["-m", "zotune.cli", "train", *args],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + TIMEOUT
         victim = _worker_of_rank(job.pid, 1, deadline)
@@ -184,8 +228,9 @@ def test_query_parallel_killed_and_resumed_is_bitwise_the_single_process_run(
     # g, lr, losses, and the sharded evaluations: the same bits, line for line.
     for log in ("replay.jsonl", "metrics.jsonl"):
         assert records(run / log) == records(query_reference / log), log
-    assert (run / "adapter/adapter_model.safetensors").read_bytes() == \
-        (query_reference / "adapter/adapter_model.safetensors").read_bytes()
+    assert (run / "adapter/adapter_model.safetensors").read_bytes() == (
+        query_reference / "adapter/adapter_model.safetensors"
+    ).read_bytes()
     # The step scale ran: step 0 has no g before it (lr 0), later steps are scaled.
     lrs = [r["lr"] for r in records(run / "replay.jsonl") if r["type"] == "step"]
     assert lrs[0] == 0.0 and all(0 < lr != 0.01 for lr in lrs[1:])
@@ -194,24 +239,27 @@ def test_query_parallel_killed_and_resumed_is_bitwise_the_single_process_run(
     assert report["world_size"] == 2 and report["steps"] == STEPS - done
     assert report["traffic"]["step"]["bytes"] == (STEPS - done) * (2 * 4 + 2) * 4
     # The replay log of the distributed run rebuilds its final adapter exactly.
-    rebuilt = load_file(replay(str(run / "replay.jsonl"), str(tmp_path / "replayed"))
-                        / "adapter_model.safetensors")
+    rebuilt = load_file(
+        replay(str(run / "replay.jsonl"), str(tmp_path / "replayed")) / "adapter_model.safetensors"
+    )
     keys = [k for k in a if k.startswith("param.") and k.endswith("lora_B")]
     for key in keys:
-        layer = key[len("param."):-len(".lora_B")]
+        layer = key[len("param.") : -len(".lora_B")]
         assert torch.equal(rebuilt[f"base_model.model.{layer}.lora_B.weight"], a[key])
 
 
 def test_bad_split_fails_on_every_rank_before_any_model_loads(tmp_path, cls_jsonl):
     run = tmp_path / "run"
     # The model folder does not exist: reaching the model would give another error.
-    args = cli_args(str(tmp_path / "no-model"), cls_jsonl, run, **{"train.parallel": "data",
-                                                                    "optim.batch_size": 3})
+    args = cli_args(
+        str(tmp_path / "no-model"), cls_jsonl, run, **{"train.parallel": "data", "optim.batch_size": 3}
+    )
     job = torchrun(args)
     assert job.returncode != 0
     errors = [line for line in job.stderr.splitlines() if line.startswith("zotune: error:")]
-    assert len(errors) == 2 and all("world size 2 does not divide optim.batch_size 3" in line
-                                    for line in errors), job.stderr[-3000:]
+    assert len(errors) == 2 and all(
+        "world size 2 does not divide optim.batch_size 3" in line for line in errors
+    ), job.stderr[-3000:]
     assert job.stderr.count("exitcode  : 2") == 2  # torchrun's report: status 2 on both ranks
     assert not run.exists()
 
@@ -221,10 +269,17 @@ def test_ranks_with_different_configs_refuse_to_train(tmp_path, tiny_folder, cls
     run = tmp_path / "run"
     args = cli_args(tiny_folder, cls_jsonl, run, **{"train.parallel": "query"})
     port = free_port()
-    nodes = [subprocess.Popen(launcher(1, port, ["--nnodes", "2", "--node_rank", str(i)])
-                              + ["-m", "zotune.cli", "train", *args, *extra], env=ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i, extra in ((0, []), (1, ["--optim.lr", "0.5"]))]
+    nodes = [
+        subprocess.Popen(
+            launcher(1, port, ["--nnodes", "2", "--node_rank", str(i)])
+            + ["-m", "zotune.cli", "train", *args, *extra],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, extra in ((0, []), (1, ["--optim.lr", "0.5"]))
+    ]
     try:
         errs = [node.communicate(timeout=TIMEOUT)[1] for node in nodes]
     finally:
@@ -238,8 +293,13 @@ def test_ranks_with_different_configs_refuse_to_train(tmp_path, tiny_folder, cls
 
 
 def test_nan_on_one_rank_refuses_the_step_on_every_rank(tmp_path, tiny_folder):
-    job = subprocess.run(launcher() + [str(WORKER), tiny_folder, str(tmp_path)], env=ENV,
-                         capture_output=True, text=True, timeout=TIMEOUT)
+    job = subprocess.run(
+        launcher() + [str(WORKER), tiny_folder, str(tmp_path)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert job.returncode == 0, job.stderr[-3000:]
     for rank in (0, 1):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -248,13 +308,18 @@ def test_nan_on_one_rank_refuses_the_step_on_every_rank(tmp_path, tiny_folder):
             assert "NaN on rank(s) [1]" in r["error"] and r["unchanged"], (rank, mode, r)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"train.parallel": "none"}, "train.parallel is 'none' but torchrun started 2 processes"),
-    ({"train.parallel": "query", "optim.q": 3}, "world size 2 does not divide optim.q 3"),
-    ({"train.parallel": "data", "optim.batch_size": 5},
-     "world size 2 does not divide optim.batch_size 5"),
-    ({"train.parallel": "data", "optim.estimator": "rge"}, "needs optim.estimator prge"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"train.parallel": "none"}, "train.parallel is 'none' but torchrun started 2 processes"),
+        ({"train.parallel": "query", "optim.q": 3}, "world size 2 does not divide optim.q 3"),
+        (
+            {"train.parallel": "data", "optim.batch_size": 5},
+            "world size 2 does not divide optim.batch_size 5",
+        ),
+        ({"train.parallel": "data", "optim.estimator": "rge"}, "needs optim.estimator prge"),
+    ],
+)
 def test_split_is_checked_from_the_config_alone(tmp_path, overrides, message):
     from zotune.errors import ConfigError
     from zotune.train.distributed import check_split
@@ -296,8 +361,15 @@ def test_a_query_range_measures_its_slots_of_the_full_step(tokenizer, fused, dua
     randomize(adapter.tensors())
     start = adapter.state()
     full = []
-    step = PRGEStep(model, adapter, ClassificationLoss(), q, dual=dual, fused_noise=fused,
-                    reduce=lambda s, c: full.append(mean_loss(s, c)) or full[-1])
+    step = PRGEStep(
+        model,
+        adapter,
+        ClassificationLoss(),
+        q,
+        dual=dual,
+        fused_noise=fused,
+        reduce=lambda s, c: full.append(mean_loss(s, c)) or full[-1],
+    )
     step(seed, 1e-2, 1e-2, *batch)
     reference = adapter.state()
     for lo, hi in ((0, 1), (1, 4)):
@@ -308,9 +380,17 @@ def test_a_query_range_measures_its_slots_of_the_full_step(tokenizer, fused, dua
             seen.append(mean_loss(sums, counts))
             return full[0]
 
-        PRGEStep(model, adapter, ClassificationLoss(), q, dual=dual, fused_noise=fused,
-                 queries=(lo, hi), reduce=reduce)(seed, 1e-2, 1e-2, *batch)
+        PRGEStep(
+            model,
+            adapter,
+            ClassificationLoss(),
+            q,
+            dual=dual,
+            fused_noise=fused,
+            queries=(lo, hi),
+            reduce=reduce,
+        )(seed, 1e-2, 1e-2, *batch)
         k = hi - lo
-        assert torch.equal(seen[0], torch.cat([full[0][lo:hi], full[0][q + lo: q + hi]]))
+        assert torch.equal(seen[0], torch.cat([full[0][lo:hi], full[0][q + lo : q + hi]]))
         assert seen[0].shape == (2 * k,)
         assert all(torch.equal(adapter.state()[n], reference[n]) for n in reference)

@@ -28,16 +28,21 @@ from zotune.errors import ZotuneError
 from zotune.io import atomic_dir, atomic_write_bytes
 
 # Hugging Face model_type -> (gguf-py architecture name, q/k rows permuted by the converter)
-ARCHS = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False),
-         "gpt2": ("GPT2", False), "gemma3_text": ("GEMMA3", False), "gemma3": ("GEMMA3", False)}
+ARCHS = {
+    "llama": ("LLAMA", True),
+    "mistral": ("LLAMA", True),
+    "qwen2": ("QWEN2", False),
+    "gpt2": ("GPT2", False),
+    "gemma3_text": ("GEMMA3", False),
+    "gemma3": ("GEMMA3", False),
+}
 
 
 def permute_rows(w: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
     """llama.cpp's converter permutation of q/k rows (LlamaModel.permute). w: [d_out, ...]"""
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _base_config(base: str) -> tuple[dict, Path]:
@@ -46,8 +51,10 @@ def _base_config(base: str) -> tuple[dict, Path]:
     source = resolve(base)
     path = Path(source.path) / "config.json"
     if source.kind == "hub" or not path.is_file():
-        raise ZotuneError(f"base model '{base}': needs a local model (embedded name, folder or .gguf) "
-                          "to read its architecture")
+        raise ZotuneError(
+            f"base model '{base}': needs a local model (embedded name, folder or .gguf) "
+            "to read its architecture"
+        )
     return json.loads(path.read_text()), Path(source.path)
 
 
@@ -65,8 +72,10 @@ def export_gguf(adapter_dir: str | Path, out: str | Path, base: str | None = Non
     hf, _ = _base_config(base)
     model_type = hf.get("model_type")
     if model_type not in ARCHS:
-        raise ZotuneError(f"base model '{base}': architecture '{model_type}' has no GGUF mapping "
-                          f"(supported: {sorted(ARCHS)})")
+        raise ZotuneError(
+            f"base model '{base}': architecture '{model_type}' has no GGUF mapping "
+            f"(supported: {sorted(ARCHS)})"
+        )
     arch_name, permuted = ARCHS[model_type]
     arch = gguf.MODEL_ARCH[arch_name]
     n_layers = hf.get("num_hidden_layers", hf.get("n_layer"))
@@ -121,8 +130,9 @@ def merge_into(model, config: dict, state: dict[str, torch.Tensor]) -> None:
         if tuple(w.shape) == tuple(delta.shape[::-1]) and type(module).__name__ == "Conv1D":
             delta = delta.t()  # GPT-2's Conv1D stores [d_in, d_out]
         if tuple(w.shape) != tuple(delta.shape):
-            raise ZotuneError(f"adapter layer '{layer}': B A is {tuple(delta.shape)}, "
-                              f"the weight {tuple(w.shape)}")
+            raise ZotuneError(
+                f"adapter layer '{layer}': B A is {tuple(delta.shape)}, the weight {tuple(w.shape)}"
+            )
         w.add_(delta.to(w.dtype))
 
 

@@ -54,24 +54,35 @@ def check_choices(choices, answer, where: dict) -> None:
         if not isinstance(c, str) or not c:
             raise DataError(f"expected a non-empty string, got {c!r:.60}", field=f"choices[{k}]", **where)
     if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-        raise DataError(f"expected an index 0..{len(choices) - 1} into choices, got {answer!r:.60}",
-                        field="answer", **where)
+        raise DataError(
+            f"expected an index 0..{len(choices) - 1} into choices, got {answer!r:.60}",
+            field="answer",
+            **where,
+        )
 
 
 def encode_choice(examples: Sequence, tokenizer, T: int, L: int, length_normalize: bool = False):
     from zotune.data.tokenize import Batch, _assemble, _context, _pad_id, special_prefix
 
     if not 1 <= L < T:
-        raise DataError(f"max_target_length {L} must be at least 1 and below max_length {T} (a "
-                        "choice's first token is predicted from the position before it)",
-                        field="data.max_target_length")
+        raise DataError(
+            f"max_target_length {L} must be at least 1 and below max_length {T} (a "
+            "choice's first token is predicted from the position before it)",
+            field="data.max_target_length",
+        )
     for i, ex in enumerate(examples):
         if len(ex.choices) < 2:
-            raise DataError(f"example {i} has {len(ex.choices)} choices; multiple choice needs at least 2",
-                            field="choices", **ex.where())
+            raise DataError(
+                f"example {i} has {len(ex.choices)} choices; multiple choice needs at least 2",
+                field="choices",
+                **ex.where(),
+            )
         if ex.label is None or not 0 <= ex.label < len(ex.choices):
-            raise DataError(f"example {i}: answer {ex.label!r} is not an index into its {len(ex.choices)} "
-                            "choices", field="answer", **ex.where())
+            raise DataError(
+                f"example {i}: answer {ex.label!r} is not an index into its {len(ex.choices)} choices",
+                field="answer",
+                **ex.where(),
+            )
     C = max(len(ex.choices) for ex in examples)
     prefix = special_prefix(tokenizer)
     prompts = tokenizer([ex.prompt for ex in examples], add_special_tokens=False)["input_ids"]
@@ -83,23 +94,38 @@ def encode_choice(examples: Sequence, tokenizer, T: int, L: int, length_normaliz
             text = ex.choices[k if real else 0]
             ids = tokens[text]
             if not ids:
-                raise DataError(f"example {i}: choice {k} {text!r} has no tokens", field=f"choices[{k}]",
-                                **ex.where())
+                raise DataError(
+                    f"example {i}: choice {k} {text!r} has no tokens", field=f"choices[{k}]", **ex.where()
+                )
             if len(ids) > L:
-                raise DataError(f"example {i}: choice {k} {text[:40]!r} is {len(ids)} tokens, more than "
-                                f"data.max_target_length={L}", field=f"choices[{k}]", **ex.where())
+                raise DataError(
+                    f"example {i}: choice {k} {text[:40]!r} is {len(ids)} tokens, more than "
+                    f"data.max_target_length={L}",
+                    field=f"choices[{k}]",
+                    **ex.where(),
+                )
             context = _context(prefix, prompt, T - len(ids))
             if not context:
-                raise DataError(f"example {i}: empty prompt (nothing to predict the choice from)",
-                                field="prompt", **ex.where())
+                raise DataError(
+                    f"example {i}: empty prompt (nothing to predict the choice from)",
+                    field="prompt",
+                    **ex.where(),
+                )
             rows.append(context + ids)
             w = (1.0 / len(ids) if length_normalize else 1.0) if real else 0.0
             weights.append([0.0] * (L - len(ids)) + [w] * len(ids))
     input_ids, attention_mask, position_ids = _assemble(rows, T, _pad_id(tokenizer))  # [b*C, T]
     b = len(examples)
-    input_ids, attention_mask, position_ids = (x.reshape(b, C, T) for x in
-                                               (input_ids, attention_mask, position_ids))
+    input_ids, attention_mask, position_ids = (
+        x.reshape(b, C, T) for x in (input_ids, attention_mask, position_ids)
+    )
     target_mask = torch.tensor(weights, dtype=torch.float32).reshape(b, C, L)  # [b, C, L]
     labels = torch.tensor([ex.label for ex in examples], dtype=torch.long)  # [b]
-    return Batch(input_ids, attention_mask, position_ids, labels=labels,
-                 target_ids=input_ids[..., T - L:].clone(), target_mask=target_mask)
+    return Batch(
+        input_ids,
+        attention_mask,
+        position_ids,
+        labels=labels,
+        target_ids=input_ids[..., T - L :].clone(),
+        target_mask=target_mask,
+    )

@@ -53,6 +53,7 @@ class TaskSplits:
 
 # ----------------------------------------------------------------------------- helpers for loaders
 
+
 def fill_template(template: str, text: str) -> str:
     # str.replace rather than str.format: templates may contain other braces (JSON, code).
     if "{input}" not in template:
@@ -62,20 +63,28 @@ def fill_template(template: str, text: str) -> str:
 
 def check_labels(labels: Sequence[str] | None) -> None:
     if labels is not None and (not labels or len(set(labels)) != len(labels)):
-        raise DataError(f"expected a non-empty list of distinct labels, got {list(labels)}", field="data.labels")
+        raise DataError(
+            f"expected a non-empty list of distinct labels, got {list(labels)}", field="data.labels"
+        )
 
 
-def label_words_for(labels: Sequence[str], label_words: dict[str, str] | None, source: str) -> tuple[str, ...]:
+def label_words_for(
+    labels: Sequence[str], label_words: dict[str, str] | None, source: str
+) -> tuple[str, ...]:
     """Verbalizer word of each label: label_words[label], else " " + label."""
     words = label_words or {}
     unknown = [k for k in words if k not in labels]
     if unknown:
-        raise DataError(f"{source}: label_words names labels {unknown} that the data does not have "
-                        f"(labels: {list(labels)})", field="data.label_words")
+        raise DataError(
+            f"{source}: label_words names labels {unknown} that the data does not have "
+            f"(labels: {list(labels)})",
+            field="data.label_words",
+        )
     return tuple(words.get(label, " " + label) for label in labels)
 
 
 # ----------------------------------------------------------------------------- splitting
+
 
 def _key(ex: Example) -> tuple:
     # Classification: the prompt alone identifies an example. Generation: prompt and target (an LM file
@@ -129,13 +138,17 @@ def _check_nonempty(splits: dict[str, list[Example]], sizes: dict[str, int], sou
     empty = [name for name, split in splits.items() if sizes[name] > 0 and not split]
     if empty:
         got = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
-        raise DataError(f"{source}: not enough examples: empty {' and '.join(empty)} split ({have} unique "
-                        f"examples; asked for train {sizes['train']}, dev {sizes['dev']}, test {sizes['test']}; "
-                        f"got {got})", field=f"data.{empty[0]}_size")
+        raise DataError(
+            f"{source}: not enough examples: empty {' and '.join(empty)} split ({have} unique "
+            f"examples; asked for train {sizes['train']}, dev {sizes['dev']}, test {sizes['test']}; "
+            f"got {got})",
+            field=f"data.{empty[0]}_size",
+        )
 
 
-def split_examples(examples: Sequence[Example], train_size: int, dev_size: int, test_size: int,
-                   seed: int, source: str) -> tuple[list[Example], list[Example], list[Example]]:
+def split_examples(
+    examples: Sequence[Example], train_size: int, dev_size: int, test_size: int, seed: int, source: str
+) -> tuple[list[Example], list[Example], list[Example]]:
     """Carve disjoint train/dev/test splits out of one list of examples."""
     sizes = {"train": train_size, "dev": dev_size, "test": test_size}
     _check_sizes(sizes)
@@ -149,9 +162,16 @@ def split_examples(examples: Sequence[Example], train_size: int, dev_size: int, 
     return train, dev, test
 
 
-def split_given(train: Sequence[Example], dev: Sequence[Example] | None, test: Sequence[Example],
-                train_size: int, dev_size: int, test_size: int, seed: int,
-                source: str) -> tuple[list[Example], list[Example], list[Example]]:
+def split_given(
+    train: Sequence[Example],
+    dev: Sequence[Example] | None,
+    test: Sequence[Example],
+    train_size: int,
+    dev_size: int,
+    test_size: int,
+    seed: int,
+    source: str,
+) -> tuple[list[Example], list[Example], list[Example]]:
     """Splits from data that comes pre-split (MeZO style: dev carved from train when dev is None).
 
     Each split is drawn (seeded, balanced) down to its size; train examples whose prompt also occurs in

@@ -19,8 +19,15 @@ def build_params(model, cfg: Config):
     a = cfg.adapter
     if a.kind == "full":
         return FullParams(model)
-    return LoRAAdapter(model, rank=a.rank, alpha=a.alpha, targets=a.targets, dropout=a.dropout,
-                       train_a=(a.kind == "lora"), init_seed=a.init_seed)
+    return LoRAAdapter(
+        model,
+        rank=a.rank,
+        alpha=a.alpha,
+        targets=a.targets,
+        dropout=a.dropout,
+        train_a=(a.kind == "lora"),
+        init_seed=a.init_seed,
+    )
 
 
 class EagerEngine:
@@ -38,15 +45,23 @@ class EagerEngine:
             # instead of a few per tensor) is the fast one; on the CPU the per-layer form keeps
             # one layer's stacks in memory. Both give the same bits (tests/estimators).
             flat = next(model.parameters()).device.type != "cpu"
-            step = PRGEStep(model, self.params, self.loss, o.q, o.dual, o.noise, o.momentum,
-                            fused_noise=flat, **(step_options or {}))
+            step = PRGEStep(
+                model,
+                self.params,
+                self.loss,
+                o.q,
+                o.dual,
+                o.noise,
+                o.momentum,
+                fused_noise=flat,
+                **(step_options or {}),
+            )
             self._step, self.velocity, self._optimizer = self._prge(step), step.velocity, None
         elif o.estimator == "rge":
             rge = RGE(model, self.params, self.loss, o.q, o.noise, o.momentum)
             self._step, self.velocity, self._optimizer = rge.step, rge.velocity, None
         else:
-            fo = FirstOrder(model, self.params, self.loss, o.optimizer, o.lr, o.weight_decay,
-                            o.momentum)
+            fo = FirstOrder(model, self.params, self.loss, o.optimizer, o.lr, o.weight_decay, o.momentum)
             self._step, self.velocity, self._optimizer = fo.step, None, fo
 
     @staticmethod
@@ -54,6 +69,7 @@ class EagerEngine:
         def run(batch, seed, lr, eps):
             loss, g = step(torch.tensor([seed], dtype=torch.int64), lr, eps, *batch)
             return float(loss), g
+
         return run
 
     def _trim(self, batch):

@@ -16,10 +16,7 @@ from zotune.engines.parity import EXACT, FP32, check_values, parity_metrics
 # loss differences behind g are of that size too, so g and theta after a step cannot be compared
 # with eager's; what is checked exactly instead is that the program applies the update its own g
 # implies ("update", "momentum").
-TOLERANCE = {
-    None: FP32,
-    "8da4w": {**EXACT, "forward": 5e-2, "loss": 5e-2},
-}
+TOLERANCE = {None: FP32, "8da4w": {**EXACT, "forward": 5e-2, "loss": 5e-2}}
 
 
 @torch.no_grad()
@@ -34,10 +31,11 @@ def parity_check(data: bytes, plan, theta0: torch.Tensor, dtype) -> dict:
     methods["set_lora"].execute([theta.clone()])
     if velocity is not None:
         methods["set_momentum"].execute([velocity.clone()])
-    got = {"get": methods["get_lora"].execute([])[0],
-           "logits": methods["forward"].execute(list(plan.eval_in))[0]}
-    got["loss"], got["g"] = methods["train_step"].execute([plan.seed_t, plan.lr_t, plan.eps_t,
-                                                           *plan.batch])
+    got = {
+        "get": methods["get_lora"].execute([])[0],
+        "logits": methods["forward"].execute(list(plan.eval_in))[0],
+    }
+    got["loss"], got["g"] = methods["train_step"].execute([plan.seed_t, plan.lr_t, plan.eps_t, *plan.batch])
     got["theta"] = methods["get_lora"].execute([])[0]
     if velocity is not None:
         got["velocity"] = methods["get_momentum"].execute([])[0]

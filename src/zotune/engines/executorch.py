@@ -118,14 +118,32 @@ class _SetMomentum(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 
-def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int, n_choices: int,
-                   dual: bool = True, noise: str = "normal", quantize: str | None = None,
-                   out_path: str | Path = "model.pte", *, eval_batch: int | None = None,
-                   model_name: str | None = None, momentum: float = 0.0, xnnpack: bool = True,
-                   group_size: int = 32,
-                   tolerance: float | None = None, check_seed: int = 12345,
-                   check_lr: float = 1e-3, check_eps: float = 1e-2,
-                   attention: str | None = "eager", log=None) -> ExportReport:
+
+def export_program(
+    model: nn.Module,
+    adapter,
+    loss,
+    q: int,
+    b: int,
+    seq_len: int,
+    n_choices: int,
+    dual: bool = True,
+    noise: str = "normal",
+    quantize: str | None = None,
+    out_path: str | Path = "model.pte",
+    *,
+    eval_batch: int | None = None,
+    model_name: str | None = None,
+    momentum: float = 0.0,
+    xnnpack: bool = True,
+    group_size: int = 32,
+    tolerance: float | None = None,
+    check_seed: int = 12345,
+    check_lr: float = 1e-3,
+    check_eps: float = 1e-2,
+    attention: str | None = "eager",
+    log=None,
+) -> ExportReport:
     """Export the P-RGE training step of (model, adapter, loss) to one ExecuTorch program.
 
     The adapter's trained tensors become registered buffers of `model` (in place, values kept;
@@ -142,8 +160,7 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
     t_start = time.perf_counter()
     say = log or (lambda msg: None)
     _check_options(adapter, loss, quantize, noise, momentum, q, b, seq_len, n_choices)
-    tol = (TOLERANCE[quantize] if tolerance is None
-           else {k: float(tolerance) for k in TOLERANCE[quantize]})
+    tol = TOLERANCE[quantize] if tolerance is None else {k: float(tolerance) for k in TOLERANCE[quantize]}
     out_path = Path(out_path)
     dtype = adapter.tensors()[0].dtype
 
@@ -181,16 +198,25 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
     say(f"parity vs eager: {check}")
     gate(check, tol, "lowered ExecuTorch program", out_path)
 
-    meta = _metadata(plan, data, dtype, theta0, quantize, group_size, xnnpack, model_name,
-                     check, tol)
+    meta = _metadata(plan, data, dtype, theta0, quantize, group_size, xnnpack, model_name, check, tol)
     atomic_write_bytes(out_path, data)
     atomic_write_text(sidecar_path(out_path), json.dumps(meta, indent=1))
     seconds["total"] = time.perf_counter() - t_start
-    return ExportReport(str(out_path), str(sidecar_path(out_path)), len(data), meta["sha256"],
-                        seconds, check, tol, portable, meta)
+    return ExportReport(
+        str(out_path),
+        str(sidecar_path(out_path)),
+        len(data),
+        meta["sha256"],
+        seconds,
+        check,
+        tol,
+        portable,
+        meta,
+    )
 
 
 # -- the stages of export_program ----------------------------------------------------------------
+
 
 def _check_options(adapter, loss, quantize, noise, momentum, q, b, seq_len, n_choices) -> None:
     if quantize not in QUANTIZE:
@@ -201,8 +227,9 @@ def _check_options(adapter, loss, quantize, noise, momentum, q, b, seq_len, n_ch
 class _Plan:
     """The methods to export, with the example inputs they are traced and checked with."""
 
-    def __init__(self, model, adapter, loss, *, q, b, seq_len, n_choices, eval_batch, dual, noise,
-                 momentum, check):
+    def __init__(
+        self, model, adapter, loss, *, q, b, seq_len, n_choices, eval_batch, dual, noise, momentum, check
+    ):
         check_seed, check_lr, check_eps = check
         self.model, self.adapter, self.loss = model, adapter, loss
         self.q, self.b, self.seq_len, self.n_choices = q, b, seq_len, n_choices
@@ -218,8 +245,9 @@ class _Plan:
         self.seed_t = torch.tensor([check_seed], dtype=torch.int64)
         self.lr_t = torch.tensor([check_lr], dtype=torch.float32)
         self.eps_t = torch.tensor([check_eps], dtype=torch.float32)
-        self.step = PRGEStep(model, adapter, loss, q, dual=dual, noise=noise, momentum=momentum,
-                             fused_noise=True)  # registers the model's VELOCITY buffer
+        self.step = PRGEStep(
+            model, adapter, loss, q, dual=dual, noise=noise, momentum=momentum, fused_noise=True
+        )  # registers the model's VELOCITY buffer
         theta = torch.zeros(adapter.numel, dtype=adapter.tensors()[0].dtype)
         self.modules = {
             "train_step": (self.step, (self.seed_t, self.lr_t, self.eps_t, *self.batch)),
@@ -262,19 +290,23 @@ def _lower(plan: _Plan, programs: dict, xnnpack: bool):
     partitioners = {name: [] for name in plan.methods}
     if xnnpack:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
         for name in ("train_step", "forward"):
             partitioners[name] = [KeepStatePartitioner(XnnpackPartitioner(), plan.state_fqns)]
     with sdpa_kernel([SDPBackend.MATH]), cheap_provenance():  # same sdpa strides as traced
         edge = to_edge_transform_and_lower(
-            programs, partitioner=partitioners,
+            programs,
+            partitioner=partitioners,
             transform_passes=list(PASSES) if xnnpack else None,
-            compile_config=EdgeCompileConfig(_check_ir_validity=False))
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
+        )
     # torch.export records the buffer mutations only after decomposition: check them here.
     mutated = set(edge.exported_program("train_step").graph_signature.buffers_to_mutate.values())
     missing = [f for f in plan.state_fqns if f not in mutated]
     if missing:
-        raise EngineError(f"train_step does not update {len(missing)} trained tensors "
-                          f"(e.g. {missing[0]}) after lowering")
+        raise EngineError(
+            f"train_step does not update {len(missing)} trained tensors (e.g. {missing[0]}) after lowering"
+        )
     return edge
 
 
@@ -287,42 +319,70 @@ def _emit(edge) -> bytes:
         # "initial values of mutated buffers are not serialised": expected, PteProgram
         # always sets theta when it loads a program.
         warnings.filterwarnings("ignore", message="Mutation on a buffer")
-        et = edge.to_executorch(ExecutorchBackendConfig(
-            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
-            emit_mutable_buffer_names=True))
+        et = edge.to_executorch(
+            ExecutorchBackendConfig(
+                memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+                emit_mutable_buffer_names=True,
+            )
+        )
     return et.buffer
 
 
-def _metadata(plan: _Plan, data: bytes, dtype, theta0, quantize, group_size, xnnpack, model_name,
-              check, tol) -> dict:
+def _metadata(
+    plan: _Plan, data: bytes, dtype, theta0, quantize, group_size, xnnpack, model_name, check, tol
+) -> dict:
     """The sidecar: shapes, options, theta's layout, versions, the check and the file's hash."""
     model = plan.model
     return {
-        "format": FORMAT_VERSION, "engine": ENGINE, "methods": plan.methods,
-        "q": int(plan.q), "b": int(plan.b), "seq_len": int(plan.seq_len),
-        "n_choices": int(plan.n_choices), "eval_batch": int(plan.eval_batch),
-        "numel": int(plan.adapter.numel), "noise": plan.noise, "dual": bool(plan.dual),
-        "momentum": float(plan.momentum), "quantize": quantize,
+        "format": FORMAT_VERSION,
+        "engine": ENGINE,
+        "methods": plan.methods,
+        "q": int(plan.q),
+        "b": int(plan.b),
+        "seq_len": int(plan.seq_len),
+        "n_choices": int(plan.n_choices),
+        "eval_batch": int(plan.eval_batch),
+        "numel": int(plan.adapter.numel),
+        "noise": plan.noise,
+        "dual": bool(plan.dual),
+        "momentum": float(plan.momentum),
+        "quantize": quantize,
         "group_size": group_size if quantize else None,
-        "xnnpack": bool(xnnpack), "loss": plan.loss.kind,
+        "xnnpack": bool(xnnpack),
+        "loss": plan.loss.kind,
         "dtype": str(dtype).replace("torch.", ""),
-        "model": (model_name or getattr(model.config, "_name_or_path", "")
-                  or model.config.model_type),
-        "model_type": model.config.model_type, "layout": plan.adapter.layout.to_json(),
+        "model": (model_name or getattr(model.config, "_name_or_path", "") or model.config.model_type),
+        "model_type": model.config.model_type,
+        "layout": plan.adapter.layout.to_json(),
         "init": "zeros" if not theta0.any() else "given",
-        "zotune": zotune.__version__, "torch": torch.__version__, "executorch": _et_version(),
-        "check": check, "tolerance": tol,
-        "size": len(data), "sha256": sha256_bytes(data),
+        "zotune": zotune.__version__,
+        "torch": torch.__version__,
+        "executorch": _et_version(),
+        "check": check,
+        "tolerance": tol,
+        "size": len(data),
+        "sha256": sha256_bytes(data),
     }
 
 
 def _et_version() -> str:
     try:
         from importlib.metadata import version
+
         return version("executorch")
     except Exception:  # noqa: BLE001 - only informative
         return "unknown"
 
 
-__all__ = ["export_program", "ExportReport", "PteProgram", "ExecuTorchEngine", "ENGINE",
-           "METHODS", "TOLERANCE", "EngineError", "ExportCheckError", "ProgramFileError"]
+__all__ = [
+    "export_program",
+    "ExportReport",
+    "PteProgram",
+    "ExecuTorchEngine",
+    "ENGINE",
+    "METHODS",
+    "TOLERANCE",
+    "EngineError",
+    "ExportCheckError",
+    "ProgramFileError",
+]

@@ -83,11 +83,14 @@ def check_options(adapter, loss, q, b, seq_len, n_choices, noise, momentum, what
     if noise not in ("normal", "rademacher"):
         raise EngineError(f"noise: expected 'normal' or 'rademacher', got {noise!r}")
     if not hasattr(adapter, "layers"):
-        raise EngineError(f"the {what} engine exports LoRA / LoRA-FA adapters only "
-                          "(full-parameter training has no compact trained state)")
+        raise EngineError(
+            f"the {what} engine exports LoRA / LoRA-FA adapters only "
+            "(full-parameter training has no compact trained state)"
+        )
     if getattr(loss, "kind", None) != "classification" or getattr(loss, "via_head_module", False):
-        raise EngineError(f"the {what} engine exports the classification loss "
-                          "(label-word logits at the last position)")
+        raise EngineError(
+            f"the {what} engine exports the classification loss (label-word logits at the last position)"
+        )
     if not 0.0 <= momentum < 1.0:
         raise EngineError(f"momentum: expected a value in [0, 1), got {momentum!r}")
     for name, v in (("q", q), ("b", b), ("seq_len", seq_len), ("n_choices", n_choices)):
@@ -111,8 +114,9 @@ class ExportReport:
         return asdict(self)
 
 
-def check_batch(vocab_size: int, b: int, seq_len: int, n_choices: int,
-                seed: int = 0) -> tuple[torch.Tensor, ...]:
+def check_batch(
+    vocab_size: int, b: int, seq_len: int, n_choices: int, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
     """A deterministic classification batch of the static shapes (left padding on some rows),
     for tracing and for the parity check of a freshly lowered program."""
     g = torch.Generator().manual_seed(seed)
@@ -122,8 +126,9 @@ def check_batch(vocab_size: int, b: int, seq_len: int, n_choices: int,
         am[i, : (i * 3) % max(1, seq_len // 2)] = 0  # left padding of different lengths
     ids = ids.masked_fill(am == 0, 0)
     pos = (am.cumsum(1) - 1).clamp_min(0)
-    choice = torch.stack([torch.randperm(vocab_size - 3, generator=g)[:n_choices] + 3
-                          for _ in range(b)]).to(torch.int64)
+    choice = torch.stack([torch.randperm(vocab_size - 3, generator=g)[:n_choices] + 3 for _ in range(b)]).to(
+        torch.int64
+    )
     labels = torch.randint(0, n_choices, (b,), generator=g, dtype=torch.int64)
     return ids, am, pos, choice, labels
 
@@ -163,8 +168,10 @@ def read_sidecar(path: str | Path, engine: str) -> dict:
         raise ProgramFileError(f"{path}: program file does not exist")
     side = sidecar_path(path)
     if not side.is_file():
-        raise ProgramFileError(f"{path}: its metadata file {side.name} is missing "
-                               "(export the program with zotune, which writes both)")
+        raise ProgramFileError(
+            f"{path}: its metadata file {side.name} is missing "
+            "(export the program with zotune, which writes both)"
+        )
     try:
         meta = json.loads(side.read_text())
     except (OSError, ValueError) as e:
@@ -172,8 +179,10 @@ def read_sidecar(path: str | Path, engine: str) -> dict:
     if not isinstance(meta, dict) or meta.get("engine") != engine:
         raise ProgramFileError(f"{side}: not the metadata of a zotune {engine} program")
     if meta.get("format") != FORMAT_VERSION:
-        raise ProgramFileError(f"{side}: metadata format {meta.get('format')}, this zotune reads "
-                               f"format {FORMAT_VERSION}; re-export the program")
+        raise ProgramFileError(
+            f"{side}: metadata format {meta.get('format')}, this zotune reads "
+            f"format {FORMAT_VERSION}; re-export the program"
+        )
     return meta
 
 
@@ -182,22 +191,30 @@ def verify_file(path: str | Path, meta: dict) -> None:
     path = Path(path)
     size = path.stat().st_size
     if size != meta.get("size"):
-        raise ProgramFileError(f"{path}: {size} bytes, its metadata says {meta.get('size')} "
-                               "(truncated, corrupted or replaced; re-export it)")
+        raise ProgramFileError(
+            f"{path}: {size} bytes, its metadata says {meta.get('size')} "
+            "(truncated, corrupted or replaced; re-export it)"
+        )
     digest = sha256_file(path)
     if digest != meta.get("sha256"):
-        raise ProgramFileError(f"{path}: sha256 {digest[:12]}... does not match its metadata "
-                               f"({str(meta.get('sha256'))[:12]}...): corrupted or replaced; "
-                               "re-export it")
+        raise ProgramFileError(
+            f"{path}: sha256 {digest[:12]}... does not match its metadata "
+            f"({str(meta.get('sha256'))[:12]}...): corrupted or replaced; "
+            "re-export it"
+        )
 
 
 def check_expected(path, meta: dict, expect: dict) -> None:
     """Fields the caller needs (q, b, seq_len, ...) against those the program was built with."""
-    wrong = [f"{k}: program has {meta.get(k)!r}, expected {v!r}" for k, v in expect.items()
-             if v is not None and meta.get(k) != v]
+    wrong = [
+        f"{k}: program has {meta.get(k)!r}, expected {v!r}"
+        for k, v in expect.items()
+        if v is not None and meta.get(k) != v
+    ]
     if wrong:
-        raise ProgramFileError(f"{path}: built for a different configuration ("
-                               + "; ".join(wrong) + "); re-export it")
+        raise ProgramFileError(
+            f"{path}: built for a different configuration (" + "; ".join(wrong) + "); re-export it"
+        )
 
 
 def program_layout(path, meta: dict) -> ThetaLayout:
@@ -212,5 +229,6 @@ def check_layout(path, layout: ThetaLayout, adapter) -> None:
     """The program's theta layout against the caller's adapter."""
     diff = layout.mismatch(adapter.layout)
     if diff:
-        raise ProgramFileError(f"{path}: the program's adapter layout differs from this "
-                               f"adapter's ({diff}); re-export it")
+        raise ProgramFileError(
+            f"{path}: the program's adapter layout differs from this adapter's ({diff}); re-export it"
+        )

@@ -131,8 +131,7 @@ class StatelessForward(nn.Module):
             return self.inner(input_ids, attention_mask, position_ids, choice_ids)
 
 
-def _to_onnx(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str],
-             dynamic_shapes=None):
+def _to_onnx(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], dynamic_shapes=None):
     """torch.onnx.export (dynamo) -> onnx.ModelProto with constants folded.
 
     Only constant folding runs, not the exporter's full optimizer: its pattern rewriter cost
@@ -148,9 +147,18 @@ def _to_onnx(module: nn.Module, args: tuple, inputs: list[str], outputs: list[st
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET,
-                                    input_names=inputs, output_names=outputs, verbose=False,
-                                    report=False, optimize=False, dynamic_shapes=dynamic_shapes)
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=inputs,
+            output_names=outputs,
+            verbose=False,
+            report=False,
+            optimize=False,
+            dynamic_shapes=dynamic_shapes,
+        )
     model = program.model  # onnx_ir.Model
     optimizer.fold_constants(model)
     common.RemoveUnusedNodesPass()(model)
@@ -159,14 +167,31 @@ def _to_onnx(module: nn.Module, args: tuple, inputs: list[str], outputs: list[st
     return program.model_proto
 
 
-def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int, n_choices: int,
-                   dual: bool = True, noise: str = "normal", quantize: str | None = None,
-                   out_path: str | Path = "step.onnx", *, eval_batch: int | None = None,
-                   model_name: str | None = None, momentum: float = 0.0, block_size: int = 32,
-                   dynamic_length: bool = True, tolerance: float | None = None,
-                   threads: int | None = None,
-                   check_seed: int = 12345, check_lr: float = 1e-3, check_eps: float = 1e-2,
-                   log=None) -> ExportReport:
+def export_program(
+    model: nn.Module,
+    adapter,
+    loss,
+    q: int,
+    b: int,
+    seq_len: int,
+    n_choices: int,
+    dual: bool = True,
+    noise: str = "normal",
+    quantize: str | None = None,
+    out_path: str | Path = "step.onnx",
+    *,
+    eval_batch: int | None = None,
+    model_name: str | None = None,
+    momentum: float = 0.0,
+    block_size: int = 32,
+    dynamic_length: bool = True,
+    tolerance: float | None = None,
+    threads: int | None = None,
+    check_seed: int = 12345,
+    check_lr: float = 1e-3,
+    check_eps: float = 1e-2,
+    log=None,
+) -> ExportReport:
     """Export the P-RGE training step of (model, adapter, loss) to an ONNX step program and an
     ONNX evaluation program (see the module docstring). Raises ExportCheckError (and writes
     nothing) if ONNX Runtime and eager PyTorch differ beyond TOLERANCE[quantize] (or
@@ -183,8 +208,7 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         raise EngineError(f"block size: expected 16, 32, 64, 128 or 256, got {block_size}")
     eval_batch = eval_batch or b
     dynamic_length = bool(dynamic_length) and seq_len >= 2
-    tol = (TOLERANCE[quantize] if tolerance is None
-           else {k: float(tolerance) for k in TOLERANCE[quantize]})
+    tol = TOLERANCE[quantize] if tolerance is None else {k: float(tolerance) for k in TOLERANCE[quantize]}
     out_path = Path(out_path)
     dtype = adapter.tensors()[0].dtype
     if dtype != torch.float32:
@@ -200,8 +224,9 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
     seed_t = torch.tensor([check_seed], dtype=torch.int64)
     lr_t = torch.tensor([check_lr], dtype=torch.float32)
     eps_t = torch.tensor([check_eps], dtype=torch.float32)
-    step = PRGEStep(model, adapter, loss, q, dual=dual, noise=noise, momentum=momentum,
-                    fused_noise=True)  # registers the model's VELOCITY buffer when momentum > 0
+    step = PRGEStep(
+        model, adapter, loss, q, dual=dual, noise=noise, momentum=momentum, fused_noise=True
+    )  # registers the model's VELOCITY buffer when momentum > 0
     inputs, outputs = step_names(momentum)
     state = (theta0, torch.zeros_like(theta0)) if momentum else (theta0,)
     seconds, info = {}, {}
@@ -210,14 +235,22 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         shapes = {"step": None, "forward": None}
         if dynamic_length:  # one symbolic length T <= seq_len for the batch of both graphs
             t_dim = {1: torch.export.Dim("T", min=2, max=int(seq_len))}
-            shapes = {"step": (None, (None,) * (len(state) - 1 + 3) + (t_dim,) * 3
-                               + (None, None)),
-                      "forward": (None, t_dim, t_dim, t_dim, None)}
-        protos = {"step": _to_onnx(StatelessStep(step), (*state, seed_t, lr_t, eps_t, *batch),
-                                   inputs, outputs, shapes["step"]),
-                  "forward": _to_onnx(StatelessForward(ChoiceForward(model, adapter, loss)),
-                                      (theta0, *eval_in), EVAL_INPUTS, EVAL_OUTPUTS,
-                                      shapes["forward"])}
+            shapes = {
+                "step": (None, (None,) * (len(state) - 1 + 3) + (t_dim,) * 3 + (None, None)),
+                "forward": (None, t_dim, t_dim, t_dim, None),
+            }
+        protos = {
+            "step": _to_onnx(
+                StatelessStep(step), (*state, seed_t, lr_t, eps_t, *batch), inputs, outputs, shapes["step"]
+            ),
+            "forward": _to_onnx(
+                StatelessForward(ChoiceForward(model, adapter, loss)),
+                (theta0, *eval_in),
+                EVAL_INPUTS,
+                EVAL_OUTPUTS,
+                shapes["forward"],
+            ),
+        }
         seconds["export"] = time.perf_counter() - t0
         say(f"torch.onnx.export (2 graphs): {seconds['export']:.1f} s")
         ref_model, ref_adapter, ref_step = model, adapter, step
@@ -227,25 +260,28 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
             t0 = time.perf_counter()
             names = None
             for key in ("step", "forward"):
-                protos[key], names = quantize_int4(protos[key], model, adapter, block_size,
-                                                   symmetric=quantize == "int4")
+                protos[key], names = quantize_int4(
+                    protos[key], model, adapter, block_size, symmetric=quantize == "int4"
+                )
             # Which MatMul is which base linear: what a reader needs to dequantize the program.
             info["quantized"] = {node: list(v) for node, v in names.items()}
             seconds["quantize"] = time.perf_counter() - t0
-            say(f"int4: {len(names)} base linears as MatMulNBits (block {block_size}), "
-                f"{seconds['quantize']:.1f} s")
+            say(
+                f"int4: {len(names)} base linears as MatMulNBits (block {block_size}), "
+                f"{seconds['quantize']:.1f} s"
+            )
             # The eager reference: a copy of the model computing with the dequantized blocks.
             ref_model, ref_adapter = copy.deepcopy((model, adapter))
             with torch.no_grad():
                 for fqn, w in dequantized_weights(protos["forward"], names).items():
                     ref_model.get_submodule(fqn).weight.copy_(w)
             trained_to_buffers(ref_adapter)
-            ref_step = PRGEStep(ref_model, ref_adapter, loss, q, dual=dual, noise=noise,
-                                momentum=momentum, fused_noise=True)
+            ref_step = PRGEStep(
+                ref_model, ref_adapter, loss, q, dual=dual, noise=noise, momentum=momentum, fused_noise=True
+            )
         data = {k: p.SerializeToString() for k, p in protos.items()}
         del protos
-        say(f"ONNX: step {len(data['step']) / 2**20:.1f} MiB, forward "
-            f"{len(data['forward']) / 2**20:.1f} MiB")
+        say(f"ONNX: step {len(data['step']) / 2**20:.1f} MiB, forward {len(data['forward']) / 2**20:.1f} MiB")
 
         t0 = time.perf_counter()
         theta_c, velocity_c = check_values(theta0, momentum, check_seed)
@@ -253,15 +289,26 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         cases = [(batch, eval_in)]
         if dynamic_length:  # and at a shorter length, as device-train runs trimmed batches
             short = max(2, seq_len // 2)
-            cases.append((check_batch(vocab, b, short, n_choices, seed=check_seed + 2),
-                          check_batch(vocab, eval_batch, short, n_choices,
-                                      seed=check_seed + 3)[:4]))
+            cases.append(
+                (
+                    check_batch(vocab, b, short, n_choices, seed=check_seed + 2),
+                    check_batch(vocab, eval_batch, short, n_choices, seed=check_seed + 3)[:4],
+                )
+            )
         check = {}
         for case_batch, case_eval in cases:
             got = pair.check_run(theta_c, velocity_c, seed_t, lr_t, eps_t, case_batch, case_eval)
-            ref = SimpleNamespace(step=ref_step, adapter=ref_adapter, loss=loss, model=ref_model,
-                                  seed_t=seed_t, lr_t=lr_t, eps_t=eps_t, batch=case_batch,
-                                  eval_in=case_eval)
+            ref = SimpleNamespace(
+                step=ref_step,
+                adapter=ref_adapter,
+                loss=loss,
+                model=ref_model,
+                seed_t=seed_t,
+                lr_t=lr_t,
+                eps_t=eps_t,
+                batch=case_batch,
+                eval_in=case_eval,
+            )
             one = parity_metrics(got, ref, theta_c, velocity_c)
             check = {k: max(v, check.get(k, v)) for k, v in one.items()}
         del pair
@@ -274,38 +321,69 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
     gate(check, tol, f"ONNX Runtime program{f' ({quantize})' if quantize else ''}", out_path)
 
     meta = {
-        "format": FORMAT_VERSION, "engine": ENGINE, "graphs": {
+        "format": FORMAT_VERSION,
+        "engine": ENGINE,
+        "graphs": {
             "step": {"inputs": inputs, "outputs": outputs},
-            "forward": {"inputs": EVAL_INPUTS, "outputs": EVAL_OUTPUTS,
-                        "file": eval_path(out_path).name, "size": len(data["forward"]),
-                        "sha256": sha256_bytes(data["forward"])}},
-        "q": int(q), "b": int(b), "seq_len": int(seq_len), "n_choices": int(n_choices),
-        "eval_batch": int(eval_batch), "numel": int(adapter.numel), "noise": noise,
-        "dual": bool(dual), "momentum": float(momentum), "quantize": quantize,
-        "block_size": block_size if quantize else None, "dynamic_length": dynamic_length,
+            "forward": {
+                "inputs": EVAL_INPUTS,
+                "outputs": EVAL_OUTPUTS,
+                "file": eval_path(out_path).name,
+                "size": len(data["forward"]),
+                "sha256": sha256_bytes(data["forward"]),
+            },
+        },
+        "q": int(q),
+        "b": int(b),
+        "seq_len": int(seq_len),
+        "n_choices": int(n_choices),
+        "eval_batch": int(eval_batch),
+        "numel": int(adapter.numel),
+        "noise": noise,
+        "dual": bool(dual),
+        "momentum": float(momentum),
+        "quantize": quantize,
+        "block_size": block_size if quantize else None,
+        "dynamic_length": dynamic_length,
         **info,
-        "opset": OPSET, "loss": loss.kind, "dtype": str(dtype).replace("torch.", ""),
-        "model": (model_name or getattr(model.config, "_name_or_path", "")
-                  or model.config.model_type),
-        "model_type": model.config.model_type, "layout": adapter.layout.to_json(),
+        "opset": OPSET,
+        "loss": loss.kind,
+        "dtype": str(dtype).replace("torch.", ""),
+        "model": (model_name or getattr(model.config, "_name_or_path", "") or model.config.model_type),
+        "model_type": model.config.model_type,
+        "layout": adapter.layout.to_json(),
         "init": "zeros" if not theta0.any() else "given",
-        "zotune": zotune.__version__, "torch": torch.__version__,
-        "onnxruntime": _version("onnxruntime"), "onnx": _version("onnx"),
-        "check": check, "tolerance": tol,
-        "size": len(data["step"]), "sha256": sha256_bytes(data["step"]),
+        "zotune": zotune.__version__,
+        "torch": torch.__version__,
+        "onnxruntime": _version("onnxruntime"),
+        "onnx": _version("onnx"),
+        "check": check,
+        "tolerance": tol,
+        "size": len(data["step"]),
+        "sha256": sha256_bytes(data["step"]),
     }
     # The eval graph first: the step file and its sidecar are what a reader opens.
     atomic_write_bytes(eval_path(out_path), data["forward"])
     atomic_write_bytes(out_path, data["step"])
     atomic_write_text(sidecar_path(out_path), json.dumps(meta, indent=1))
     seconds["total"] = time.perf_counter() - t_start
-    return ExportReport(str(out_path), str(sidecar_path(out_path)), len(data["step"]),
-                        meta["sha256"], seconds, check, tol, {}, meta)
+    return ExportReport(
+        str(out_path),
+        str(sidecar_path(out_path)),
+        len(data["step"]),
+        meta["sha256"],
+        seconds,
+        check,
+        tol,
+        {},
+        meta,
+    )
 
 
 def _version(package: str) -> str:
     try:
         from importlib.metadata import version
+
         return version(package)
     except Exception:  # noqa: BLE001 - only informative
         return "unknown"

@@ -77,13 +77,22 @@ def quantize_int4(proto, model, adapter, block_size: int, symmetric: bool = True
 
     nodes = match_base_matmuls(proto, model, adapter)
     if not nodes:
-        raise EngineError("int4: no base linear of the model was found as a MatMul with a "
-                          "constant weight in the exported graph")
+        raise EngineError(
+            "int4: no base linear of the model was found as a MatMul with a "
+            "constant weight in the exported graph"
+        )
     # nodes_to_include adds to op_types_to_quantize: name every other MatMul as excluded.
     others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in nodes]
-    q = MatMulNBitsQuantizer(proto, bits=BITS, block_size=block_size, is_symmetric=symmetric,
-                             accuracy_level=ACCURACY_FP32, nodes_to_exclude=others,
-                             op_types_to_quantize=("MatMul",), quant_format=QuantFormat.QOperator)
+    q = MatMulNBitsQuantizer(
+        proto,
+        bits=BITS,
+        block_size=block_size,
+        is_symmetric=symmetric,
+        accuracy_level=ACCURACY_FP32,
+        nodes_to_exclude=others,
+        op_types_to_quantize=("MatMul",),
+        quant_format=QuantFormat.QOperator,
+    )
     log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = log.level
     log.setLevel(logging.WARNING)  # otherwise one INFO line per node of the graph
@@ -95,8 +104,10 @@ def quantize_int4(proto, model, adapter, block_size: int, symmetric: bool = True
     renamed = {f"{name}_Q{BITS}": v for name, v in nodes.items()}
     got = {n.name for n in out.graph.node if n.op_type == "MatMulNBits"}
     if got != set(renamed):
-        raise EngineError(f"int4: the quantizer rewrote {len(got)} MatMuls, {len(renamed)} base "
-                          f"linears were chosen (e.g. {sorted(got ^ set(renamed))[:2]})")
+        raise EngineError(
+            f"int4: the quantizer rewrote {len(got)} MatMuls, {len(renamed)} base "
+            f"linears were chosen (e.g. {sorted(got ^ set(renamed))[:2]})"
+        )
     return out, renamed
 
 
@@ -118,14 +129,16 @@ def dequantized_weights(proto, nodes: dict[str, tuple[str, bool]]) -> dict[str, 
         k, n = int(attrs["K"]), int(attrs["N"])
         consts = [inits[name] for name in node.input[1:] if name]
         graph = helper.make_graph(
-            [helper.make_node("MatMulNBits", ["x", *node.input[1:]], ["y"], domain=node.domain,
-                              **attrs)],
-            "dequantize", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [k, k])],
-            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [k, n])], consts)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
-                                                        helper.make_opsetid(node.domain, 1)])
-        sess = ort.InferenceSession(model.SerializeToString(),
-                                    providers=["CPUExecutionProvider"])
+            [helper.make_node("MatMulNBits", ["x", *node.input[1:]], ["y"], domain=node.domain, **attrs)],
+            "dequantize",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [k, k])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [k, n])],
+            consts,
+        )
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(node.domain, 1)]
+        )
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         (w,) = sess.run(None, {"x": np.eye(k, dtype=np.float32)})  # [K, N]
         out[fqn] = torch.from_numpy(w.T.copy() if transposed else w)
     return out

@@ -38,20 +38,21 @@ def session(source, threads: int | None = None):
         opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3  # errors only: load-time notes are not the user's business
-    return ort.InferenceSession(source if isinstance(source, bytes) else str(source), opts,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        source if isinstance(source, bytes) else str(source), opts, providers=["CPUExecutionProvider"]
+    )
 
 
 def _ortvalue(shape: list[int]):
     import onnxruntime as ort
+
     return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cpu", 0)
 
 
 class OrtPair:
     """Step and forward sessions with theta (and velocity) double-buffered in ONNX Runtime."""
 
-    def __init__(self, step_source, forward_source, momentum: bool, threads: int | None = None,
-                 check=None):
+    def __init__(self, step_source, forward_source, momentum: bool, threads: int | None = None, check=None):
         self.step = session(step_source, threads)
         self.fwd = session(forward_source, threads)
         if check is not None:  # before binding: a graph of another shape must fail clearly
@@ -83,8 +84,9 @@ class OrtPair:
     def run_step(self, seed, lr, eps, batch) -> tuple[float, torch.Tensor]:
         """One step from the current buffers into the others, which then become current."""
         io = self._bindings[self.cur]
-        arrays = [np.ascontiguousarray(torch.as_tensor(t).numpy())
-                  for t in (seed, lr, eps, *batch)]  # alive until the run returns
+        arrays = [
+            np.ascontiguousarray(torch.as_tensor(t).numpy()) for t in (seed, lr, eps, *batch)
+        ]  # alive until the run returns
         for name, arr in zip(("seed", "lr", "eps", *BATCH), arrays):
             io.bind_cpu_input(name, arr)
         self.step.run_with_iobinding(io)
@@ -141,8 +143,9 @@ class OrtProgram(TrainingProgram):
         fwd = eval_path(path)
         graph = meta.get("graphs", {}).get("forward", {})
         if not fwd.is_file():
-            raise ProgramFileError(f"{path}: its evaluation program {fwd.name} is missing "
-                                   "(export writes both files)")
+            raise ProgramFileError(
+                f"{path}: its evaluation program {fwd.name} is missing (export writes both files)"
+            )
         if verify:
             verify_file(fwd, graph)
         self = cls(path, meta, None)
@@ -152,27 +155,34 @@ class OrtProgram(TrainingProgram):
             raise
         except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf / ...
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise ProgramFileError(f"{path}: ONNX Runtime cannot load this program ({msg}); "
-                                   "re-export it") from None
+            raise ProgramFileError(
+                f"{path}: ONNX Runtime cannot load this program ({msg}); re-export it"
+            ) from None
         return self
 
     def _check_shapes(self, step, fwd) -> None:
         n, shapes = self.numel, self.input_shapes()
         inputs, _ = step_names(self.momentum)
         state = [[n], [n]] if self.momentum else [[n]]
-        want = {"step": (step, inputs, state + [[1], [1], [1]] + shapes["step"]),
-                "forward": (fwd, EVAL_INPUTS, [[n]] + shapes["forward"])}
+        want = {
+            "step": (step, inputs, state + [[1], [1], [1]] + shapes["step"]),
+            "forward": (fwd, EVAL_INPUTS, [[n]] + shapes["forward"]),
+        }
         for graph, (sess, names, dims) in want.items():
             have = [(i.name, list(i.shape)) for i in sess.get_inputs()]
             if have != [(a, list(b)) for a, b in zip(names, dims)]:
-                raise ProgramFileError(f"{self.path}: the {graph} graph takes inputs {have}, its "
-                                       f"metadata implies {list(zip(names, dims))}: program and "
-                                       "metadata do not belong together; re-export it")
+                raise ProgramFileError(
+                    f"{self.path}: the {graph} graph takes inputs {have}, its "
+                    f"metadata implies {list(zip(names, dims))}: program and "
+                    "metadata do not belong together; re-export it"
+                )
         g = list(step.get_outputs()[-1].shape)
         if g != [self.q]:
-            raise ProgramFileError(f"{self.path}: the step graph returns g{g}, its metadata "
-                                   f"says q={self.q}: program and metadata do not belong "
-                                   "together; re-export it")
+            raise ProgramFileError(
+                f"{self.path}: the step graph returns g{g}, its metadata "
+                f"says q={self.q}: program and metadata do not belong "
+                "together; re-export it"
+            )
 
     # -- runtime primitives ----------------------------------------------------------------
 

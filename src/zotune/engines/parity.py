@@ -68,8 +68,7 @@ def parity_metrics(program: dict, plan, theta: torch.Tensor, velocity) -> dict:
     return {
         "set_get": max_diff(program["get"], theta),
         # Logits are compared relative to their scale (real LMs give logits of 10-30).
-        "forward": max_diff(program["logits"], logits_eager)
-        / max(1.0, float(logits_eager.abs().max())),
+        "forward": max_diff(program["logits"], logits_eager) / max(1.0, float(logits_eager.abs().max())),
         "loss": max_diff(torch.as_tensor(program["loss"]).reshape(()), loss_eager),
         # g = (l+ - l-) / (2 eps): compare the loss differences it comes from.
         "loss_diff": max_diff(g_p * 2 * eps_t, g_eager * 2 * eps_t),
@@ -86,4 +85,5 @@ def gate(check: dict, tol: dict, what: str, out_path) -> None:
         raise ExportCheckError(
             f"the {what} differs from eager PyTorch beyond tolerance: "
             + ", ".join(f"{k} {v:.3g} > {tol[k]:g}" for k, v in bad.items())
-            + f"; nothing was written to {out_path}")
+            + f"; nothing was written to {out_path}"
+        )

@@ -31,8 +31,22 @@ from zotune.engines.export_common import (
 )
 from zotune.loss import trim_left_padding
 
-EXPECTABLE = {"q", "b", "seq_len", "n_choices", "eval_batch", "numel", "noise", "dual",
-              "momentum", "quantize", "model", "model_type", "loss", "dtype"}
+EXPECTABLE = {
+    "q",
+    "b",
+    "seq_len",
+    "n_choices",
+    "eval_batch",
+    "numel",
+    "noise",
+    "dual",
+    "momentum",
+    "quantize",
+    "model",
+    "model_type",
+    "loss",
+    "dtype",
+}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -45,8 +59,7 @@ class TrainingProgram:
     def __init__(self, path: Path, meta: dict):
         self.path, self.meta = path, meta
         self.q, self.b, self.seq_len = meta["q"], meta["b"], meta["seq_len"]
-        self.n_choices, self.eval_batch, self.numel = (meta["n_choices"], meta["eval_batch"],
-                                                       meta["numel"])
+        self.n_choices, self.eval_batch, self.numel = (meta["n_choices"], meta["eval_batch"], meta["numel"])
         self.layout = program_layout(path, meta)
         self.dtype = DTYPES.get(meta.get("dtype", "float32"), torch.float32)
         self.momentum = float(meta["momentum"])
@@ -60,8 +73,9 @@ class TrainingProgram:
         """Load the program into the runtime and check its inputs against `meta`."""
         raise NotImplementedError
 
-    def _step(self, seed: torch.Tensor, lr: torch.Tensor, eps: torch.Tensor,
-              batch: list[torch.Tensor]) -> tuple[float, torch.Tensor]:
+    def _step(
+        self, seed: torch.Tensor, lr: torch.Tensor, eps: torch.Tensor, batch: list[torch.Tensor]
+    ) -> tuple[float, torch.Tensor]:
         raise NotImplementedError
 
     def _forward(self, batch: list[torch.Tensor]) -> torch.Tensor:
@@ -83,8 +97,9 @@ class TrainingProgram:
     # -- loading ---------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path, *, adapter=None, lora=None, verify: bool = True,
-             **expect) -> TrainingProgram:
+    def load(
+        cls, path: str | Path, *, adapter=None, lora=None, verify: bool = True, **expect
+    ) -> TrainingProgram:
         """Open a program written by zotune export.
 
         adapter: if given, its layout (names, shapes, offsets, rank, alpha) must match.
@@ -93,8 +108,7 @@ class TrainingProgram:
         verify: check size and sha256 of the file against its metadata (reads the whole file)."""
         unknown = sorted(set(expect) - EXPECTABLE)
         if unknown:
-            raise TypeError(f"{cls.__name__}.load: unknown fields {unknown} (known: "
-                            f"{sorted(EXPECTABLE)})")
+            raise TypeError(f"{cls.__name__}.load: unknown fields {unknown} (known: {sorted(EXPECTABLE)})")
         path = Path(path)
         meta = read_sidecar(path, cls.ENGINE)
         if verify:
@@ -105,8 +119,10 @@ class TrainingProgram:
         self = cls._open(path, meta, verify)
         if lora is None:
             if meta.get("init") not in (None, "zeros"):
-                raise EngineError(f"{path}: the trained tensors did not start at zero when this "
-                                  "program was exported: pass their values as lora=")
+                raise EngineError(
+                    f"{path}: the trained tensors did not start at zero when this "
+                    "program was exported: pass their values as lora="
+                )
             lora = torch.zeros(self.numel, dtype=self.dtype)
         self.set_lora(lora)
         if self.momentum:
@@ -123,9 +139,11 @@ class TrainingProgram:
 
     def _check_batch(self, batch, rows: int, n: int, what: str) -> list[torch.Tensor]:
         if len(batch) != n:
-            raise EngineError(f"{what}: expected {n} batch tensors (input_ids, attention_mask, "
-                              f"position_ids, choice_ids{', labels' if n == 5 else ''}), "
-                              f"got {len(batch)}")
+            raise EngineError(
+                f"{what}: expected {n} batch tensors (input_ids, attention_mask, "
+                f"position_ids, choice_ids{', labels' if n == 5 else ''}), "
+                f"got {len(batch)}"
+            )
         first = torch.as_tensor(batch[0]) if len(batch) else torch.zeros(0)
         length = first.shape[-1] if first.dim() == 2 else self.seq_len
         if not (self.dynamic_length and 2 <= length <= self.seq_len):
@@ -135,34 +153,40 @@ class TrainingProgram:
         for i, (t, shape) in enumerate(zip(batch, shapes)):
             t = torch.as_tensor(t)
             if tuple(t.shape) != shape:
-                raise EngineError(f"{what}: batch tensor {i} has shape {tuple(t.shape)}, this "
-                                  f"program was exported for {shape} (q={self.q}, b={self.b}, "
-                                  f"T={self.seq_len}, C={self.n_choices}, eval batch "
-                                  f"{self.eval_batch}); pad the batch or re-export")
+                raise EngineError(
+                    f"{what}: batch tensor {i} has shape {tuple(t.shape)}, this "
+                    f"program was exported for {shape} (q={self.q}, b={self.b}, "
+                    f"T={self.seq_len}, C={self.n_choices}, eval batch "
+                    f"{self.eval_batch}); pad the batch or re-export"
+                )
             out.append(t.to(torch.int64).contiguous())
         return out
 
     def train_step(self, seed: int, lr: float, eps: float, batch) -> tuple[float, torch.Tensor]:
         """One P-RGE step on the program's theta. -> (mean loss, g[q])"""
-        return self._step(torch.tensor([int(seed)], dtype=torch.int64),
-                          torch.tensor([float(lr)], dtype=torch.float32),
-                          torch.tensor([float(eps)], dtype=torch.float32),
-                          self._check_batch(batch, self.b, 5, "train_step"))
+        return self._step(
+            torch.tensor([int(seed)], dtype=torch.int64),
+            torch.tensor([float(lr)], dtype=torch.float32),
+            torch.tensor([float(eps)], dtype=torch.float32),
+            self._check_batch(batch, self.b, 5, "train_step"),
+        )
 
     def forward(self, input_ids, attention_mask, position_ids, choice_ids) -> torch.Tensor:
         """Choice logits [eval_batch, C] with the current theta."""
-        return self._forward(self._check_batch((input_ids, attention_mask, position_ids,
-                                                choice_ids), self.eval_batch, 4, "forward"))
+        return self._forward(
+            self._check_batch(
+                (input_ids, attention_mask, position_ids, choice_ids), self.eval_batch, 4, "forward"
+            )
+        )
 
     def scores(self, input_ids, attention_mask, position_ids, choice_ids) -> torch.Tensor:
         """Choice logits for any number of rows: chunks of the static eval batch, the last one
         padded with copies of its first row (rows are independent, padding is discarded)."""
-        tensors = [torch.as_tensor(t) for t in (input_ids, attention_mask, position_ids,
-                                                choice_ids)]
+        tensors = [torch.as_tensor(t) for t in (input_ids, attention_mask, position_ids, choice_ids)]
         rows, be = tensors[0].shape[0], self.eval_batch
         out = []
         for start in range(0, rows, be):
-            chunk = [t[start: start + be] for t in tensors]
+            chunk = [t[start : start + be] for t in tensors]
             n = chunk[0].shape[0]
             if n < be:
                 chunk = [torch.cat([c, c[:1].expand(be - n, *c.shape[1:])]) for c in chunk]
@@ -250,9 +274,11 @@ def runtime(engine: str):
     """-> (program class, set_threads function) of the runtime that executes `engine` programs."""
     if engine == "executorch":
         from zotune.engines.pte import PteProgram, set_threads
+
         return PteProgram, set_threads
     if engine == "onnx":
         from zotune.engines.ort import OrtProgram, set_threads
+
         return OrtProgram, set_threads
     raise ProgramFileError(f"unknown program engine '{engine}' (expected executorch or onnx)")
 

@@ -21,6 +21,7 @@ ExecuTorchEngine = ProgramEngine
 def set_threads(n: int) -> None:
     """Threads of the runtime's shared threadpool (XNNPACK's; the default is one per core)."""
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
     _unsafe_reset_threadpool(int(n))
 
 
@@ -43,8 +44,9 @@ class PteProgram(TrainingProgram):
         try:
             program = Runtime.get().load_program(path)
         except Exception as e:  # the bindings raise RuntimeError/ValueError with an error code
-            raise ProgramFileError(f"{path}: ExecuTorch cannot load this program ({e}); "
-                                   "re-export it") from None
+            raise ProgramFileError(
+                f"{path}: ExecuTorch cannot load this program ({e}); re-export it"
+            ) from None
         self = cls(path, meta, program, {})
         missing = [m for m in self.method_names if m not in program.method_names]
         if missing:
@@ -54,23 +56,30 @@ class PteProgram(TrainingProgram):
             try:
                 self._methods[name] = program.load_method(name)
             except Exception as e:  # noqa: BLE001
-                raise ProgramFileError(f"{path}: method '{name}' does not load ({e}); this "
-                                       "runtime may lack a kernel or backend it needs") from None
+                raise ProgramFileError(
+                    f"{path}: method '{name}' does not load ({e}); this "
+                    "runtime may lack a kernel or backend it needs"
+                ) from None
         return self
 
     def _check_shapes(self) -> None:
         shapes = self.input_shapes()
-        want = {"train_step": [[1], [1], [1]] + shapes["step"], "forward": shapes["forward"],
-                "set_lora": [[self.numel]]}
+        want = {
+            "train_step": [[1], [1], [1]] + shapes["step"],
+            "forward": shapes["forward"],
+            "set_lora": [[self.numel]],
+        }
         if self.momentum:
             want["set_momentum"] = [[self.numel]]
         for name, shapes in want.items():
             meta = self._program.metadata(name)
             have = [list(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())]
             if have != shapes:
-                raise ProgramFileError(f"{self.path}: method '{name}' takes inputs {have}, its "
-                                       f"metadata implies {shapes}: program and metadata do not "
-                                       "belong together; re-export it")
+                raise ProgramFileError(
+                    f"{self.path}: method '{name}' takes inputs {have}, its "
+                    f"metadata implies {shapes}: program and metadata do not "
+                    "belong together; re-export it"
+                )
 
     # -- runtime primitives ----------------------------------------------------------------
 

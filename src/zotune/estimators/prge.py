@@ -23,8 +23,15 @@ from zotune.rng import noise
 VELOCITY = "zotune_velocity"
 
 
-def stacked_losses(model, adapter: LoRAAdapter, loss, stacks: dict, n_rep: int,
-                   batch: tuple[torch.Tensor, ...], totals: bool = False):
+def stacked_losses(
+    model,
+    adapter: LoRAAdapter,
+    loss,
+    stacks: dict,
+    n_rep: int,
+    batch: tuple[torch.Tensor, ...],
+    totals: bool = False,
+):
     """Per-replica losses of one forward pass with the adapter's layers in replica mode. -> [R]
     With totals: the per-replica loss sums and token counts instead. -> ([R], [R])"""
     # Tile the b examples once per replica: row k*b + i is example i under replica k.
@@ -38,14 +45,15 @@ def stacked_losses(model, adapter: LoRAAdapter, loss, stacks: dict, n_rep: int,
     return (sums, counts) if totals else mean_loss(sums, counts)
 
 
-def perturbed(p: torch.Tensor, z: torch.Tensor, eps, signs: tuple[int, ...],
-              buf: torch.Tensor) -> torch.Tensor:
+def perturbed(
+    p: torch.Tensor, z: torch.Tensor, eps, signs: tuple[int, ...], buf: torch.Tensor
+) -> torch.Tensor:
     """[p + s*eps*z_i for s in signs for i in queries], written into the front of buf (no
     temporaries, no cat). The same bits as `p + (s * eps) * z`. z: [q, *p.shape] -> [R, *p.shape]"""
     q = z.shape[0]
     out = buf[: len(signs) * q * p.numel()].view(len(signs) * q, *p.shape)
     for k, s in enumerate(signs):
-        torch.mul(z, s * eps, out=out[k * q: (k + 1) * q]).add_(p)
+        torch.mul(z, s * eps, out=out[k * q : (k + 1) * q]).add_(p)
     return out
 
 
@@ -57,8 +65,10 @@ def replica_stacks(adapter: LoRAAdapter, z_of, n_query: int, eps, signs: tuple[i
     stacks instead of every layer's (SmolLM2 at q=16: 3 MB instead of 320 MB; the step's peak is
     1.04x the inference peak instead of 1.45x, benchmarks/README.md)."""
     n_rep = len(signs) * n_query
-    sizes = {kind: max(getattr(layer, kind).numel() for layer in adapter.layers.values())
-             for kind in ("lora_A", "lora_B")}
+    sizes = {
+        kind: max(getattr(layer, kind).numel() for layer in adapter.layers.values())
+        for kind in ("lora_A", "lora_B")
+    }
     like = adapter.tensors()[0]
     b_buf = like.new_empty(n_rep * sizes["lora_B"])
     a_buf = like.new_empty(n_rep * sizes["lora_A"]) if adapter.train_a else None
@@ -69,21 +79,39 @@ def replica_stacks(adapter: LoRAAdapter, z_of, n_query: int, eps, signs: tuple[i
             if a_buf is None:
                 return None, b  # [R, d_out, r]
             return perturbed(layer.lora_A, z_of(f"{name}.lora_A"), eps, signs, a_buf), b
+
         return build
 
     return {name: builder(name, layer) for name, layer in adapter.layers.items()}
 
 
-def replica_losses(model, adapter: LoRAAdapter, loss, z_of, n_query: int, eps,
-                   signs: tuple[int, ...], batch: tuple[torch.Tensor, ...], totals: bool = False):
+def replica_losses(
+    model,
+    adapter: LoRAAdapter,
+    loss,
+    z_of,
+    n_query: int,
+    eps,
+    signs: tuple[int, ...],
+    batch: tuple[torch.Tensor, ...],
+    totals: bool = False,
+):
     """Losses of len(signs) * n_query replicas (sign-major). -> [R] (totals: sums, counts)"""
     stacks = replica_stacks(adapter, z_of, n_query, eps, signs)
     return stacked_losses(model, adapter, loss, stacks, len(signs) * n_query, batch, totals)
 
 
-def flat_replica_losses(model, adapter: LoRAAdapter, loss, theta: torch.Tensor, z: torch.Tensor,
-                        eps, signs: tuple[int, ...], batch: tuple[torch.Tensor, ...],
-                        totals: bool = False):
+def flat_replica_losses(
+    model,
+    adapter: LoRAAdapter,
+    loss,
+    theta: torch.Tensor,
+    z: torch.Tensor,
+    eps,
+    signs: tuple[int, ...],
+    batch: tuple[torch.Tensor, ...],
+    totals: bool = False,
+):
     """replica_losses with theta [N] and z [q, N] flat: one perturbed stack [R, N] sliced per
     layer. The same values as the per-layer stacks, in far fewer graph ops (one add per sign
     instead of one per layer), which is what export and lowering time scale with."""
@@ -94,8 +122,14 @@ def flat_replica_losses(model, adapter: LoRAAdapter, loss, theta: torch.Tensor, 
     return stacked_losses(model, adapter, loss, stacks, n_rep, batch, totals)
 
 
-def flat_update(theta: torch.Tensor, z: torch.Tensor, g: torch.Tensor, lr, momentum: float = 0.0,
-                velocity: torch.Tensor | None = None) -> torch.Tensor:
+def flat_update(
+    theta: torch.Tensor,
+    z: torch.Tensor,
+    g: torch.Tensor,
+    lr,
+    momentum: float = 0.0,
+    velocity: torch.Tensor | None = None,
+) -> torch.Tensor:
     """theta [N] after one ZO-SGD step from z [q, N] and g [q]; with momentum the heavy-ball
     buffer velocity [N] is updated in place. The same elementwise ops as apply_update (per
     tensor), so the same bits. -> new theta [N]"""
@@ -116,9 +150,19 @@ class PRGEStep(nn.Module):
     all 2q losses, the same on every rank. z is drawn from the seed for all q queries either way:
     the update needs every z_i, and nothing but losses crosses the wire."""
 
-    def __init__(self, model: nn.Module, adapter: LoRAAdapter, loss, q: int, dual: bool = True,
-                 noise: str = "normal", momentum: float = 0.0, fused_noise: bool = False,
-                 queries: tuple[int, int] | None = None, reduce=mean_loss):
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: LoRAAdapter,
+        loss,
+        q: int,
+        dual: bool = True,
+        noise: str = "normal",
+        momentum: float = 0.0,
+        fused_noise: bool = False,
+        queries: tuple[int, int] | None = None,
+        reduce=mean_loss,
+    ):
         super().__init__()
         self.model, self.adapter, self.loss = model, adapter, loss
         self.q, self.dual, self.noise, self.fused_noise = q, dual, noise, fused_noise
@@ -132,11 +176,12 @@ class PRGEStep(nn.Module):
             self.velocity = list(adapter.layout.views(getattr(model, VELOCITY)).values())
 
     @torch.no_grad()
-    def forward(self, seed: torch.Tensor, lr: torch.Tensor, eps: torch.Tensor,
-                *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, seed: torch.Tensor, lr: torch.Tensor, eps: torch.Tensor, *batch: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.draw_noise(seed)
         losses = self.losses(z, eps, *batch)  # [2q]
-        g = projected_gradient(losses[: self.q], losses[self.q:], eps)  # [q]
+        g = projected_gradient(losses[: self.q], losses[self.q :], eps)  # [q]
         self.update(z, g, lr)
         return losses.mean(), g
 
@@ -173,8 +218,8 @@ class PRGEStep(nn.Module):
             z_own = {name: (t[lo:hi] if own else t) for name, t in z.items()}
 
             def totals_for(signs):
-                return replica_losses(*args, z_own.__getitem__, hi - lo, eps, signs, batch,
-                                      totals=True)
+                return replica_losses(*args, z_own.__getitem__, hi - lo, eps, signs, batch, totals=True)
+
         if self.dual:
             sums, counts = totals_for((1, -1))  # [2k] each
         else:
@@ -191,5 +236,6 @@ class PRGEStep(nn.Module):
             new = flat_update(theta, flat_z, g, lr, self.momentum, getattr(self.model, VELOCITY, None))
             layout.scatter(new, tensors)
         else:
-            apply_update(tensors, (estimate(z[name], g) for name in layout.names), lr,
-                         self.momentum, self.velocity)
+            apply_update(
+                tensors, (estimate(z[name], g) for name in layout.names), lr, self.momentum, self.velocity
+            )

@@ -50,15 +50,18 @@ def check_split(cfg: Config, world: int) -> None:
     """The config can be split over `world` ranks: checked before any model loads."""
     t, o = cfg.train, cfg.optim
     if t.parallel == "none":
-        raise ConfigError(f"train.parallel is 'none' but torchrun started {world} processes: set "
-                          "--train.parallel data (split the batch) or query (split the queries)")
+        raise ConfigError(
+            f"train.parallel is 'none' but torchrun started {world} processes: set "
+            "--train.parallel data (split the batch) or query (split the queries)"
+        )
     if o.estimator != "prge":
-        raise ConfigError(f"train.parallel {t.parallel}: needs optim.estimator prge, "
-                          f"got '{o.estimator}'")
+        raise ConfigError(f"train.parallel {t.parallel}: needs optim.estimator prge, got '{o.estimator}'")
     n, what = (o.batch_size, "optim.batch_size") if t.parallel == "data" else (o.q, "optim.q")
     if n % world:
-        raise ConfigError(f"train.parallel {t.parallel}: world size {world} does not divide "
-                          f"{what} {n} (each rank takes {what} / world size)")
+        raise ConfigError(
+            f"train.parallel {t.parallel}: world size {world} does not divide "
+            f"{what} {n} (each rank takes {what} / world size)"
+        )
 
 
 def digest(chunks) -> int:
@@ -87,8 +90,7 @@ def _pack(items) -> bytes:
     """A tuple of tensor dicts and JSON values -> bytes (JSON header + safetensors; no pickle)."""
     tensors, kinds = {}, []
     for i, item in enumerate(items):
-        if isinstance(item, dict) and item and all(isinstance(v, torch.Tensor)
-                                                   for v in item.values()):
+        if isinstance(item, dict) and item and all(isinstance(v, torch.Tensor) for v in item.values()):
             tensors.update({f"{i}/{k}": v.detach().cpu().contiguous() for k, v in item.items()})
             kinds.append({"tensors": sorted(item)})
         else:
@@ -104,12 +106,14 @@ def _pack_error(message: str) -> bytes:
 
 def _unpack(blob: bytes):
     n = int.from_bytes(blob[:8], "little")
-    head = json.loads(blob[8: 8 + n])
+    head = json.loads(blob[8 : 8 + n])
     if "error" in head:
         raise ZotuneError(head["error"])
-    tensors = load_tensors(blob[8 + n:])
-    return tuple({k: tensors[f"{i}/{k}"] for k in kind["tensors"]} if "tensors" in kind
-                 else kind["json"] for i, kind in enumerate(head["items"]))
+    tensors = load_tensors(blob[8 + n :])
+    return tuple(
+        {k: tensors[f"{i}/{k}"] for k in kind["tensors"]} if "tensors" in kind else kind["json"]
+        for i, kind in enumerate(head["items"])
+    )
 
 
 class Ranks:
@@ -126,11 +130,11 @@ class Ranks:
         self.steps = 0  # steps reduced by this process
         cuda = torch.cuda.is_available() and dist.is_nccl_available()
         try:
-            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
-                                    timeout=timedelta(seconds=cfg.train.dist_timeout_s))
+            dist.init_process_group(
+                "cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timedelta(seconds=cfg.train.dist_timeout_s)
+            )
         except (RuntimeError, ValueError) as e:
-            raise ZotuneError(f"rank {self.rank}: cannot join the torchrun job: "
-                              f"{_line(e)}") from None
+            raise ZotuneError(f"rank {self.rank}: cannot join the torchrun job: {_line(e)}") from None
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -144,9 +148,11 @@ class Ranks:
         try:
             return op(tensor, *args)
         except RuntimeError as e:  # gloo / NCCL errors, timeouts included
-            raise ZotuneError(f"rank {self.rank}: a collective ({purpose}) failed: another rank "
-                              f"stopped or is unreachable ({_line(e)}); continue with --resume "
-                              "once every rank can run") from None
+            raise ZotuneError(
+                f"rank {self.rank}: a collective ({purpose}) failed: another rank "
+                f"stopped or is unreachable ({_line(e)}); continue with --resume "
+                "once every rank can run"
+            ) from None
 
     def _all_reduce(self, purpose: str, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         self._call(purpose, lambda t: dist.all_reduce(t, op=op), x)
@@ -175,8 +181,11 @@ class Ranks:
             except (ZotuneError, OSError, ValueError) as e:
                 blob = _pack_error(str(e))
         size = self._all_reduce("start", torch.tensor([len(blob)], dtype=torch.int64))
-        data = (torch.frombuffer(bytearray(blob), dtype=torch.uint8) if self.main
-                else torch.empty(int(size), dtype=torch.uint8))
+        data = (
+            torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+            if self.main
+            else torch.empty(int(size), dtype=torch.uint8)
+        )
         self._call("start", lambda t: dist.broadcast(t, 0), data)
         return _unpack(data.numpy().tobytes())
 
@@ -191,13 +200,16 @@ class Ranks:
         (theirs,) = self.from_main(lambda: (cfg.to_dict(),))
         where = _first_difference(cfg.to_dict(), theirs)
         detail = f": {where}" if where else f" (rank(s) {bad} differ from rank 0)"
-        raise ConfigError(f"rank {self.rank}: the resolved config differs between ranks{detail}; "
-                          "start every rank with the same --config file and overrides")
+        raise ConfigError(
+            f"rank {self.rank}: the resolved config differs between ranks{detail}; "
+            "start every rank with the same --config file and overrides"
+        )
 
     def check_model(self, model) -> None:
         """Every rank loaded the same weights."""
-        tensors = [t for _, t in sorted({**dict(model.named_parameters()),
-                                         **dict(model.named_buffers())}.items())]
+        tensors = [
+            t for _, t in sorted({**dict(model.named_parameters()), **dict(model.named_buffers())}.items())
+        ]
         self._same("start", digest(tensors), "model weights")
 
     def check_state(self, engine, scale: dict) -> None:
@@ -205,16 +217,19 @@ class Ranks:
         checkpoint). The scale is a function of the g sequence, which every rank computes alike."""
         state = engine.state()
         scale_bytes = json.dumps(scale, sort_keys=True).encode()
-        self._same("check", digest([state[k] for k in sorted(state)] + [scale_bytes]),
-                   "adapter state or step scale")
+        self._same(
+            "check", digest([state[k] for k in sorted(state)] + [scale_bytes]), "adapter state or step scale"
+        )
 
     def _same(self, purpose: str, value: int, what: str) -> None:
         hashes = self._hashes(purpose, value)
         bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
         if bad:
-            raise ZotuneError(f"rank {self.rank}: rank(s) {bad} hold other {what} than rank 0 "
-                              f"(hash {hashes[bad[0]]:016x} vs {hashes[0]:016x}); every rank "
-                              "must start from the same model files and checkpoint")
+            raise ZotuneError(
+                f"rank {self.rank}: rank(s) {bad} hold other {what} than rank 0 "
+                f"(hash {hashes[bad[0]]:016x} vs {hashes[0]:016x}); every rank "
+                "must start from the same model files and checkpoint"
+            )
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -245,8 +260,10 @@ class Ranks:
     def _refuse_nan(self, flags: torch.Tensor) -> None:
         if bool(flags.any()):
             bad = flags.nonzero().reshape(-1).tolist()
-            raise ZotuneError(f"the loss is NaN on rank(s) {bad}: the step is refused on every "
-                              "rank and nothing of it is written; lower optim.lr or optim.eps")
+            raise ZotuneError(
+                f"the loss is NaN on rank(s) {bad}: the step is refused on every "
+                "rank and nothing of it is written; lower optim.lr or optim.eps"
+            )
 
     def reduce_rows(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Data mode: this rank's per-replica sums and counts [2q] -> the global losses [2q]."""
@@ -254,8 +271,8 @@ class Ranks:
         buf = torch.cat([sums, counts.to(sums.dtype), self._flags(sums)])  # [4q + R]
         self._all_reduce("step", buf)
         self.steps += 1
-        self._refuse_nan(buf[2 * n:])
-        return mean_loss(buf[:n], buf[n: 2 * n])
+        self._refuse_nan(buf[2 * n :])
+        return mean_loss(buf[:n], buf[n : 2 * n])
 
     def reduce_queries(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Query mode: this rank's losses of queries [lo, hi) (sign-major [2k]) -> all 2q."""
@@ -263,11 +280,11 @@ class Ranks:
         k, q = hi - lo, self.q
         local = mean_loss(sums, counts)  # [2k]
         buf = local.new_zeros(2 * q + self.world)  # [2q + R]
-        buf[lo:hi], buf[q + lo: q + hi] = local[:k], local[k:]
-        buf[2 * q:] = self._flags(local)
+        buf[lo:hi], buf[q + lo : q + hi] = local[:k], local[k:]
+        buf[2 * q :] = self._flags(local)
         self._all_reduce("step", buf)
         self.steps += 1
-        self._refuse_nan(buf[2 * q:])
+        self._refuse_nan(buf[2 * q :])
         return buf[: 2 * q]
 
     # -- evaluation ----------------------------------------------------------------------------
@@ -276,20 +293,19 @@ class Ranks:
         """eval.score_chunks of every chunk, each rank scoring a contiguous share of them: the
         same chunks one process scores, so the same scores."""
         bounds = [len(chunks) * r // self.world for r in range(self.world + 1)]
-        own = score_chunks(engine, batch, chunks[bounds[self.rank]: bounds[self.rank + 1]], kind)
+        own = score_chunks(engine, batch, chunks[bounds[self.rank] : bounds[self.rank + 1]], kind)
         outs = [torch.cat(p) for p in zip(*own)]  # per output: [rows, ...]
         # What each rank scored: output count, then (width, ndim, dtype) per output.
         head = torch.zeros(1 + 3 * _MAX_OUTPUTS, dtype=torch.int64)
         head[0] = len(outs)
         for i, o in enumerate(outs):
-            head[1 + 3 * i: 4 + 3 * i] = torch.tensor([o[0].numel(), o.dim(),
-                                                       _FLOATS.index(o.dtype)])
+            head[1 + 3 * i : 4 + 3 * i] = torch.tensor([o[0].numel(), o.dim(), _FLOATS.index(o.dtype)])
         heads = self._all_gather("eval", head)
         spec = next(h for h in heads if h[0] > 0)  # a rank that scored something
         n_out = int(spec[0])
         widths = [int(spec[1 + 3 * i]) for i in range(n_out)]
         sizes = [len(c) for c in chunks]
-        rows = [sum(sizes[bounds[r]: bounds[r + 1]]) for r in range(self.world)]
+        rows = [sum(sizes[bounds[r] : bounds[r + 1]]) for r in range(self.world)]
         device = outs[0].device if outs else torch.device("cpu")
         flat = torch.zeros(max(rows), sum(widths), dtype=torch.float64, device=device)  # [rows, W]
         if outs:
@@ -298,18 +314,21 @@ class Ranks:
         parts = []
         for r in range(self.world):
             start = 0
-            for size in sizes[bounds[r]: bounds[r + 1]]:
-                cols = blocks[r][start: start + size].cpu().split(widths, 1)
+            for size in sizes[bounds[r] : bounds[r + 1]]:
+                cols = blocks[r][start : start + size].cpu().split(widths, 1)
                 start += size
-                parts.append(tuple(_restore(c, spec[1 + 3 * i: 4 + 3 * i])
-                                   for i, c in enumerate(cols)))
+                parts.append(tuple(_restore(c, spec[1 + 3 * i : 4 + 3 * i]) for i, c in enumerate(cols)))
         return parts
 
     def write_traffic(self, run_dir: Path, steps: int) -> None:
         """run_dir/distributed.json: what this job's collectives carried (rank 0's share)."""
         if self.main:
-            report = {"world_size": self.world, "parallel": self.mode, "steps": steps,
-                      "traffic": self.traffic}
+            report = {
+                "world_size": self.world,
+                "parallel": self.mode,
+                "steps": steps,
+                "traffic": self.traffic,
+            }
             atomic_write_text(Path(run_dir) / "distributed.json", json.dumps(report, indent=1))
 
 
@@ -321,8 +340,10 @@ def _restore(cols: torch.Tensor, spec: torch.Tensor) -> torch.Tensor:
 
 def _stopped(signum, frame):
     rank = os.environ.get("RANK", "?")
-    raise ZotuneError(f"rank {rank}: stopped by the launcher (signal {signum}), which happens when "
-                      "another rank fails; continue with --resume")
+    raise ZotuneError(
+        f"rank {rank}: stopped by the launcher (signal {signum}), which happens when "
+        "another rank fails; continue with --resume"
+    )
 
 
 def _line(e: BaseException) -> str:
@@ -373,8 +394,15 @@ def _train(cfg: Config, resume: bool, stop_after: int | None) -> dict | None:
         model, _, splits = prepare(cfg)
         ranks.check_model(model)
         engine = EagerEngine(model, cfg, splits.kind, ranks.step_options())
-        trainer = Trainer(cfg, ShardedEngine(engine, ranks), splits, Path(cfg.train.out_dir),
-                          adapter_saver(cfg, engine), replay_header(cfg, engine.params), ranks)
+        trainer = Trainer(
+            cfg,
+            ShardedEngine(engine, ranks),
+            splits,
+            Path(cfg.train.out_dir),
+            adapter_saver(cfg, engine),
+            replay_header(cfg, engine.params),
+            ranks,
+        )
         summary = trainer.run(resume=resume, stop_after=stop_after)
         ranks.write_traffic(cfg.train.out_dir, ranks.steps)
         return summary

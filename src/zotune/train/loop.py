@@ -32,6 +32,7 @@ from zotune.train.schedule import lr_at
 @dataclass
 class Splits:
     """A task's three splits, tokenised to static shapes."""
+
     kind: str
     train: object
     dev: object
@@ -46,7 +47,7 @@ def batch_indices(n: int, b: int, step: int, seed: int) -> torch.Tensor:
     epoch, pos = divmod(step, per_epoch)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=g)
-    return perm[pos * b: (pos + 1) * b]
+    return perm[pos * b : (pos + 1) * b]
 
 
 def peak_rss_mb() -> float:
@@ -104,6 +105,7 @@ class _Clock:
 class OneProcess:
     """What the loop asks of the processes that train together, answered for a run on one.
     train/distributed.py answers the same for the ranks of a torchrun job."""
+
     main = True  # writes logs, checkpoints and outputs
 
     def from_main(self, read):
@@ -119,8 +121,17 @@ class OneProcess:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, engine: Engine, splits: Splits, run_dir: Path, save_adapter,
-                 replay_header: dict | None = None, judge=None, procs=None):
+    def __init__(
+        self,
+        cfg: Config,
+        engine: Engine,
+        splits: Splits,
+        run_dir: Path,
+        save_adapter,
+        replay_header: dict | None = None,
+        judge=None,
+        procs=None,
+    ):
         self.cfg, self.engine, self.splits = cfg, engine, splits
         self.judge = judge  # split name -> generation metrics (eval_generate), or None
         self.run_dir = Path(run_dir)
@@ -150,8 +161,9 @@ class Trainer:
         # Every rank computed the same g, so every rank's scale is the same: checked with the state.
         self.procs.check_state(self.engine, self.scale.state())
         if self.main:
-            save_checkpoint(self.ckpt_dir, self.engine.state(),
-                            {"done": done, "best": best, "scale": self.scale.state()})
+            save_checkpoint(
+                self.ckpt_dir, self.engine.state(), {"done": done, "best": best, "scale": self.scale.state()}
+            )
 
     def _select(self, done: int) -> None:
         """The engine's state becomes the best (dev-selected) state."""
@@ -173,8 +185,14 @@ class Trainer:
         start, best, zero_shot = self._setup(resume)
         clock = _Clock()
         done, last_eval = start, None
-        bar = tqdm(range(start, t.steps), initial=start, total=t.steps, dynamic_ncols=True,
-                   disable=not (t.progress and self.main), desc=f"{self.cfg.optim.estimator}")
+        bar = tqdm(
+            range(start, t.steps),
+            initial=start,
+            total=t.steps,
+            dynamic_ncols=True,
+            disable=not (t.progress and self.main),
+            desc=f"{self.cfg.optim.estimator}",
+        )
         for step in bar:
             done = step + 1
             res = self._step(step)
@@ -205,8 +223,7 @@ class Trainer:
         last checkpoint with both logs cut back to it. -> (start step, best so far, zero-shot)"""
         train, b = self.splits.train, self.cfg.optim.batch_size
         if len(train) < b:
-            raise ZotuneError(f"train split has {len(train)} examples, fewer than "
-                              f"optim.batch_size={b}")
+            raise ZotuneError(f"train split has {len(train)} examples, fewer than optim.batch_size={b}")
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
@@ -242,25 +259,40 @@ class Trainer:
         loss, g = self.engine.step(batch, seed, lr, o.eps)
         if loss != loss or not bool(torch.isfinite(torch.as_tensor(g)).all()):
             # Stop before it reaches a checkpoint or the replay log.
-            raise ZotuneError(f"step {step + 1}: the loss or g is not finite; lower optim.lr or "
-                              "optim.eps")
+            raise ZotuneError(f"step {step + 1}: the loss or g is not finite; lower optim.lr or optim.eps")
         self.scale.update(g)
         replicas = 1 if o.estimator == "fo" else 2 * o.q
-        return _StepResult(loss, g, seed, lr, lr_schedule,
-                           int(batch.attention_mask.sum()) * replicas)
+        return _StepResult(loss, g, seed, lr, lr_schedule, int(batch.attention_mask.sum()) * replicas)
 
     def _log(self, step: int, res: _StepResult, clock: _Clock, start: int, last: bool) -> None:
         """The step's replay line (always) and its metrics line (every log_every steps)."""
         t, done = self.cfg.train, step + 1
-        self.replay.write({"type": "step", "done": done, "step": step, "seed": res.seed,
-                           "lr": res.lr, "eps": self.cfg.optim.eps, "g": [float(x) for x in res.g]})
+        self.replay.write(
+            {
+                "type": "step",
+                "done": done,
+                "step": step,
+                "seed": res.seed,
+                "lr": res.lr,
+                "eps": self.cfg.optim.eps,
+                "g": [float(x) for x in res.g],
+            }
+        )
         if done % t.log_every == 0 or last:
             elapsed = clock.elapsed
-            self.metrics.write({"type": "train", "done": done, "loss": res.loss, "lr": res.lr,
-                                "lr_schedule": res.lr_schedule,
-                                "time": elapsed, "wall": clock.wall,
-                                "steps_per_s": (done - start) / elapsed,
-                                "tokens_per_s": clock.tokens / elapsed})
+            self.metrics.write(
+                {
+                    "type": "train",
+                    "done": done,
+                    "loss": res.loss,
+                    "lr": res.lr,
+                    "lr_schedule": res.lr_schedule,
+                    "time": elapsed,
+                    "wall": clock.wall,
+                    "steps_per_s": (done - start) / elapsed,
+                    "tokens_per_s": clock.tokens / elapsed,
+                }
+            )
 
     def _evaluate(self, done: int, best: dict) -> tuple[dict, dict]:
         """Dev (and, with track_test, test) now; a better dev score becomes the best state."""
@@ -275,8 +307,11 @@ class Trainer:
     @staticmethod
     def _progress(loss: float, clock: _Clock, start: int, done: int, last_eval) -> dict:
         elapsed = clock.elapsed
-        post = {"loss": f"{loss:.4f}", "it/s": f"{(done - start) / elapsed:.2f}",
-                "tok/s": f"{clock.tokens / elapsed:.0f}"}
+        post = {
+            "loss": f"{loss:.4f}",
+            "it/s": f"{(done - start) / elapsed:.2f}",
+            "tok/s": f"{clock.tokens / elapsed:.0f}",
+        }
         if last_eval is not None:
             post["dev"] = f"{_score(last_eval):.3f}"
         return post
@@ -285,8 +320,9 @@ class Trainer:
         dev, test = self._eval("dev", 0), self._eval("test", 0)
         out = {"dev": _public(dev), "test": _public(test)}
         if self.splits.kind == "classification" and dev["logits"].shape[1] == 2:
-            threshold, acc = calibrated_accuracy(dev["logits"], self.splits.dev.labels,
-                                                 test["logits"], self.splits.test.labels)
+            threshold, acc = calibrated_accuracy(
+                dev["logits"], self.splits.dev.labels, test["logits"], self.splits.test.labels
+            )
             out["test_calibrated"] = {"accuracy": acc, "threshold": threshold}
             out["test_positive_rate"] = float((test["logits"].argmax(-1) == 0).float().mean())
         if self.main:

@@ -45,8 +45,13 @@ def encode_splits(cfg: Config, tokenizer) -> Splits:
     def tok(examples):
         return encode(examples, tokenizer, d.max_length, d.max_target_length, kind, d.length_normalize)
 
-    return Splits(kind, tok(task.train), tok(task.dev), tok(task.test),
-                  examples={"train": task.train, "dev": task.dev, "test": task.test})
+    return Splits(
+        kind,
+        tok(task.train),
+        tok(task.dev),
+        tok(task.test),
+        examples={"train": task.train, "dev": task.dev, "test": task.test},
+    )
 
 
 def adapter_saver(cfg: Config, engine):
@@ -58,17 +63,32 @@ def adapter_saver(cfg: Config, engine):
         if isinstance(params, FullParams):
             engine.model.save_pretrained(folder, safe_serialization=True)
             return
-        save_peft(folder, state, list(params.layers), params.rank, params.alpha, cfg.model.name,
-                  params.fan_in_fan_out, cfg.adapter.dropout,
-                  extra={"version": __version__, "kind": cfg.adapter.kind,
-                         "estimator": cfg.optim.estimator})
+        save_peft(
+            folder,
+            state,
+            list(params.layers),
+            params.rank,
+            params.alpha,
+            cfg.model.name,
+            params.fan_in_fan_out,
+            cfg.adapter.dropout,
+            extra={"version": __version__, "kind": cfg.adapter.kind, "estimator": cfg.optim.estimator},
+        )
+
     return save
 
 
 def replay_header(cfg: Config, params) -> dict:
     o = cfg.optim
-    header = {"version": __version__, "model": cfg.model.name, "estimator": o.estimator,
-              "q": o.q, "noise": o.noise, "momentum": o.momentum, "adapter_kind": cfg.adapter.kind}
+    header = {
+        "version": __version__,
+        "model": cfg.model.name,
+        "estimator": o.estimator,
+        "q": o.q,
+        "noise": o.noise,
+        "momentum": o.momentum,
+        "adapter_kind": cfg.adapter.kind,
+    }
     header["layout"] = params.layout.to_json()
     return header
 
@@ -81,8 +101,17 @@ def generation_judge(cfg: Config, model, tokenizer, splits: Splits):
     d, t = cfg.data, cfg.train
 
     def judge(split: str) -> dict:
-        return judge_generation(model, tokenizer, splits.examples[split], splits.kind, d.max_length,
-                                d.max_target_length, t.eval_batch_size, t.progress)
+        return judge_generation(
+            model,
+            tokenizer,
+            splits.examples[split],
+            splits.kind,
+            d.max_length,
+            d.max_target_length,
+            t.eval_batch_size,
+            t.progress,
+        )
+
     return judge
 
 
@@ -91,9 +120,15 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
         return distributed.train(cfg, resume, stop_after)
     model, tokenizer, splits = prepare(cfg)
     engine = EagerEngine(model, cfg, splits.kind)
-    trainer = Trainer(cfg, engine, splits, Path(cfg.train.out_dir), adapter_saver(cfg, engine),
-                      replay_header(cfg, engine.params),
-                      judge=generation_judge(cfg, model, tokenizer, splits))
+    trainer = Trainer(
+        cfg,
+        engine,
+        splits,
+        Path(cfg.train.out_dir),
+        adapter_saver(cfg, engine),
+        replay_header(cfg, engine.params),
+        judge=generation_judge(cfg, model, tokenizer, splits),
+    )
     return trainer.run(resume=resume, stop_after=stop_after)
 
 
@@ -103,12 +138,15 @@ def evaluate_adapter(cfg: Config, adapter_dir: str | None, split: str = "test") 
     if adapter_dir:
         config, state = load_peft(adapter_dir)
         if config.get("r") != cfg.adapter.rank:
-            raise ZotuneError(f"{adapter_dir}: rank {config.get('r')} differs from adapter.rank "
-                              f"{cfg.adapter.rank}")
+            raise ZotuneError(
+                f"{adapter_dir}: rank {config.get('r')} differs from adapter.rank {cfg.adapter.rank}"
+            )
         missing = sorted(set(engine.params.state()) - set(state))
         if missing:
-            raise ZotuneError(f"{adapter_dir}: no tensor for layer {missing[0]} "
-                              f"(was it trained with other adapter.targets?)")
+            raise ZotuneError(
+                f"{adapter_dir}: no tensor for layer {missing[0]} "
+                f"(was it trained with other adapter.targets?)"
+            )
         engine.params.load_state(state)
     result = evaluate(engine, getattr(splits, split), splits.kind, cfg.train.eval_batch_size)
     judge = generation_judge(cfg, model, tokenizer, splits)
@@ -124,8 +162,10 @@ def replay(log_path: str, out_dir: str) -> Path:
         model, _, _ = load_model(header["model"], layout.dtype)
         params = FullParams(model)
         if params.layout.mismatch(layout):
-            raise ZotuneError(f"{log_path}: the model {header['model']} does not have the "
-                              f"trained tensors of this log ({params.layout.mismatch(layout)})")
+            raise ZotuneError(
+                f"{log_path}: the model {header['model']} does not have the "
+                f"trained tensors of this log ({params.layout.mismatch(layout)})"
+            )
         replay_steps(params.layout, params.tensors(), header, steps)
         model.save_pretrained(out_dir, safe_serialization=True)
         return Path(out_dir)
