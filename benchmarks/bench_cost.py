@@ -41,6 +41,7 @@ def cost_group(q: int, b: int, threads: int, full: bool) -> dict[str, dict]:
 def scaling_groups(threads: int) -> dict[str, tuple[str, list[int], dict[str, dict]]]:
     def spec(q, b, T):
         return {"mode": "prge", "dual": True, "q": q, "b": b, "T": T, "threads": threads}
+
     # Up to 8x the demo's rows and 2x its length: the 16x points (q=16 b=4, b=16, T=256) cost
     # about 4.6 minutes of stepping and lie on the same straight lines (16.4x, 17.3x, 9.1x).
     qs, bs, ts = (1, 2, 4, 8), (1, 2, 4, 8), (32, 64, 128)
@@ -64,12 +65,15 @@ def mark(value: float, target: float, at_most: bool = True) -> str:
 
 def report(cost: dict, scaling: dict, m: dict, args, wall: float) -> str:
     lines = [
-        "# P-RGE step cost, memory and scaling (eager, SmolLM2-135M)", "",
+        "# P-RGE step cost, memory and scaling (eager, SmolLM2-135M)",
+        "",
         f"Command: `{args.command}`. Machine: {machine_line(m)}. "
         f"{args.threads} torch threads; T={T_DEMO} positions per row (no padding); "
         f"{args.steps} measured steps per configuration after 1 warm-up, interleaved; "
-        f"times are median (min-max) seconds. Whole script: {wall / 60:.1f} min.", "",
-        "## Step time against sequential RGE and a plain inference forward", "",
+        f"times are median (min-max) seconds. Whole script: {wall / 60:.1f} min.",
+        "",
+        "## Step time against sequential RGE and a plain inference forward",
+        "",
         "| q, b | P-RGE dual | P-RGE single | sequential RGE | forward of 2qb rows | "
         "RGE / P-RGE (speedup) | P-RGE dual / forward (overhead) | single / forward |",
         "|---|---|---|---|---|---|---|---|",
@@ -81,17 +85,26 @@ def report(cost: dict, scaling: dict, m: dict, args, wall: float) -> str:
         speed = ratio(g["rge"], g["prge-dual"])
         over = ratio(g["prge-dual"], g["forward"])
         speed_s = mark(speed, TARGETS["speedup_16_1"], at_most=False) if (q, b) == (16, 1) else f"{speed:.2f}"
-        lines.append(f"| {q}, {b} | {fmt_time(g['prge-dual'])} | {single_s} | "
-                     f"{fmt_time(g['rge'])} | {fmt_time(g['forward'])} | {speed_s} | "
-                     f"{mark(over, TARGETS['overhead'])} | {single_r} |")
+        lines.append(
+            f"| {q}, {b} | {fmt_time(g['prge-dual'])} | {single_s} | "
+            f"{fmt_time(g['rge'])} | {fmt_time(g['forward'])} | {speed_s} | "
+            f"{mark(over, TARGETS['overhead'])} | {single_r} |"
+        )
     fo_group = next((g for g in cost.values() if "fo-b16" in g), None)
     if fo_group:
-        lines += ["", f"First-order AdamW at batch 16: {fmt_time(fo_group['fo-b16'])} s per step, "
-                  f"{ratio(fo_group['fo-b16'], fo_group['forward-b16']):.2f}x a forward of its 16 rows "
-                  f"({fmt_time(fo_group['forward-b16'])} s)."]
-    lines += ["", "## Peak memory (RSS of each process; import baseline = torch + zotune imported)", "",
-              "| configuration | import baseline MB | peak MB | peak / inference peak of the same rows |",
-              "|---|---|---|---|"]
+        lines += [
+            "",
+            f"First-order AdamW at batch 16: {fmt_time(fo_group['fo-b16'])} s per step, "
+            f"{ratio(fo_group['fo-b16'], fo_group['forward-b16']):.2f}x a forward of its 16 rows "
+            f"({fmt_time(fo_group['forward-b16'])} s).",
+        ]
+    lines += [
+        "",
+        "## Peak memory (RSS of each process; import baseline = torch + zotune imported)",
+        "",
+        "| configuration | import baseline MB | peak MB | peak / inference peak of the same rows |",
+        "|---|---|---|---|",
+    ]
     for (q, b), g in cost.items():
         for name, r in g.items():
             if "error" in r:
@@ -101,11 +114,16 @@ def report(cost: dict, scaling: dict, m: dict, args, wall: float) -> str:
             rel = "" if name.startswith("forward") else f"{ratio(r, ref, 'peak_rss_mb'):.2f}"
             if name == "prge-dual":
                 rel = mark(ratio(r, ref, "peak_rss_mb"), TARGETS["train_vs_infer_rss"])
-            lines.append(f"| {name} (q={q}, b={b}) | {r['import_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {rel} |")
+            lines.append(
+                f"| {name} (q={q}, b={b}) | {r['import_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {rel} |"
+            )
     if fo_group:
         g44 = cost.get((4, 4), fo_group)
-        lines += ["", "P-RGE (4,4) dual peak / first-order batch-16 peak: "
-                  f"{mark(ratio(g44['prge-dual'], fo_group['fo-b16'], 'peak_rss_mb'), TARGETS['prge_vs_fo_rss'])}."]
+        lines += [
+            "",
+            "P-RGE (4,4) dual peak / first-order batch-16 peak: "
+            f"{mark(ratio(g44['prge-dual'], fo_group['fo-b16'], 'peak_rss_mb'), TARGETS['prge_vs_fo_rss'])}.",
+        ]
     if scaling:
         lines += ["", "## Scaling of the P-RGE dual step", ""]
         for label, _, res in scaling.values():
@@ -122,6 +140,7 @@ def report(cost: dict, scaling: dict, m: dict, args, wall: float) -> str:
 
 def plot(cost: dict, scaling: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -154,8 +173,9 @@ def plot(cost: dict, scaling: dict, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="(4,4) and (16,1) only; no P-RGE single, first-order or scaling")
+    p.add_argument(
+        "--quick", action="store_true", help="(4,4) and (16,1) only; no P-RGE single, first-order or scaling"
+    )
     p.add_argument("--steps", type=int, default=5, help="measured steps per configuration")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--name", default=None, help="result file name (default cost / cost-quick)")
@@ -177,8 +197,11 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.md").write_text(report(cost, scaling, m, args, time.perf_counter() - t0))
     plot(cost, scaling, RESULTS / f"{name}.png")
-    raw = {"machine": m, "cost": {f"{q},{b}": g for (q, b), g in cost.items()},
-           "scaling": {k: v[2] for k, v in scaling.items()}}
+    raw = {
+        "machine": m,
+        "cost": {f"{q},{b}": g for (q, b), g in cost.items()},
+        "scaling": {k: v[2] for k, v in scaling.items()},
+    }
     (RESULTS / f"{name}.json").write_text(json.dumps(raw, indent=1))
     print((RESULTS / f"{name}.md").read_text())
 

@@ -50,19 +50,45 @@ def cmd_export(args) -> None:
     quant = None if args.quantize == "none" else args.quantize
     out = Path(args.out) / pte_name(args.quantize)
     t0 = time.perf_counter()
-    rep = export_program(model, adapter, ClassificationLoss(), q=Q, b=B, seq_len=T, n_choices=C,
-                         quantize=quant, out_path=out, model_name=MODEL, tolerance=args.tolerance,
-                         log=lambda m: print(f"[{time.perf_counter() - t0:7.1f}s] {m}", flush=True))
-    res = {"path": str(out), "size_mb": rep.size / 2**20, "seconds": rep.seconds,
-           "check": rep.check, "portable_ops": rep.portable_ops, "threads": torch.get_num_threads(),
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    rep = export_program(
+        model,
+        adapter,
+        ClassificationLoss(),
+        q=Q,
+        b=B,
+        seq_len=T,
+        n_choices=C,
+        quantize=quant,
+        out_path=out,
+        model_name=MODEL,
+        tolerance=args.tolerance,
+        log=lambda m: print(f"[{time.perf_counter() - t0:7.1f}s] {m}", flush=True),
+    )
+    res = {
+        "path": str(out),
+        "size_mb": rep.size / 2**20,
+        "seconds": rep.seconds,
+        "check": rep.check,
+        "portable_ops": rep.portable_ops,
+        "threads": torch.get_num_threads(),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     out.with_name(out.name + ".export.json").write_text(json.dumps(res, indent=1))
     print("@@" + json.dumps(res), flush=True)
 
 
 def start_export(quantize: str, out: Path, threads: int, tolerance: float | None):
-    cmd = [sys.executable, __file__, "export", "--quantize", quantize, "--out", str(out),
-           "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "export",
+        "--quantize",
+        quantize,
+        "--out",
+        str(out),
+        "--threads",
+        str(threads),
+    ]
     if tolerance is not None:
         cmd += ["--tolerance", str(tolerance)]
     log = (out / f"export-{quantize}.log").open("w")
@@ -87,18 +113,23 @@ def reusable(path: Path) -> bool:
     if not (path.is_file() and sidecar.is_file()):
         return False
     meta = json.loads(sidecar.read_text())
-    return (meta.get("zotune") == md.version("zotune") and (meta["q"], meta["b"], meta["seq_len"])
-            == (Q, B, T) and path.stat().st_size == meta.get("size"))
+    return (
+        meta.get("zotune") == md.version("zotune")
+        and (meta["q"], meta["b"], meta["seq_len"]) == (Q, B, T)
+        and path.stat().st_size == meta.get("size")
+    )
 
 
 def report(exports: dict, steps: dict, args, m: dict) -> str:
     eager = steps["eager"]
     lines = [
-        "# Engines: the P-RGE step in eager PyTorch and in ExecuTorch (SmolLM2-135M)", "",
+        "# Engines: the P-RGE step in eager PyTorch and in ExecuTorch (SmolLM2-135M)",
+        "",
         f"Command: `benchmarks/bench_engines.py --quantize {' '.join(args.quantize)}`. Machine: "
         f"{machine_line(m)}. {args.threads} threads per engine (torch / XNNPACK threadpool); "
         f"q={Q}, b={B}, T={T}, LoRA-FA r={RANK} on all linears; {args.steps} measured steps after "
-        "1 warm-up, engines interleaved, one process each; median (min-max) seconds.", "",
+        "1 warm-up, engines interleaved, one process each; median (min-max) seconds.",
+        "",
         "| engine | step s | step / eager (target) | peak RSS MB | file MB | "
         "export s (lowering s), peak RSS | "
         "parity after one step vs eager: theta, loss, 2 eps g; update vs its own g |",
@@ -110,21 +141,22 @@ def report(exports: dict, steps: dict, args, m: dict) -> str:
         e, r = exports.get(qz, {}), steps.get(qz, {"error": "not run"})
         label = "ExecuTorch fp32 XNNPACK" if qz == "none" else f"ExecuTorch {qz}"
         if "error" in r or "error" in e:
-            lines.append(f"| {label} | failed: {(e.get('error') or r.get('error', ''))[-200:]} "
-                         "| | | | | |")
+            lines.append(f"| {label} | failed: {(e.get('error') or r.get('error', ''))[-200:]} | | | | | |")
             continue
         ratio = r["median_s"] / eager["median_s"]
         verdict = "meets" if ratio <= TARGET[qz] else "misses"
         secs = e.get("seconds", {})
         peak = e.get("peak_rss_mb", float("nan"))
         peak_s = f"{peak / 1024:.1f} GB" if peak == peak else "peak not recorded"
-        export_s = (f"{secs['total']:.0f} ({secs['lower']:.0f}), {peak_s}"
-                    if "total" in secs else "not recorded")
+        export_s = (
+            f"{secs['total']:.0f} ({secs['lower']:.0f}), {peak_s}" if "total" in secs else "not recorded"
+        )
         check = e.get("check", {})
-        parity = ", ".join(f"{check[k]:.1e}" for k in ("theta", "loss", "loss_diff", "update")
-                           if k in check)
-        lines.append(f"| {label} | {fmt_time(r)} | {ratio:.2f} ({verdict} ≤ {TARGET[qz]}) | "
-                     f"{r['peak_rss_mb']:.0f} | {e['size_mb']:.0f} | {export_s} | {parity} |")
+        parity = ", ".join(f"{check[k]:.1e}" for k in ("theta", "loss", "loss_diff", "update") if k in check)
+        lines.append(
+            f"| {label} | {fmt_time(r)} | {ratio:.2f} ({verdict} ≤ {TARGET[qz]}) | "
+            f"{r['peak_rss_mb']:.0f} | {e['size_mb']:.0f} | {export_s} | {parity} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -141,10 +173,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reexport", action="store_true")
-    p.add_argument("--tolerance", type=float, default=None,
-                   help="fp32 export parity tolerance, every metric (default: the engine's own)")
-    p.add_argument("--tolerance-8da4w", type=float, default=None,
-                   help="8da4w export parity tolerance, every metric (default: the engine's own)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="fp32 export parity tolerance, every metric (default: the engine's own)",
+    )
+    p.add_argument(
+        "--tolerance-8da4w",
+        type=float,
+        default=None,
+        help="8da4w export parity tolerance, every metric (default: the engine's own)",
+    )
     p.add_argument("--name", default="engines")
     args = p.parse_args()
     if args.cmd == "export":
@@ -157,9 +197,16 @@ def main() -> None:
         if reusable(path) and not args.reexport:
             record = path.with_name(path.name + ".export.json")  # how it was exported, if known
             meta = json.loads(path.with_name(path.name + ".json").read_text())
-            exports[qz] = (json.loads(record.read_text()) if record.is_file() else
-                           {"path": str(path), "size_mb": path.stat().st_size / 2**20,
-                            "check": meta.get("check", {}), "seconds": {}})
+            exports[qz] = (
+                json.loads(record.read_text())
+                if record.is_file()
+                else {
+                    "path": str(path),
+                    "size_mb": path.stat().st_size / 2**20,
+                    "check": meta.get("check", {}),
+                    "seconds": {},
+                }
+            )
             continue
         pending[qz] = args.tolerance if qz == "none" else args.tolerance_8da4w
     # Exports run at the same time, one thread each: lowering is mostly single-threaded Python
@@ -179,8 +226,9 @@ def main() -> None:
     m = machine()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.md").write_text(report(exports, steps, args, m))
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(
-        {"machine": m, "exports": exports, "steps": steps}, indent=1))
+    (RESULTS / f"{args.name}.json").write_text(
+        json.dumps({"machine": m, "exports": exports, "steps": steps}, indent=1)
+    )
     print((RESULTS / f"{args.name}.md").read_text())
 
 

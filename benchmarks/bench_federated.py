@@ -52,7 +52,9 @@ def run_federated(cfg, name, out):
     lines = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
     traffic = [b for r in lines for b in r["bytes"]]
     return {
-        "name": name, "mode": cfg.federated.mode, "partition": cfg.federated.partition,
+        "name": name,
+        "mode": cfg.federated.mode,
+        "partition": cfg.federated.partition,
         "zero_shot": summary["zero_shot"]["test"]["accuracy"],
         "zero_shot_calibrated": summary["zero_shot"].get("test_calibrated", {}).get("accuracy"),
         "curve": [[r["round"] + 1, r["test"]["accuracy"]] for r in lines if "test" in r],
@@ -80,15 +82,25 @@ def run_central(cfg, out):
     t0 = time.perf_counter()
     summary = train(cfg)
     metrics = [json.loads(x) for x in (out / "central" / "metrics.jsonl").read_text().splitlines()]
-    curve = [[m["done"] // per_round, m["accuracy"]] for m in metrics
-             if m.get("type") == "track" and m["done"] > 0]
-    return {"name": "central", "mode": "central P-RGE", "partition": "-",
-            "curve": curve, "test": curve[-1][1] if curve else None,
-            "best_dev_test": summary["test"]["accuracy"], "up_mean": 0, "up_max": 0,
-            "down_mean": 0, "down_max": 0,
-            "round_s": None, "wall_s": time.perf_counter() - t0,
-            "zero_shot": summary["zero_shot"]["test"]["accuracy"],
-            "zero_shot_calibrated": summary["zero_shot"].get("test_calibrated", {}).get("accuracy")}
+    curve = [
+        [m["done"] // per_round, m["accuracy"]] for m in metrics if m.get("type") == "track" and m["done"] > 0
+    ]
+    return {
+        "name": "central",
+        "mode": "central P-RGE",
+        "partition": "-",
+        "curve": curve,
+        "test": curve[-1][1] if curve else None,
+        "best_dev_test": summary["test"]["accuracy"],
+        "up_mean": 0,
+        "up_max": 0,
+        "down_mean": 0,
+        "down_max": 0,
+        "round_s": None,
+        "wall_s": time.perf_counter() - t0,
+        "zero_shot": summary["zero_shot"]["test"]["accuracy"],
+        "zero_shot_calibrated": summary["zero_shot"].get("test_calibrated", {}).get("accuracy"),
+    }
 
 
 def plot(results, path):
@@ -103,8 +115,9 @@ def plot(results, path):
         ax.plot(xs, ys, marker="o", label=r["name"])
     ax.axhline(results[0]["zero_shot"], color="gray", ls=":", label="zero-shot")
     if results[0]["zero_shot_calibrated"]:
-        ax.axhline(results[0]["zero_shot_calibrated"], color="gray", ls="--",
-                   label="zero-shot, dev threshold")
+        ax.axhline(
+            results[0]["zero_shot_calibrated"], color="gray", ls="--", label="zero-shot, dev threshold"
+        )
     ax.set_xlabel("round (central: the same examples)")
     ax.set_ylabel("test accuracy")
     ax.legend(fontsize=7)
@@ -139,13 +152,18 @@ def main() -> None:
         print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
     total = time.perf_counter() - t0
     res = HERE / "results"
-    (res / "federated.json").write_text(json.dumps({"args": vars(args), "results": results,
-                                                    "total_s": total}, indent=1))
+    (res / "federated.json").write_text(
+        json.dumps({"args": vars(args), "results": results, "total_s": total}, indent=1)
+    )
     plot(results, res / "federated.png")
     cmd = "python benchmarks/bench_federated.py " + " ".join(sys.argv[1:])
-    rows = ["| run | partition | test acc (last round) | test acc (dev-selected) | "
-            "up B/client/round (mean, max) | down B/client/round (mean, max) | "
-            "round wall s (median) |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| run | partition | test acc (last round) | test acc (dev-selected) | "
+        "up B/client/round (mean, max) | down B/client/round (mean, max) | "
+        "round wall s (median) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
     def fmt(v):
         return "-" if v is None else f"{v:.3f}"
 
@@ -154,19 +172,28 @@ def main() -> None:
         up = "-" if central else f"{r['up_mean']:.0f}, {r['up_max']}"
         down = "-" if central else f"{r['down_mean']:.0f}, {r['down_max']}"
         wall = "-" if r["round_s"] is None else f"{r['round_s']:.1f}"
-        rows.append(f"| {r['name']} | {r['partition']} | {fmt(r['test'])} | "
-                    f"{fmt(r['best_dev_test'])} | {up} | {down} | {wall} |")
+        rows.append(
+            f"| {r['name']} | {r['partition']} | {fmt(r['test'])} | "
+            f"{fmt(r['best_dev_test'])} | {up} | {down} | {wall} |"
+        )
     a = args
-    text = (f"# Federated fine-tuning: seeds and scalars against FedAvg\n\n"
-            f"`{cmd.strip()}` (total {total / 60:.1f} min on this machine's 2 shared cores)\n\n"
-            f"SmolLM2-135M, multiemo positive/negative, LoRA-FA r=16 on all projections; "
-            f"{a.clients} clients, {a.fraction:g} of them sampled per round, {a.rounds} rounds "
-            f"of {a.local_steps} local steps (batch 4); train {a.train_size}, dev {a.dev_size}, "
-            f"test {a.test_size}; Dirichlet alpha {a.alpha}. Zero-shot test accuracy "
-            f"{results[0]['zero_shot']:.3f}"
-            + (f" ({results[0]['zero_shot_calibrated']:.3f} with a dev-chosen threshold)"
-               if results[0]["zero_shot_calibrated"] else "") + ".\n\n"
-            + "\n".join(rows) + "\n\n![test accuracy against rounds](federated.png)\n")
+    text = (
+        f"# Federated fine-tuning: seeds and scalars against FedAvg\n\n"
+        f"`{cmd.strip()}` (total {total / 60:.1f} min on this machine's 2 shared cores)\n\n"
+        f"SmolLM2-135M, multiemo positive/negative, LoRA-FA r=16 on all projections; "
+        f"{a.clients} clients, {a.fraction:g} of them sampled per round, {a.rounds} rounds "
+        f"of {a.local_steps} local steps (batch 4); train {a.train_size}, dev {a.dev_size}, "
+        f"test {a.test_size}; Dirichlet alpha {a.alpha}. Zero-shot test accuracy "
+        f"{results[0]['zero_shot']:.3f}"
+        + (
+            f" ({results[0]['zero_shot_calibrated']:.3f} with a dev-chosen threshold)"
+            if results[0]["zero_shot_calibrated"]
+            else ""
+        )
+        + ".\n\n"
+        + "\n".join(rows)
+        + "\n\n![test accuracy against rounds](federated.png)\n"
+    )
     (res / "federated.md").write_text(text)
     print(text)
 

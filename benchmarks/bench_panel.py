@@ -42,18 +42,46 @@ RUNS = ROOT / "runs" / "panel"
 OTHER = ["--data.labels", "null", "--data.max_input_chars", "null"]
 TASKS = {
     "multiemo": [],  # configs/demo.yaml
-    "winowhy": ["--data.task", "bigbench:winowhy", *OTHER,
-                "--data.template", "{input}\nIs the reason correct or incorrect?\nAnswer:"],
-    "epistemic": ["--data.task", "bigbench:epistemic_reasoning", *OTHER,
-                  "--data.label_words", "{entailment: ' yes', non-entailment: ' no'}",
-                  "--data.template", "{input}\nEntailed (yes or no)?", "--data.max_length", "80"],
+    "winowhy": [
+        "--data.task",
+        "bigbench:winowhy",
+        *OTHER,
+        "--data.template",
+        "{input}\nIs the reason correct or incorrect?\nAnswer:",
+    ],
+    "epistemic": [
+        "--data.task",
+        "bigbench:epistemic_reasoning",
+        *OTHER,
+        "--data.label_words",
+        "{entailment: ' yes', non-entailment: ' no'}",
+        "--data.template",
+        "{input}\nEntailed (yes or no)?",
+        "--data.max_length",
+        "80",
+    ],
     "fever": ["--data.task", "bigbench:fact_checker/fever", *OTHER],
     "strategyqa": ["--data.task", "bigbench:strategyqa", *OTHER],
 }
 MODELS = ["smollm2-135m", "gemma3-270m"]
-FO = ["--optim.estimator", "fo", "--optim.optimizer", "adamw", "--optim.lr", "1e-3",
-      "--optim.momentum", "0", "--optim.batch_size", "16", "--optim.schedule", "constant",
-      "--train.steps", "60", "--train.eval_every", "30"]
+FO = [
+    "--optim.estimator",
+    "fo",
+    "--optim.optimizer",
+    "adamw",
+    "--optim.lr",
+    "1e-3",
+    "--optim.momentum",
+    "0",
+    "--optim.batch_size",
+    "16",
+    "--optim.schedule",
+    "constant",
+    "--train.steps",
+    "60",
+    "--train.eval_every",
+    "30",
+]
 METHODS = {"zo": [], "fo": FO}
 
 
@@ -63,11 +91,29 @@ def run_cell(model: str, task: str, method: str, seed: int, tag: str, zo_extra: 
     summary = out / "summary.json"
     if not summary.is_file():
         extra = zo_extra if method == "zo" else []
-        cmd = [sys.executable, "-m", "zotune.cli", "train", "--config",
-               str(ROOT / "configs/demo.yaml"), "--model.name", model, "--data.split_seed",
-               str(seed), *TASKS[task], *METHODS[method], *extra, "--train.threads", "1",
-               "--train.progress", "false", "--train.checkpoint_every", "100000",
-               "--train.out_dir", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "zotune.cli",
+            "train",
+            "--config",
+            str(ROOT / "configs/demo.yaml"),
+            "--model.name",
+            model,
+            "--data.split_seed",
+            str(seed),
+            *TASKS[task],
+            *METHODS[method],
+            *extra,
+            "--train.threads",
+            "1",
+            "--train.progress",
+            "false",
+            "--train.checkpoint_every",
+            "100000",
+            "--train.out_dir",
+            str(out),
+        ]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
@@ -76,12 +122,20 @@ def run_cell(model: str, task: str, method: str, seed: int, tag: str, zo_extra: 
         print(f"done {name} in {time.perf_counter() - t0:.0f} s", flush=True)
     s = json.loads(summary.read_text())
     zs = s["zero_shot"]
-    return {"name": name, "model": model, "task": task, "method": method, "seed": seed,
-            "test": s["test"]["accuracy"], "dev": s["dev"]["accuracy"],
-            "zs_raw": zs["test"]["accuracy"],
-            "zs_cal": zs.get("test_calibrated", {}).get("accuracy", float("nan")),
-            "wall_s": s["train_wall_s"], "peak_mb": s["peak_rss_mb"],
-            "selected": s["selected_step"]}
+    return {
+        "name": name,
+        "model": model,
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "test": s["test"]["accuracy"],
+        "dev": s["dev"]["accuracy"],
+        "zs_raw": zs["test"]["accuracy"],
+        "zs_cal": zs.get("test_calibrated", {}).get("accuracy", float("nan")),
+        "wall_s": s["train_wall_s"],
+        "peak_mb": s["peak_rss_mb"],
+        "selected": s["selected_step"],
+    }
 
 
 def _ms(values: list[float]) -> str:
@@ -94,14 +148,19 @@ def _ms(values: list[float]) -> str:
 
 def table(cells: list[dict], tag: str, zo_extra: list[str]) -> str:
     ok = [c for c in cells if not c.get("failed")]
-    lines = [f"# Recipe panel{' (' + tag + ')' if tag else ''}", "",
-             "Command: `benchmarks/bench_panel.py " + " ".join(sys.argv[1:]) + "`. 2-core machine, "
-             "one torch thread per run, two runs at a time. zo: configs/demo.yaml"
-             + (f" with `{' '.join(zo_extra)}`" if zo_extra else "") + "; fo: AdamW lr 1e-3, "
-             "batch 16, 60 steps (the same 960 examples). Test accuracy (500 examples) of the "
-             "dev-selected state, mean ± standard deviation over split seeds.", "",
-             "| model | task | zero-shot raw | zero-shot dev-threshold | zo | fo | fo - zo | "
-             "zo - threshold |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Recipe panel{' (' + tag + ')' if tag else ''}",
+        "",
+        "Command: `benchmarks/bench_panel.py " + " ".join(sys.argv[1:]) + "`. 2-core machine, "
+        "one torch thread per run, two runs at a time. zo: configs/demo.yaml"
+        + (f" with `{' '.join(zo_extra)}`" if zo_extra else "")
+        + "; fo: AdamW lr 1e-3, "
+        "batch 16, 60 steps (the same 960 examples). Test accuracy (500 examples) of the "
+        "dev-selected state, mean ± standard deviation over split seeds.",
+        "",
+        "| model | task | zero-shot raw | zero-shot dev-threshold | zo | fo | fo - zo | zo - threshold |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     gaps = []
     for model, task in itertools.product(MODELS, TASKS):
         mine = [c for c in ok if c["model"] == model and c["task"] == task]
@@ -115,19 +174,22 @@ def table(cells: list[dict], tag: str, zo_extra: list[str]) -> str:
         if gap is not None:
             gaps.append(gap)
         margin = statistics.mean(zo) - statistics.mean(cal) if zo and cal else None
-        lines.append(f"| {model} | {task} | {_ms(raw)} | {_ms(cal)} | {_ms(zo)} | {_ms(fo)} | "
-                     f"{'-' if gap is None else f'{gap:+.3f}'} | "
-                     f"{'-' if margin is None else f'{margin:+.3f}'} |")
+        lines.append(
+            f"| {model} | {task} | {_ms(raw)} | {_ms(cal)} | {_ms(zo)} | {_ms(fo)} | "
+            f"{'-' if gap is None else f'{gap:+.3f}'} | "
+            f"{'-' if margin is None else f'{margin:+.3f}'} |"
+        )
     if gaps:
-        lines += ["", f"Mean gap fo - zo over {len(gaps)} model-task pairs: "
-                  f"{statistics.mean(gaps):+.3f}."]
+        lines += ["", f"Mean gap fo - zo over {len(gaps)} model-task pairs: {statistics.mean(gaps):+.3f}."]
     for method in METHODS:
         mine = [c for c in ok if c["method"] == method]
         if mine:
-            lines.append(f"- {method}: training wall time per run median "
-                         f"{statistics.median(c['wall_s'] for c in mine):.0f} s, peak RSS median "
-                         f"{statistics.median(c['peak_mb'] for c in mine):.0f} MB "
-                         f"({len(mine)} runs).")
+            lines.append(
+                f"- {method}: training wall time per run median "
+                f"{statistics.median(c['wall_s'] for c in mine):.0f} s, peak RSS median "
+                f"{statistics.median(c['peak_mb'] for c in mine):.0f} MB "
+                f"({len(mine)} runs)."
+            )
     failed = [c["name"] for c in cells if c.get("failed")]
     if failed:
         lines.append(f"- failed: {', '.join(failed)}")
@@ -145,8 +207,14 @@ def main() -> None:
     ap.add_argument("--zo", default="", help="extra overrides for the zo runs, one string")
     args = ap.parse_args()
     zo_extra = shlex.split(args.zo)
-    jobs = list(itertools.product(args.models.split(","), args.tasks.split(","),
-                                  args.methods.split(","), [int(s) for s in args.seeds.split(",")]))
+    jobs = list(
+        itertools.product(
+            args.models.split(","),
+            args.tasks.split(","),
+            args.methods.split(","),
+            [int(s) for s in args.seeds.split(",")],
+        )
+    )
     with ThreadPoolExecutor(args.jobs) as pool:
         cells = list(pool.map(lambda j: run_cell(*j, args.tag, zo_extra), jobs))
     text = table(cells, args.tag, zo_extra)

@@ -37,8 +37,11 @@ def main() -> None:
         rebuilt = load_file(replay(str(run / "replay.jsonl"), tmp) / "adapter_model.safetensors")
     # The replay log holds every step; the device adapter is the dev-selected one.
     selected = json.loads((run / "summary.json").read_text())["selected_step"]
-    steps = sum(1 for line in (run / "replay.jsonl").read_text().splitlines()
-                if json.loads(line).get("type") == "step")
+    steps = sum(
+        1
+        for line in (run / "replay.jsonl").read_text().splitlines()
+        if json.loads(line).get("type") == "step"
+    )
     replay_diff = max(float((device[k] - rebuilt[k]).abs().max()) for k in device)
 
     model, tokenizer, _ = load_model(cfg.model.name)
@@ -46,18 +49,23 @@ def main() -> None:
     test = splits.test.index(torch.arange(args.rows))
     peft_model = PeftModel.from_pretrained(model, str(run / "adapter")).eval()
     with torch.no_grad():
-        out = peft_model(input_ids=test.input_ids, attention_mask=test.attention_mask,
-                         position_ids=test.position_ids)
+        out = peft_model(
+            input_ids=test.input_ids, attention_mask=test.attention_mask, position_ids=test.position_ids
+        )
         peft_logits = out.logits[:, -1].gather(1, test.choice_ids)  # [rows, C]
     base, _, _ = load_model(cfg.model.name)
     engine = EagerEngine(base, cfg, splits.kind)
     engine.params.load_state(load_peft(str(run / "adapter"))[1])
-    (ours,) = engine.scores((test.input_ids, test.attention_mask, test.position_ids,
-                             test.choice_ids, test.labels))
-    res = {"replay_steps": steps, "selected_step": selected,
-           "replay_vs_device_max_abs_B": replay_diff if selected == steps else None,
-           "peft_vs_zotune_max_abs_logit": float((peft_logits - ours).abs().max()),
-           "rows": args.rows}
+    (ours,) = engine.scores(
+        (test.input_ids, test.attention_mask, test.position_ids, test.choice_ids, test.labels)
+    )
+    res = {
+        "replay_steps": steps,
+        "selected_step": selected,
+        "replay_vs_device_max_abs_B": replay_diff if selected == steps else None,
+        "peft_vs_zotune_max_abs_logit": float((peft_logits - ours).abs().max()),
+        "rows": args.rows,
+    }
     print(json.dumps(res, indent=1))
 
 

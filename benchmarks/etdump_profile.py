@@ -40,8 +40,13 @@ def method_inputs(method: str, meta: dict, run: int) -> list[torch.Tensor]:
     choices = torch.tensor([[100 * (c + 1) for c in range(meta["n_choices"])]] * rows)
     batch = [ids, torch.ones_like(ids), torch.arange(T).repeat(rows, 1), choices]
     if method == "train_step":  # seed, lr, eps, batch, labels
-        return [torch.tensor([run]), torch.tensor([1e-3]), torch.tensor([1e-2]), *batch,
-                torch.zeros(rows, dtype=torch.int64)]
+        return [
+            torch.tensor([run]),
+            torch.tensor([1e-3]),
+            torch.tensor([1e-2]),
+            *batch,
+            torch.zeros(rows, dtype=torch.int64),
+        ]
     if method == "set_lora":
         return [torch.zeros(meta["numel"], dtype=getattr(torch, meta.get("dtype", "float32")))]
     return batch if method == "forward" else []
@@ -60,7 +65,7 @@ def aggregate(blocks) -> tuple[list[float], dict[str, list], dict[str, float]]:
         if e.is_delegated_op:  # logged by the delegate itself (XNNPACK's profiler)
             key, bucket = "xnnpack: " + re.sub(r" #\d+$", "", e.name), "inner"
         elif e.name.startswith("native_call_"):  # the portable kernel, inside OPERATOR_CALL
-            key, bucket = "portable: " + e.name[len("native_call_"):], "kernel"
+            key, bucket = "portable: " + e.name[len("native_call_") :], "kernel"
         else:  # Method::execute, OPERATOR_CALL, DELEGATE_CALL
             key, bucket = None, e.name
             if e.name == "Method::execute":
@@ -68,13 +73,17 @@ def aggregate(blocks) -> tuple[list[float], dict[str, list], dict[str, float]]:
         tot[bucket], n[bucket] = tot[bucket] + sum(raw), n[bucket] + len(raw)
         if key:
             rows[key] = [rows[key][0] + sum(raw), rows[key][1] + len(raw)]
-    gaps = [("xnnpack: (delegate call, outside timed ops)", "DELEGATE_CALL", "inner"),
-            ("portable: (operator dispatch)", "OPERATOR_CALL", "kernel")]
+    gaps = [
+        ("xnnpack: (delegate call, outside timed ops)", "DELEGATE_CALL", "inner"),
+        ("portable: (operator dispatch)", "OPERATOR_CALL", "kernel"),
+    ]
     for key, outer, inner in gaps:
         if n[outer]:  # the outer scope's time not covered by the events inside it
             rows[key] = [tot[outer] - tot[inner], n[outer]]
     rows["(method, outside operator/delegate calls)"] = [
-        tot["Method::execute"] - tot["OPERATOR_CALL"] - tot["DELEGATE_CALL"], len(per_run)]
+        tot["Method::execute"] - tot["OPERATOR_CALL"] - tot["DELEGATE_CALL"],
+        len(per_run),
+    ]
     return per_run, dict(rows), tot
 
 
@@ -107,9 +116,11 @@ def profile(path: Path, method: str, runs: int, threads: int, keep: str | None, 
     if method == "train_step":  # set_lora and train_step must share theta: it has to move
         theta = methods["get_lora"].execute([])[0]
         ok = all(map(math.isfinite, losses)) and bool(theta.abs().sum() > 0)
-        check = (f"check: loss per run {', '.join(f'{x:.4f}' for x in losses)}; theta nonzero "
-                 f"after training: {int((theta != 0).sum())}/{theta.numel()} -> "
-                 f"{'ok' if ok else 'FAILED'}")
+        check = (
+            f"check: loss per run {', '.join(f'{x:.4f}' for x in losses)}; theta nonzero "
+            f"after training: {int((theta != 0).sum())}/{theta.numel()} -> "
+            f"{'ok' if ok else 'FAILED'}"
+        )
     with warnings.catch_warnings():  # "Output Buffer not found": no debug buffer, as intended
         warnings.simplefilter("ignore")
         blocks = Inspector(etdump_path=str(etdump)).event_blocks
@@ -124,20 +135,26 @@ def report(args, meta, agg, walls, check) -> str:
     ranked = sorted(rows.items(), key=lambda kv: -kv[1][0])
     top, rest = ranked[:25], [v for _, v in ranked[25:]]
     if rest:
-        top.append((f"other ({len(rest)} rows)", [sum(v[0] for v in rest),
-                                                  sum(v[1] for v in rest)]))
-    lines = [f"# ETDump profile: {args.program.name} :: {args.method}", "",
-             f"q={meta['q']} b={meta['b']} T={meta['seq_len']} C={meta['n_choices']} "
-             f"eval_batch={meta['eval_batch']}, threads {args.threads}, {n} profiled run(s)"
-             f"{' after 1 warm-up' if args.runs > 1 else ' (cold, no warm-up)'}", "",
-             f"method time per run (Method::execute): mean {total:.3f} ms (min {min(per_run):.3f},"
-             f" median {statistics.median(per_run):.3f}, max {max(per_run):.3f}); wall per run "
-             f"(Python, ETDump on): mean {statistics.mean(walls):.3f} ms", "",
-             f"inside delegate calls (XNNPACK): {inside / n:.3f} ms ({pct(inside)}); portable "
-             f"operator calls: {portable / n:.3f} ms ({pct(portable)}); rest of the method: "
-             f"{pct(tot['Method::execute'] - inside - portable)}", "",
-             *([check, ""] if check else []),
-             "| # | event | ms/run | count/run | share |", "|---:|---|---:|---:|---:|"]
+        top.append((f"other ({len(rest)} rows)", [sum(v[0] for v in rest), sum(v[1] for v in rest)]))
+    lines = [
+        f"# ETDump profile: {args.program.name} :: {args.method}",
+        "",
+        f"q={meta['q']} b={meta['b']} T={meta['seq_len']} C={meta['n_choices']} "
+        f"eval_batch={meta['eval_batch']}, threads {args.threads}, {n} profiled run(s)"
+        f"{' after 1 warm-up' if args.runs > 1 else ' (cold, no warm-up)'}",
+        "",
+        f"method time per run (Method::execute): mean {total:.3f} ms (min {min(per_run):.3f},"
+        f" median {statistics.median(per_run):.3f}, max {max(per_run):.3f}); wall per run "
+        f"(Python, ETDump on): mean {statistics.mean(walls):.3f} ms",
+        "",
+        f"inside delegate calls (XNNPACK): {inside / n:.3f} ms ({pct(inside)}); portable "
+        f"operator calls: {portable / n:.3f} ms ({pct(portable)}); rest of the method: "
+        f"{pct(tot['Method::execute'] - inside - portable)}",
+        "",
+        *([check, ""] if check else []),
+        "| # | event | ms/run | count/run | share |",
+        "|---:|---|---:|---:|---:|",
+    ]
     for i, (name, (ms, count)) in enumerate(top, 1):
         lines.append(f"| {i} | {name} | {ms / n:.3f} | {count / n:g} | {pct(ms)} |")
     return "\n".join(lines) + "\n"
@@ -146,16 +163,18 @@ def report(args, meta, agg, walls, check) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("program", type=Path)
-    p.add_argument("--method", default="train_step",
-                   choices=["train_step", "forward", "get_lora", "set_lora"])
+    p.add_argument(
+        "--method", default="train_step", choices=["train_step", "forward", "get_lora", "set_lora"]
+    )
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS / "etdump.md")
     p.add_argument("--etdump", default=None, help="also keep the raw ETDump at this path")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="etdump_") as tmp:
-        text = report(args, *profile(args.program, args.method, args.runs, args.threads,
-                                     args.etdump, Path(tmp)))
+        text = report(
+            args, *profile(args.program, args.method, args.runs, args.threads, args.etdump, Path(tmp))
+        )
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

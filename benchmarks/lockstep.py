@@ -26,9 +26,15 @@ class Worker:
         self.name, self.spec = name, spec
         self.stderr = tempfile.TemporaryFile(mode="w+")  # a pipe could fill up and block
         env = {**os.environ, **spec.get("env", {})}  # e.g. OMP_WAIT_POLICY for one configuration
-        self.proc = subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.stderr, text=True, bufsize=1, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WORKER), json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            bufsize=1,
+            env=env,
+        )
         self.times: list[float] = []
         self.info: dict = {}
 
@@ -57,8 +63,15 @@ class Worker:
 
     def result(self) -> dict:
         t = self.times
-        return {"name": self.name, "spec": self.spec, "median_s": statistics.median(t),
-                "min_s": min(t), "max_s": max(t), "times_s": t, **self.info}
+        return {
+            "name": self.name,
+            "spec": self.spec,
+            "median_s": statistics.median(t),
+            "min_s": min(t),
+            "max_s": max(t),
+            "times_s": t,
+            **self.info,
+        }
 
 
 def run_group(specs: dict[str, dict], steps: int, log=print) -> dict[str, dict]:
@@ -75,8 +88,7 @@ def run_group(specs: dict[str, dict], steps: int, log=print) -> dict[str, dict]:
     for r in range(steps):
         for w in workers.values():
             w.step()
-        log(f"  round {r + 1}/{steps}: " + ", ".join(f"{n} {w.times[-1]:.3f}s"
-                                                    for n, w in workers.items()))
+        log(f"  round {r + 1}/{steps}: " + ", ".join(f"{n} {w.times[-1]:.3f}s" for n, w in workers.items()))
     for name, w in workers.items():
         results[name] = w.quit()
     return {name: results[name] for name in specs}
@@ -99,15 +111,23 @@ def machine() -> dict:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = "not installed"
-    return {"cores": os.cpu_count(), "cpu": cpu, "platform": platform.platform(),
-            "python": platform.python_version(), "load_average": os.getloadavg(), **versions}
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average": os.getloadavg(),
+        **versions,
+    }
 
 
 def machine_line(m: dict) -> str:
     la = "/".join(f"{x:.2f}" for x in m["load_average"])
-    return (f"{m['cores']} cores ({m['cpu'] or platform.machine()}), load average {la}; "
-            f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
-            f"executorch {m['executorch']}, zotune {m['zotune']}")
+    return (
+        f"{m['cores']} cores ({m['cpu'] or platform.machine()}), load average {la}; "
+        f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
+        f"executorch {m['executorch']}, zotune {m['zotune']}"
+    )
 
 
 def fmt_time(r: dict) -> str:

@@ -116,8 +116,9 @@ def main() -> None:
         "P-RGE step": lambda: engine.step(batch, next(step_i), lr, eps),
         "  draw z": lambda: draw(seed, adapter.layout, adapter.tensors()[0], q, noise_kind, fused=True),
         "  replica forward": replica_forward,
-        "  update": lambda: apply_update(adapter.tensors(), [estimate(z, g) for z in z_list], 0.0,
-                                         cfg.optim.momentum, engine.velocity),
+        "  update": lambda: apply_update(
+            adapter.tensors(), [estimate(z, g) for z in z_list], 0.0, cfg.optim.momentum, engine.velocity
+        ),
     }
     times: dict[str, list[float]] = {k: [] for k in phases}
     for fn in phases.values():  # warm-up
@@ -128,18 +129,29 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     fwd = med["plain forward (2qb rows)"]
 
-    out = [f"# Profile of the eager P-RGE dual step (q={q}, b={b}, T={args.T}, {args.threads} "
-           f"threads, SmolLM2-135M, LoRA-FA r={cfg.adapter.rank}, all linear layers)", "",
-           f"Command: `benchmarks/profile_step.py --q {q} --b {b} --T {args.T} --threads "
-           f"{args.threads} --rounds {args.rounds}`. One process; every round times each row in "
-           "turn; medians (min-max) over the rounds, and each as a share of the plain forward.", "",
-           "| phase | seconds | / plain forward |", "|---|---|---|"]
+    out = [
+        f"# Profile of the eager P-RGE dual step (q={q}, b={b}, T={args.T}, {args.threads} "
+        f"threads, SmolLM2-135M, LoRA-FA r={cfg.adapter.rank}, all linear layers)",
+        "",
+        f"Command: `benchmarks/profile_step.py --q {q} --b {b} --T {args.T} --threads "
+        f"{args.threads} --rounds {args.rounds}`. One process; every round times each row in "
+        "turn; medians (min-max) over the rounds, and each as a share of the plain forward.",
+        "",
+        "| phase | seconds | / plain forward |",
+        "|---|---|---|",
+    ]
     for k, v in times.items():
-        out.append(f"| {k.strip() if not k.startswith('  ') else '&nbsp;&nbsp;' + k.strip()} | "
-                   f"{med[k]:.3f} ({min(v):.3f}-{max(v):.3f}) | {med[k] / fwd:.3f} |")
+        out.append(
+            f"| {k.strip() if not k.startswith('  ') else '&nbsp;&nbsp;' + k.strip()} | "
+            f"{med[k]:.3f} ({min(v):.3f}-{max(v):.3f}) | {med[k] / fwd:.3f} |"
+        )
     parts = sum(med[k] for k in phases if k.startswith("  "))
-    out += ["", f"Sum of the phases / step: {parts / med['P-RGE step']:.2f} (the rest is tiling the "
-            "batch, the loss reduction and Python).", ""]
+    out += [
+        "",
+        f"Sum of the phases / step: {parts / med['P-RGE step']:.2f} (the rest is tiling the "
+        "batch, the loss reduction and Python).",
+        "",
+    ]
 
     # Operator split of the replica forward against the plain forward.
     # Profiled three times in turn, each (operator, shapes) at its fastest: single profiled runs on
@@ -154,9 +166,12 @@ def main() -> None:
         for (op, shapes), s in ops.items():
             cats[classify(op, shapes, cfg.adapter.rank)][i] += s
     total = [sum(v[i] for v in cats.values()) for i in (0, 1)]
-    out += ["## Replica forward against the plain forward, by operator (torch profiler, self time)",
-            "", "| operators | plain forward s | replica forward s | extra / plain forward total |",
-            "|---|---|---|---|"]
+    out += [
+        "## Replica forward against the plain forward, by operator (torch profiler, self time)",
+        "",
+        "| operators | plain forward s | replica forward s | extra / plain forward total |",
+        "|---|---|---|---|",
+    ]
     for name, (a, r) in sorted(cats.items(), key=lambda kv: -kv[1][1]):
         out.append(f"| {name} | {a:.3f} | {r:.3f} | {(r - a) / total[0]:+.3f} |")
     out.append(f"| total | {total[0]:.3f} | {total[1]:.3f} | {(total[1] - total[0]) / total[0]:+.3f} |")

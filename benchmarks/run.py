@@ -42,8 +42,14 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from lockstep import machine, machine_line
 
-    lines = [f"# `make bench{'-quick' if args.quick else ''}`: time of each stage", "",
-             f"Machine at the end: {machine_line(machine())}.", "", "| stage | minutes |", "|---|---|"]
+    lines = [
+        f"# `make bench{'-quick' if args.quick else ''}`: time of each stage",
+        "",
+        f"Machine at the end: {machine_line(machine())}.",
+        "",
+        "| stage | minutes |",
+        "|---|---|",
+    ]
     lines += [f"| {name} (`{' '.join(stages[name])}`) | {m:.1f} |" for name, m in minutes.items()]
     lines += [f"| total | {total:.1f} |", ""]
     (HERE / "results" / f"bench-run{'-quick' if args.quick else ''}.md").write_text("\n".join(lines))

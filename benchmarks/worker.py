@@ -3,7 +3,8 @@
     python benchmarks/worker.py '{"mode": "prge", "q": 4, "b": 4, "T": 64, "dual": true}'
 
 Modes: forward (plain inference over `rows` rows, no adapter), prge, rge, fo (the eager trainer's
-engine, as `zotune train` builds it), pte (an exported ExecuTorch program's train_step).
+engine, as `zotune train` builds it), pte (an exported ExecuTorch program's train_step), ort (an
+exported ONNX program's step in ONNX Runtime, spec "onnx": its path).
 "device": "cuda" runs on a GPU (synchronised before each step's time is taken); "random_init"
 builds the model from the config in the folder "model" names, with random weights, for machines
 the checkpoint cannot reach (step time does not depend on the weights' values).
@@ -58,19 +59,21 @@ def build(spec: dict):
     else:
         tokenizer = load_tokenizer(model_name)
     choice = [tokenizer.encode(w, add_special_tokens=False)[0] for w in (" positive", " negative")]
-    if mode == "pte":
-        from zotune.engines.pte import PteProgram, set_threads
+    if mode in ("pte", "ort"):  # an exported program: ExecuTorch .pte or ONNX
+        from zotune.engines.program import runtime
 
-        if spec.get("threads"):  # XNNPACK's own threadpool (default: one thread per core)
+        program_cls, set_threads = runtime("executorch" if mode == "pte" else "onnx")
+        if spec.get("threads"):  # the runtime's own threads (default: one per core)
             set_threads(spec["threads"])
-        prog = PteProgram.load(spec["pte"])
+        prog = program_cls.load(spec["pte" if mode == "pte" else "onnx"])
         batch = _batch(b, T, len(tokenizer), choice)
         return lambda i: prog.train_step(1000 + i, 3e-3, 1e-2, batch)
 
     if spec.get("random_init"):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_name),
-                                                 attn_implementation="sdpa").eval()
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(model_name), attn_implementation="sdpa"
+        ).eval()
     else:
         model, _, _ = load_model(model_name)
     model.to(device)
@@ -87,6 +90,7 @@ def build(spec: dict):
             if device.type == "cuda":
                 torch.cuda.synchronize()  # the step ends when the device is done
             return out
+
         return forward
 
     from zotune.engines.eager import EagerEngine
@@ -104,6 +108,7 @@ def build(spec: dict):
         if device.type == "cuda":
             torch.cuda.synchronize()
         return out
+
     return step
 
 
@@ -133,8 +138,7 @@ def main() -> None:
             i += 1
         elif line.strip() == "quit":
             break
-    info = {"peak_rss_mb": peak_rss_mb(), "import_rss_mb": import_rss,
-            "threads": torch.get_num_threads()}
+    info = {"peak_rss_mb": peak_rss_mb(), "import_rss_mb": import_rss, "threads": torch.get_num_threads()}
     if spec.get("device", "cpu").startswith("cuda"):
         info["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         info["gpu"] = torch.cuda.get_device_name()

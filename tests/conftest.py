@@ -33,8 +33,10 @@ def tiny_folder(tmp_path_factory, tokenizer):
     return str(save_tiny_model("llama", tokenizer, tmp_path_factory.mktemp("tiny-llama")))
 
 
-WORDS = {"positive": ["good", "great", "fine", "lovely", "superb"],
-         "negative": ["bad", "awful", "poor", "nasty", "dreadful"]}
+WORDS = {
+    "positive": ["good", "great", "fine", "lovely", "superb"],
+    "negative": ["bad", "awful", "poor", "nasty", "dreadful"],
+}
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,9 @@ def write(tmp_path, text):
 
 def test_defaults_yaml_and_overrides(tmp_path):
     p = write(tmp_path, "optim:\n  q: 8\n  lr: 1e-3\ndata:\n  labels: [a, b]\n")
-    cfg = load_config(p, ["--optim.eps", "0.001", "--train.steps=7", "--optim.dual", "false",
-                          "--data.labels", "x,y"])
+    cfg = load_config(
+        p, ["--optim.eps", "0.001", "--train.steps=7", "--optim.dual", "false", "--data.labels", "x,y"]
+    )
     assert cfg.optim.q == 8 and cfg.optim.lr == 1e-3 and cfg.optim.eps == 0.001
     assert cfg.train.steps == 7 and cfg.optim.dual is False and cfg.data.labels == ["x", "y"]
     assert cfg.adapter.rank == Config().adapter.rank
@@ -25,24 +26,26 @@ def test_round_trip_through_yaml(tmp_path):
     assert again == cfg
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("optim:\n  qq: 1\n", "unknown key 'optim.qq'"),
-    ("optimizer:\n  q: 1\n", "unknown section 'optimizer'"),
-    ("optim:\n  q: four\n", "optim.q: expected an integer"),
-    ("optim:\n  dual: 3\n", "optim.dual: expected true or false"),
-    ("optim:\n  estimator: adam\n", "optim.estimator: expected one of"),
-    ("optim: [1, 2]\n", "section 'optim' must be a mapping"),
-    ("optim:\n  q: [\n", "invalid YAML"),
-    ("optim:\n  q: 0\n", "optim.q: expected a positive integer"),
-    ("adapter:\n  kind: full\n", "prge needs an adapter"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("optim:\n  qq: 1\n", "unknown key 'optim.qq'"),
+        ("optimizer:\n  q: 1\n", "unknown section 'optimizer'"),
+        ("optim:\n  q: four\n", "optim.q: expected an integer"),
+        ("optim:\n  dual: 3\n", "optim.dual: expected true or false"),
+        ("optim:\n  estimator: adam\n", "optim.estimator: expected one of"),
+        ("optim: [1, 2]\n", "section 'optim' must be a mapping"),
+        ("optim:\n  q: [\n", "invalid YAML"),
+        ("optim:\n  q: 0\n", "optim.q: expected a positive integer"),
+        ("adapter:\n  kind: full\n", "prge needs an adapter"),
+    ],
+)
 def test_bad_yaml_names_the_field(tmp_path, text, needle):
     p = write(tmp_path, text)
     with pytest.raises(ConfigError) as e:
         load_config(p)
     assert needle in str(e.value)
-    assert str(p) in str(e.value) or "optim.estimator" in needle or "positive" in needle \
-        or "prge" in needle
+    assert str(p) in str(e.value) or "optim.estimator" in needle or "positive" in needle or "prge" in needle
 
 
 def test_bad_overrides():

@@ -42,8 +42,9 @@ def _kill_at_random(mode: str, target: Path, rounds: int) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     rng = random.Random(0)
     for _ in range(rounds):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, mode, str(target)], env=env,
-                                stdout=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, mode, str(target)], env=env, stdout=subprocess.PIPE
+        )
         try:
             assert proc.stdout.readline().strip() == b"ready"
             time.sleep(rng.uniform(0, 0.05))

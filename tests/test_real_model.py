@@ -18,8 +18,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def real():
     model, tokenizer, _ = load_model("smollm2-135m")
-    cfg = DataConfig(task="bigbench:multiemo", labels=["positive", "negative"],
-                     max_input_chars=200, max_length=64)
+    cfg = DataConfig(
+        task="bigbench:multiemo", labels=["positive", "negative"], max_input_chars=200, max_length=64
+    )
     task = load_task(cfg)
     return model, tokenizer, task
 

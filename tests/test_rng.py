@@ -56,8 +56,9 @@ def test_numpy_fast_path_is_bitwise_the_torch_hash():
     Both must give the same bits, including counters beyond 32 bits and negative-free seeds."""
     from zotune.rng import _noise
 
-    idx = torch.cat([torch.arange(0, 70_000), torch.arange((1 << 32) - 5, (1 << 32) + 5),
-                     torch.tensor([(1 << 40) + 123])]).to(torch.int64)
+    idx = torch.cat(
+        [torch.arange(0, 70_000), torch.arange((1 << 32) - 5, (1 << 32) + 5), torch.tensor([(1 << 40) + 123])]
+    ).to(torch.int64)
     for s in (0, 7, MASK32, 123456789012):
         for kind in ("normal", "rademacher"):
             for dtype in (torch.float32, torch.float64):
@@ -73,8 +74,10 @@ def test_numpy_range_path_threaded_is_bitwise_the_torch_hash():
     from zotune.rng import _NP_CHUNK, _noise
 
     n, start = 9 * _NP_CHUNK + 123, (1 << 32) - 1000
-    ref = {kind: _noise(seed(5), torch.arange(start, start + n, dtype=torch.int64), kind,
-                        torch.float32) for kind in ("normal", "rademacher")}
+    ref = {
+        kind: _noise(seed(5), torch.arange(start, start + n, dtype=torch.int64), kind, torch.float32)
+        for kind in ("normal", "rademacher")
+    }
     old = torch.get_num_threads()
     try:
         for threads in (1, 2):

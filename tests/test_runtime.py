@@ -15,8 +15,7 @@ def _run(env_value):
     env = {k: v for k, v in os.environ.items() if k != "ZOTUNE_MALLOC"}
     if env_value is not None:
         env["ZOTUNE_MALLOC"] = env_value
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
     return out.stdout.strip()
 
 

@@ -4,10 +4,13 @@
     zotune data [--config x.yaml] [--k v]   load a task and show its splits
     zotune fetch                            prepare the embedded model and data offline caches
     zotune train --config x.yaml [--section.key value ...] [--resume]
-    zotune eval --config x.yaml [--adapter DIR] [--split test]
+    torchrun --nproc_per_node N -m zotune.cli train --config x.yaml --train.parallel data|query
+    zotune eval --config x.yaml [--adapter DIR] [--split test] [--harness TASKS [--harness-include DIR]]
     zotune export --engine executorch --config x.yaml --out model.pte [--quantize 8da4w]
-    zotune device-train model.pte --config x.yaml [--resume]
+    zotune export --engine onnx --config x.yaml --out step.onnx [--quantize int4]
+    zotune device-train model.pte|step.onnx --config x.yaml [--resume]
     zotune replay RUN/replay.jsonl --out DIR
+    zotune export-adapter ADAPTER_DIR --format gguf|merged --out PATH [--base MODEL]
     zotune federate --config configs/federated.yaml [--resume]   Flower simulation, K clients
 
 Errors in the user's input print one line naming the file/line/field and exit with status 2.
@@ -38,10 +41,21 @@ def cmd_models(args, rest):
         return
     model, tokenizer, source = load_model(args.name)
     n_params = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"name": args.name, "source": source.kind, "path": source.path,
-                      "architecture": type(model).__name__, "parameters": n_params,
-                      "layers": model.config.num_hidden_layers,
-                      "hidden_size": model.config.hidden_size, "vocab": len(tokenizer)}, indent=1))
+    print(
+        json.dumps(
+            {
+                "name": args.name,
+                "source": source.kind,
+                "path": source.path,
+                "architecture": type(model).__name__,
+                "parameters": n_params,
+                "layers": model.config.num_hidden_layers,
+                "hidden_size": model.config.hidden_size,
+                "vocab": len(tokenizer),
+            },
+            indent=1,
+        )
+    )
 
 
 def cmd_data(args, rest):
@@ -52,8 +66,14 @@ def cmd_data(args, rest):
     print(json.dumps({"task": task.name, "kind": task.kind, **task.sizes()}, indent=1))
     for ex in task.train[: args.show]:
         print("---")
-        print(ex.prompt + (f"  -> {ex.choices[ex.label]!r} of {list(ex.choices)}"
-                           if ex.label is not None else f"  -> {ex.target!r}"))
+        print(
+            ex.prompt
+            + (
+                f"  -> {ex.choices[ex.label]!r} of {list(ex.choices)}"
+                if ex.label is not None
+                else f"  -> {ex.target!r}"
+            )
+        )
 
 
 def cmd_fetch(args, rest):
@@ -65,10 +85,13 @@ def cmd_fetch(args, rest):
 
 
 def cmd_train(args, rest):
+    from zotune.train.distributed import is_main
     from zotune.train.run import train
 
     cfg = _config(args, rest)
     summary = train(cfg, resume=args.resume, stop_after=args.stop_after)
+    if not is_main():  # under torchrun, rank 0 alone reports
+        return
     if summary is None:
         print(f"stopped after {args.stop_after} steps; continue with --resume")
         return
@@ -76,13 +99,15 @@ def cmd_train(args, rest):
 
 
 def _print_summary(s: dict) -> None:
-    zs, metric = s["zero_shot"], "accuracy" if "accuracy" in s["test"] else "loss"
+    zs = s["zero_shot"]
+    metric = next(m for m in ("accuracy", "score", "loss") if m in s["test"])
     print(f"zero-shot test {metric}: {zs['test'][metric]:.4f}")
     if "test_calibrated" in zs:
-        print(f"zero-shot test accuracy with a dev-chosen threshold: "
-              f"{zs['test_calibrated']['accuracy']:.4f}")
-    print(f"after {s['steps']} steps (selected on dev at step {s['selected_step']}): "
-          f"dev {metric} {s['dev'][metric]:.4f}, test {metric} {s['test'][metric]:.4f}")
+        print(f"zero-shot test accuracy with a dev-chosen threshold: {zs['test_calibrated']['accuracy']:.4f}")
+    print(
+        f"after {s['steps']} steps (selected on dev at step {s['selected_step']}): "
+        f"dev {metric} {s['dev'][metric]:.4f}, test {metric} {s['test'][metric]:.4f}"
+    )
     print(f"train time {s['train_wall_s']:.0f} s, peak RSS {s['peak_rss_mb']:.0f} MB")
     print(f"adapter: {s['adapter']}\nplot: {s['plot']}")
 
@@ -91,7 +116,13 @@ def cmd_export(args, rest):
     from zotune.train.device import export
 
     cfg = _config(args, rest)
-    report = export(cfg, args.out, args.engine, None if args.quantize == "none" else args.quantize)
+    quantize = None if args.quantize == "none" else args.quantize
+    allowed = {"executorch": (None, "8da4w"), "onnx": (None, "int4", "int4-zp")}[args.engine]
+    if quantize not in allowed:
+        raise ZotuneError(
+            f"--quantize {quantize}: the {args.engine} engine offers {[q or 'none' for q in allowed]}"
+        )
+    report = export(cfg, args.out, args.engine, quantize, args.block_size)
     print(json.dumps(report, indent=1))
 
 
@@ -110,6 +141,15 @@ def cmd_eval(args, rest):
     from zotune.train.run import evaluate_adapter
 
     cfg = _config(args, rest)
+    if args.harness:  # lm-evaluation-harness tasks instead of the config's task
+        from zotune.harness import run_harness
+
+        print(
+            json.dumps(
+                run_harness(cfg, args.adapter, args.harness, args.harness_include, args.limit), indent=1
+            )
+        )
+        return
     print(json.dumps(evaluate_adapter(cfg, args.adapter, args.split), indent=1))
 
 
@@ -117,6 +157,16 @@ def cmd_replay(args, rest):
     from zotune.train.run import replay
 
     print(f"adapter rebuilt from {args.log}: {replay(args.log, args.out)}")
+
+
+def cmd_export_adapter(args, rest):
+    from zotune.adapters.gguf_io import export_gguf, export_merged
+
+    fmt = "merged" if args.merge else args.format
+    if fmt is None:
+        raise ZotuneError("export-adapter: expected --format gguf, --format merged or --merge")
+    out = (export_gguf if fmt == "gguf" else export_merged)(args.adapter, args.out, args.base)
+    print(f"{fmt} adapter written: {out}")
 
 
 def cmd_federate(args, rest):
@@ -131,12 +181,13 @@ def cmd_federate(args, rest):
     zs, metric = summary["zero_shot"], "accuracy" if "accuracy" in summary["test"] else "loss"
     print(f"zero-shot test {metric}: {zs['test'][metric]:.4f}")
     if "test_calibrated" in zs:
-        print(f"zero-shot test accuracy with a dev-chosen threshold: "
-              f"{zs['test_calibrated']['accuracy']:.4f}")
-    print(f"after {summary['rounds']} rounds ({summary['mode']}): test {metric} "
-          f"{summary['test'][metric]:.4f}; bytes per client per round: up "
-          f"{summary['bytes_up_per_client_round']:.0f}, down "
-          f"{summary['bytes_down_per_client_round']:.0f}")
+        print(f"zero-shot test accuracy with a dev-chosen threshold: {zs['test_calibrated']['accuracy']:.4f}")
+    print(
+        f"after {summary['rounds']} rounds ({summary['mode']}): test {metric} "
+        f"{summary['test'][metric]:.4f}; bytes per client per round: up "
+        f"{summary['bytes_up_per_client_round']:.0f}, down "
+        f"{summary['bytes_down_per_client_round']:.0f}"
+    )
     print(f"adapter: {summary['adapter']}")
 
 
@@ -152,30 +203,57 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("models", help="list embedded models or describe one")
     s.add_argument("name", nargs="?")
     s.set_defaults(fn=cmd_models)
-    for name, fn, help_ in (("data", cmd_data, "load a task and show its splits"),
-                            ("train", cmd_train, "fine-tune (eager PyTorch)"),
-                            ("eval", cmd_eval, "evaluate a model and adapter on a split"),
-                            ("export", cmd_export, "export the training step (ExecuTorch .pte)"),
-                            ("device-train", cmd_device_train,
-                             "train with the ExecuTorch runtime executing an exported step")):
-        s = sub.add_parser(name, help=help_, epilog=_config_epilog(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, fn, help_ in (
+        ("data", cmd_data, "load a task and show its splits"),
+        ("train", cmd_train, "fine-tune (eager PyTorch)"),
+        ("eval", cmd_eval, "evaluate a model and adapter on a split"),
+        ("export", cmd_export, "export the training step (ExecuTorch .pte or ONNX)"),
+        ("device-train", cmd_device_train, "train with an engine's runtime executing an exported step"),
+    ):
+        s = sub.add_parser(
+            name, help=help_, epilog=_config_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         s.add_argument("--config", help="YAML config; further --section.key value override it")
         s.set_defaults(fn=fn)
     sub.choices["data"].add_argument("--show", type=int, default=2, help="examples to print")
-    sub.choices["device-train"].add_argument("program", help="a .pte written by zotune export")
+    sub.choices["device-train"].add_argument("program", help="a .pte or .onnx written by zotune export")
     for name in ("train", "device-train"):
-        sub.choices[name].add_argument("--resume", action="store_true",
-                                       help="continue from the run folder's checkpoint")
-        sub.choices[name].add_argument("--stop-after", type=int, default=None,
-                                       help="stop after this many steps (resume later)")
-    sub.choices["export"].add_argument("--out", required=True, help="the .pte to write")
-    sub.choices["export"].add_argument("--engine", default="executorch", choices=["executorch"])
-    sub.choices["export"].add_argument("--quantize", default="none", choices=["none", "8da4w"])
+        sub.choices[name].add_argument(
+            "--resume", action="store_true", help="continue from the run folder's checkpoint"
+        )
+        sub.choices[name].add_argument(
+            "--stop-after", type=int, default=None, help="stop after this many steps (resume later)"
+        )
+    sub.choices["export"].add_argument("--out", required=True, help="the .pte / .onnx to write")
+    sub.choices["export"].add_argument("--engine", default="executorch", choices=["executorch", "onnx"])
+    sub.choices["export"].add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "8da4w", "int4", "int4-zp"],
+        help="8da4w: ExecuTorch; int4, int4-zp (with zero points): ONNX (MatMulNBits)",
+    )
+    sub.choices["export"].add_argument(
+        "--block-size", type=int, default=None, help="weights per 4-bit block / group (default 32)"
+    )
     sub.choices["eval"].add_argument("--adapter", help="PEFT adapter folder")
     sub.choices["eval"].add_argument("--split", default="test", choices=["train", "dev", "test"])
-    s = sub.add_parser("federate", help="federated fine-tuning in Flower's simulation engine",
-                       epilog=_config_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub.choices["eval"].add_argument(
+        "--harness", metavar="TASKS", help="run lm-evaluation-harness tasks (comma-separated) on the adapter"
+    )
+    sub.choices["eval"].add_argument(
+        "--harness-include",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="a folder of lm-eval task YAML files (repeatable)",
+    )
+    sub.choices["eval"].add_argument("--limit", type=int, default=None, help="--harness: examples per task")
+    s = sub.add_parser(
+        "federate",
+        help="federated fine-tuning in Flower's simulation engine",
+        epilog=_config_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     s.add_argument("--config", help="YAML config; further --section.key value override it")
     s.add_argument("--resume", action="store_true", help="continue from the server's checkpoint")
     s.add_argument("--stop-after", type=int, default=None, help="stop after this many rounds")
@@ -186,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("log")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_replay)
+    s = sub.add_parser(
+        "export-adapter", help="write a PEFT adapter as a llama.cpp GGUF adapter or a merged model"
+    )
+    s.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    s.add_argument("--format", choices=["gguf", "merged"], default=None)
+    s.add_argument("--merge", action="store_true", help="the same as --format merged")
+    s.add_argument("--out", required=True, help="the .gguf file, or the merged model folder")
+    s.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+    s.set_defaults(fn=cmd_export_adapter)
     return p
 
 
@@ -193,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     keep_heap()
     try:
-        if rest and args.command in ("models", "fetch", "replay"):
+        if rest and args.command in ("models", "fetch", "replay", "export-adapter"):
             raise ZotuneError(f"{args.command}: unexpected arguments {rest}")
         args.fn(args, rest)
     except ZotuneError as e:

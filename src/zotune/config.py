@@ -27,6 +27,7 @@ def _field(default, help: str):
 @dataclass
 class ModelConfig:
     """Which model to load, and how."""
+
     name: str = _field("smollm2-135m", "embedded name, local folder, .gguf file, or hub id")
     dtype: str = _field("float32", "float32 | float64 | bfloat16 | float16")
     trust_remote_code: bool = _field(False, "let transformers run a model folder's own code")
@@ -35,8 +36,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     """The task, its seeded train/dev/test splits, and the static shapes they are tokenised to."""
-    task: str = _field("bigbench:multiemo",
-                       "bigbench:<name>[/<subtask>], jsonl:<path>, mezo:<name>:<path>")
+
+    task: str = _field("bigbench:multiemo", "bigbench:<name>[/<subtask>], jsonl:<path>, mezo:<name>:<path>")
     labels: list[str] | None = _field(None, "keep only examples whose label is one of these")
     label_words: dict[str, str] | None = _field(None, "label -> verbalizer word (classification)")
     template: str | None = _field(None, "prompt template with {input}")
@@ -45,29 +46,34 @@ class DataConfig:
     test_size: int = _field(500, "examples in the test split (reported once, at the end)")
     max_input_chars: int | None = _field(None, "drop examples with longer inputs")
     split_seed: int = _field(0, "seed of the train/dev/test split")
-    max_length: int = _field(64, "static sequence length (left padding, prompt truncated on the "
-                                 "left)")
+    max_length: int = _field(64, "static sequence length (left padding, prompt truncated on the left)")
     max_target_length: int = _field(16, "static completion length for generation tasks")
+    length_normalize: bool = _field(
+        False, "multiple choice: score a choice by the mean log-probability of its tokens instead of the sum"
+    )
 
 
 @dataclass
 class AdapterConfig:
     """What is trained: LoRA-FA (A frozen from a seeded init, B trained), LoRA (both), or every
     weight of the model (full, MeZO)."""
+
     kind: str = _field("lora-fa", "lora-fa (A frozen, B trained) | lora (A and B) | full")
     rank: int = _field(16, "LoRA rank r")
     alpha: float = _field(32.0, "LoRA alpha (scale alpha / r)")
     dropout: float = _field(0.0, "LoRA dropout on the adapter input")
     # all-linear: every linear layer of the decoder blocks (not the LM head), whatever the
     # family calls them (q,k,v,o,gate,up,down on Llama and Qwen2; c_attn,c_proj,c_fc on GPT-2)
-    targets: list[str] = _field(["all-linear"], "layers to adapt: all-linear, leaf names "
-                                                "(q_proj) or full-name regexes")
+    targets: list[str] = _field(
+        ["all-linear"], "layers to adapt: all-linear, leaf names (q_proj) or full-name regexes"
+    )
     init_seed: int = _field(0, "seed of LoRA's A initialisation")
 
 
 @dataclass
 class OptimConfig:
     """One step: the estimator, its q directions and b examples, and the update rule."""
+
     estimator: str = _field("prge", "prge (one batched pass) | rge (sequential) | fo (backprop)")
     q: int = _field(4, "query directions per step")
     batch_size: int = _field(4, "distinct examples per step (b)")
@@ -77,10 +83,14 @@ class OptimConfig:
     schedule: str = _field("constant", "constant | linear | cosine")
     warmup_steps: int = _field(0, "linear warm-up steps")
     min_lr_ratio: float = _field(0.0, "final lr / lr for linear and cosine decay")
-    momentum: float = _field(0.0, "ZO-SGD heavy-ball momentum on the estimated gradient "
-                                  "(fo with sgd: SGD momentum)")
-    normalize: str = _field("none", "rms: lr divided by the running RMS of g, so lr is a step "
-                                    "size in parameter units whatever the loss scale (ZO only)")
+    momentum: float = _field(
+        0.0, "ZO-SGD heavy-ball momentum on the estimated gradient (fo with sgd: SGD momentum)"
+    )
+    normalize: str = _field(
+        "none",
+        "rms: lr divided by the running RMS of g, so lr is a step "
+        "size in parameter units whatever the loss scale (ZO only)",
+    )
     rms_decay: float = _field(0.95, "decay of the running mean of g^2 that normalize: rms uses")
     noise: str = _field("normal", "normal (Irwin-Hall) | rademacher")
     optimizer: str = _field("adamw", "fo only: sgd | adamw")
@@ -92,49 +102,56 @@ class TrainConfig:
     """The run: how long, how often it evaluates, checkpoints and logs, and where it writes.
 
     Model selection is by dev only; test is evaluated once, at the end."""
+
     steps: int = _field(200, "training steps")
     seed: int = _field(0, "seed of batches and step seeds")
     eval_every: int = _field(50, "evaluate on dev every N steps (and at the last)")
     checkpoint_every: int = _field(50, "checkpoint every N steps (and at the last)")
     log_every: int = _field(1, "write a train record to metrics.jsonl every N steps")
     eval_batch_size: int = _field(32, "rows per evaluation batch")
-    time_limit_s: float | None = _field(None, "stop once this much training time (evaluation "
-                                              "excluded) is spent")
-    track_test: bool = _field(False, "also score test at every dev eval, for curves only "
-                                     "(selection stays on dev)")
+    time_limit_s: float | None = _field(
+        None, "stop once this much training time (evaluation excluded) is spent"
+    )
+    track_test: bool = _field(
+        False, "also score test at every dev eval, for curves only (selection stays on dev)"
+    )
     out_dir: str = _field("runs/default", "run folder: logs, checkpoints, adapter, plot")
     threads: int | None = _field(None, "torch (and ExecuTorch) threads; default: all cores")
     progress: bool = _field(True, "show a progress bar")
+    parallel: str = _field(
+        "none",
+        "under torchrun: how a step is split over the ranks, data "
+        "(the batch) or query (the queries); one process ignores it",
+    )
+    dist_timeout_s: float = _field(
+        300.0, "under torchrun: a collective that waits longer than this is an error"
+    )
 
 
 @dataclass
 class FederatedConfig:
     """`zotune federate`: K clients each hold a shard of the train split; zo clients send (seed, g)
     records, fedavg clients (the first-order baseline) send their trained tensors."""
-    mode: str = _field("zo", "zo (clients send (seed, g) records) | fedavg (first-order clients "
-                             "send B)")
-    clients: int = _field(8, "partitions of the train split; the simulation starts this many "
-                             "SuperNodes")
+
+    mode: str = _field("zo", "zo (clients send (seed, g) records) | fedavg (first-order clients send B)")
+    clients: int = _field(8, "partitions of the train split; the simulation starts this many SuperNodes")
     rounds: int = _field(10, "federated rounds")
     local_steps: int = _field(5, "client steps per round")
     fraction: float = _field(1.0, "share of the connected clients sampled each round")
-    min_fraction: float = _field(0.5, "a round is applied only if this share of the sampled "
-                                      "clients answered validly")
+    min_fraction: float = _field(
+        0.5, "a round is applied only if this share of the sampled clients answered validly"
+    )
     partition: str = _field("iid", "iid | dirichlet (label skew)")
     alpha: float = _field(0.5, "dirichlet concentration: smaller is more skewed")
     partition_seed: int = _field(0, "seed of the partition")
-    catch_up_limit: int = _field(1000, "a client more records behind than this gets the adapter "
-                                       "instead")
+    catch_up_limit: int = _field(1000, "a client more records behind than this gets the adapter instead")
     max_abs_g: float = _field(1000.0, "a client reply with any |g| above this is dropped")
     max_count: int = _field(1000000, "a client claiming more examples than this is dropped")
-    fedavg_lr: float = _field(1e-3, "fedavg: the clients' first-order (optim.optimizer) learning "
-                                    "rate")
+    fedavg_lr: float = _field(1e-3, "fedavg: the clients' first-order (optim.optimizer) learning rate")
     parallel: int = _field(2, "simulation: clients running at once (one CPU each)")
-    wait_clients_s: float = _field(120.0, "how long the server waits for `clients` SuperNodes to "
-                                          "connect")
+    wait_clients_s: float = _field(120.0, "how long the server waits for `clients` SuperNodes to connect")
     round_timeout_s: float = _field(1800.0, "replies later than this are treated as missing")
-    eval_every: int = _field(1, "rounds between server-side dev/test evaluations (and the last "
-                                "round)")
+    eval_every: int = _field(1, "rounds between server-side dev/test evaluations (and the last round)")
 
 
 @dataclass
@@ -215,8 +232,7 @@ def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
     section = getattr(cfg, section_name)
     hints = typing.get_type_hints(type(section))
     if key not in hints:
-        raise ConfigError(
-            f"{source}: unknown key '{section_name}.{key}' (expected one of {sorted(hints)})")
+        raise ConfigError(f"{source}: unknown key '{section_name}.{key}' (expected one of {sorted(hints)})")
     setattr(section, key, _coerce(value, hints[key], f"{source}: {section_name}.{key}"))
 
 
@@ -271,6 +287,7 @@ _CHOICES = {
     ("model", "dtype"): ("float32", "float64", "bfloat16", "float16"),
     ("federated", "mode"): ("zo", "fedavg"),
     ("federated", "partition"): ("iid", "dirichlet"),
+    ("train", "parallel"): ("none", "data", "query"),
 }
 
 
@@ -279,20 +296,29 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
             raise ConfigError(f"{section}.{key}: expected one of {list(allowed)}, got '{value}'")
-    for section, key in (("optim", "q"), ("optim", "batch_size"), ("adapter", "rank"),
-                         ("data", "max_length"), ("train", "eval_batch_size")):
+    for section, key in (
+        ("optim", "q"),
+        ("optim", "batch_size"),
+        ("adapter", "rank"),
+        ("data", "max_length"),
+        ("train", "eval_batch_size"),
+    ):
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"{section}.{key}: expected a positive integer")
     if cfg.optim.eps <= 0:
         raise ConfigError("optim.eps: expected a positive number")
+    if cfg.train.dist_timeout_s <= 0:
+        raise ConfigError("train.dist_timeout_s: expected a positive number")
     if not 0.0 <= cfg.optim.rms_decay < 1.0:
         raise ConfigError("optim.rms_decay: expected a number in [0, 1)")
     if cfg.train.steps < 0:
         raise ConfigError("train.steps: expected a non-negative integer")
     validate_federated(cfg)
     if cfg.adapter.kind == "full" and cfg.optim.estimator == "prge":
-        raise ConfigError("optim.estimator: prge needs an adapter (adapter.kind lora-fa or lora); "
-                          "use rge for full-parameter ZO")
+        raise ConfigError(
+            "optim.estimator: prge needs an adapter (adapter.kind lora-fa or lora); "
+            "use rge for full-parameter ZO"
+        )
 
 
 def validate_federated(cfg: Config) -> None:
@@ -320,6 +346,8 @@ def fields_help() -> str:
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             kind = str(hints[f.name]).replace("typing.", "")
             kind = getattr(hints[f.name], "__name__", kind) if "[" not in kind else kind
-            lines.append(f"  --{section.name}.{f.name} ({kind}, default {default!r})\n"
-                         f"      {f.metadata.get('help', '')}")
+            lines.append(
+                f"  --{section.name}.{f.name} ({kind}, default {default!r})\n"
+                f"      {f.metadata.get('help', '')}"
+            )
     return "\n".join(lines)

@@ -12,11 +12,17 @@ class ConfigError(ZotuneError):
 
 
 class DataError(ZotuneError):
-    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
-                 field: str | None = None):
+    def __init__(
+        self, message: str, *, file: str | None = None, line: int | None = None, field: str | None = None
+    ):
         where = ", ".join(
-            p for p in (file and f"file {file}", line is not None and f"line {line}",
-                        field and f"field '{field}'") if p
+            p
+            for p in (
+                file and f"file {file}",
+                line is not None and f"line {line}",
+                field and f"field '{field}'",
+            )
+            if p
         )
         super().__init__(f"{where}: {message}" if where else message)
         self.file, self.line, self.field = file, line, field

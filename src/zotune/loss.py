@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 class ClassificationInputs(NamedTuple):
     """What ClassificationLoss takes, in its argument order."""
+
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T]
     position_ids: torch.Tensor  # [B, T]
@@ -25,11 +26,26 @@ class ClassificationInputs(NamedTuple):
 
 class GenerationInputs(NamedTuple):
     """What LMLoss takes, in its argument order."""
+
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T]
     position_ids: torch.Tensor  # [B, T]
     target_ids: torch.Tensor  # [B, L] the completion: the last L positions
     target_mask: torch.Tensor  # [B, L]
+
+
+class ChoiceInputs(NamedTuple):
+    """What ChoiceLoss (loss_choice.py) takes, in its argument order: every choice is a row."""
+
+    input_ids: torch.Tensor  # [B, C, T] prompt + choice c, left padded
+    attention_mask: torch.Tensor  # [B, C, T]
+    position_ids: torch.Tensor  # [B, C, T]
+    target_ids: torch.Tensor  # [B, C, L] the choice's tokens: the last L positions
+    target_mask: torch.Tensor  # [B, C, L] token weights (1, or 1/len when length-normalised)
+    labels: torch.Tensor  # [B] index of the right choice
+
+
+Inputs = ClassificationInputs | GenerationInputs | ChoiceInputs
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -39,8 +55,9 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 def decoder_hidden(model: nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
     """Final hidden states [B, T, d] (after the last norm), without the LM head."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids, use_cache=False)
+    out = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
     return out[0]
 
 
@@ -49,8 +66,9 @@ def _softcap(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
     return logits if not cap else torch.tanh(logits / cap) * cap
 
 
-def choice_logits(model: nn.Module, h: torch.Tensor, choice_ids: torch.Tensor,
-                  via_head_module: bool = False) -> torch.Tensor:
+def choice_logits(
+    model: nn.Module, h: torch.Tensor, choice_ids: torch.Tensor, via_head_module: bool = False
+) -> torch.Tensor:
     """Logits of the candidate words. h: [B, d], choice_ids: [B, C] -> [B, C].
 
     By default only the C rows of the LM head are read (index_select), not the whole vocabulary.
@@ -81,8 +99,9 @@ class ClassificationLoss:
 
     def rows(self, model, input_ids, attention_mask, position_ids, choice_ids, labels):
         """-> (nll per row [B], count per row [B])"""
-        logp = F.log_softmax(_at_least_fp32(self.logits(model, input_ids, attention_mask, position_ids,
-                                         choice_ids)), dim=-1)  # [B, C]
+        logp = F.log_softmax(
+            _at_least_fp32(self.logits(model, input_ids, attention_mask, position_ids, choice_ids)), dim=-1
+        )  # [B, C]
         nll = -logp.gather(1, labels.unsqueeze(1)).squeeze(1)  # [B]
         return nll, torch.ones_like(nll)
 
@@ -99,7 +118,7 @@ class LMLoss:
         seq_len, n_target = input_ids.shape[1], target_ids.shape[1]
         h = decoder_hidden(model, input_ids, attention_mask, position_ids)
         # The token at position t is predicted from position t-1.
-        h = h[:, seq_len - n_target - 1: seq_len - 1]  # [B, L, d]
+        h = h[:, seq_len - n_target - 1 : seq_len - 1]  # [B, L, d]
         logits = _at_least_fp32(_softcap(model, model.get_output_embeddings()(h)))  # [B, L, V]
         nll = -F.log_softmax(logits, dim=-1).gather(2, target_ids.unsqueeze(-1)).squeeze(-1)
         mask = target_mask.to(nll.dtype)  # [B, L]
@@ -109,22 +128,33 @@ class LMLoss:
 def make_loss(kind: str, via_head_module: bool = False):
     if kind == "classification":
         return ClassificationLoss(via_head_module)
-    if kind == "generation":
+    if kind in ("generation", "chat"):  # chat: target_mask covers the assistant turns
         return LMLoss()
+    if kind == "choice":
+        from zotune.loss_choice import ChoiceLoss
+
+        return ChoiceLoss()
     raise ValueError(f"unknown task kind '{kind}'")
 
 
-def batch_tensors(batch, kind: str) -> ClassificationInputs | GenerationInputs:
+def _inputs_class(kind: str) -> type:
+    # chat is generation with the target mask on the assistant turns
+    return {"classification": ClassificationInputs, "choice": ChoiceInputs}.get(kind, GenerationInputs)
+
+
+def batch_tensors(batch, kind: str) -> Inputs:
     """The tensors a loss takes, in order, from a tokenised Batch."""
     common = (batch.input_ids, batch.attention_mask, batch.position_ids)
     if kind == "classification":
         return ClassificationInputs(*common, batch.choice_ids, batch.labels)
+    if kind == "choice":
+        return ChoiceInputs(*common, batch.target_ids, batch.target_mask, batch.labels)
     return GenerationInputs(*common, batch.target_ids, batch.target_mask)
 
 
-def loss_inputs(tensors, kind: str) -> ClassificationInputs | GenerationInputs:
+def loss_inputs(tensors, kind: str) -> Inputs:
     """A plain tuple of a loss's tensors as the named tuple of its kind."""
-    cls = ClassificationInputs if kind == "classification" else GenerationInputs
+    cls = _inputs_class(kind)
     return tensors if isinstance(tensors, cls) else cls(*tensors)
 
 
@@ -133,16 +163,26 @@ def trim_left_padding(batch: tuple[torch.Tensor, ...], keep: int = 1) -> tuple[t
     `keep` positions. Exact for attention-masked models; engines with dynamic shapes use it so a
     batch of short prompts does not pay for the static length."""
     input_ids, attention_mask, position_ids, *rest = batch
-    seq_len = input_ids.shape[1]
-    used = attention_mask.any(0).nonzero()
+    seq_len = input_ids.shape[-1]  # [B, T], or [B, C, T] for multiple choice
+    used = attention_mask.reshape(-1, seq_len).any(0).nonzero()
     start = int(used[0]) if len(used) else 0
     start = min(start, seq_len - keep)
     if start <= 0:
         return batch
-    trimmed = (input_ids[:, start:], attention_mask[:, start:], position_ids[:, start:], *rest)
+    trimmed = (input_ids[..., start:], attention_mask[..., start:], position_ids[..., start:], *rest)
     return batch._make(trimmed) if hasattr(batch, "_make") else trimmed  # named tuples stay named
+
+
+def replica_sums(nll: torch.Tensor, count: torch.Tensor, n_rep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss sum and token count of each replica: rows are laid out replica-major. -> [R], [R]"""
+    return nll.reshape(n_rep, -1).sum(1), count.reshape(n_rep, -1).sum(1)
+
+
+def mean_loss(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Token-level mean loss from sums and counts (kept apart so ranks can add them first)."""
+    return sums / counts.clamp_min(1)
 
 
 def per_replica(nll: torch.Tensor, count: torch.Tensor, n_rep: int) -> torch.Tensor:
     """Token-level mean loss of each replica: rows are laid out replica-major. -> [R]"""
-    return nll.reshape(n_rep, -1).sum(1) / count.reshape(n_rep, -1).sum(1).clamp_min(1)
+    return mean_loss(*replica_sums(nll, count, n_rep))

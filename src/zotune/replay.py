@@ -61,15 +61,21 @@ def replay_lora(header: dict, steps: list[dict]) -> dict[str, torch.Tensor]:
         state[f"{name}.lora_B"] = torch.zeros(d_out, a["rank"], dtype=dtype)
     wrong = [e.name for e in layout if e.name not in state or state[e.name].shape != e.shape]
     if wrong:
-        raise ZotuneError(f"replay header: layout tensor '{wrong[0]}' is not a LoRA tensor of "
-                          "its layers (name or shape)")
+        raise ZotuneError(
+            f"replay header: layout tensor '{wrong[0]}' is not a LoRA tensor of its layers (name or shape)"
+        )
     tensors = [state[e.name] for e in layout]
     replay_steps(layout, tensors, header, steps, torch.promote_types(dtype, torch.float32))
     return state
 
 
-def replay_steps(layout: ThetaLayout, tensors: list[torch.Tensor], header: dict,
-                 steps: list[dict], g_dtype: torch.dtype = torch.float32) -> None:
+def replay_steps(
+    layout: ThetaLayout,
+    tensors: list[torch.Tensor],
+    header: dict,
+    steps: list[dict],
+    g_dtype: torch.dtype = torch.float32,
+) -> None:
     """g was computed in the loss dtype: fp32, or fp64 for fp64 models."""
     momentum = header.get("momentum", 0.0)
     buffers = momentum_buffers(tensors, momentum)

@@ -49,8 +49,14 @@ def hash32(seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return _mix32(torch.bitwise_xor(x + hi, key) & MASK32)
 
 
-def noise(seed: torch.Tensor, start: int, n: int, kind: str = "normal",
-          dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+def noise(
+    seed: torch.Tensor,
+    start: int,
+    n: int,
+    kind: str = "normal",
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """z[start : start + n] of the stream named by seed (an int64 tensor of shape [] or [1]),
     made on `device`."""
     if _numpy_path(kind, dtype, torch.device(device)):
@@ -62,8 +68,12 @@ def noise(seed: torch.Tensor, start: int, n: int, kind: str = "normal",
 
 
 def _numpy_path(kind: str, dtype: torch.dtype, device: torch.device) -> bool:
-    return (not torch.compiler.is_compiling() and device.type == "cpu" and dtype in _NP_FLOAT
-            and kind in ("normal", "rademacher"))
+    return (
+        not torch.compiler.is_compiling()
+        and device.type == "cpu"
+        and dtype in _NP_FLOAT
+        and kind in ("normal", "rademacher")
+    )
 
 
 # Eager hashing runs in cache-sized chunks: the hash is memory-bound on large arrays (torch
@@ -71,8 +81,9 @@ def _numpy_path(kind: str, dtype: torch.dtype, device: torch.device) -> bool:
 _CHUNK = 1 << 14
 
 
-def noise_at(seed: torch.Tensor, index: torch.Tensor, kind: str = "normal",
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def noise_at(
+    seed: torch.Tensor, index: torch.Tensor, kind: str = "normal", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """z at the given int64 counters (any shape, on the device z is wanted on): the same values
     as noise() over a range."""
     if torch.compiler.is_compiling():
@@ -85,7 +96,7 @@ def noise_at(seed: torch.Tensor, index: torch.Tensor, kind: str = "normal",
         flat = index.reshape(-1)
         out = torch.empty(flat.shape, dtype=dtype)
         for start in range(0, flat.numel(), _CHUNK):
-            out[start: start + _CHUNK] = _noise(seed, flat[start: start + _CHUNK], kind, dtype)
+            out[start : start + _CHUNK] = _noise(seed, flat[start : start + _CHUNK], kind, dtype)
         return out.reshape(index.shape)
     return _noise(seed, index, kind, dtype)
 
@@ -145,8 +156,9 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return _POOLS[workers]
 
 
-def _noise_np(seed: int, kind: str, dtype: torch.dtype, index: torch.Tensor | None = None,
-              start: int = 0, n: int = 0) -> torch.Tensor:
+def _noise_np(
+    seed: int, kind: str, dtype: torch.dtype, index: torch.Tensor | None = None, start: int = 0, n: int = 0
+) -> torch.Tensor:
     """Noise at the int64 counters `index`, or at start .. start + n. Large draws are split over
     torch's thread count (numpy releases the GIL): at q=16 on SmolLM2 the draw was 8 % of a step."""
     k = np.array([seed & MASK32], dtype=np.uint32)
@@ -177,8 +189,12 @@ def _noise(seed: torch.Tensor, index: torch.Tensor, kind: str, dtype: torch.dtyp
     if kind == "rademacher":
         return (torch.bitwise_and(h, 1) * 2 - 1).to(dtype)
     if kind == "normal":
-        s = (torch.bitwise_and(h, 255) + torch.bitwise_and(_shr(h, 8), 255)
-             + torch.bitwise_and(_shr(h, 16), 255) + _shr(h, 24))  # exact integer sum in [0, 1020]
+        s = (
+            torch.bitwise_and(h, 255)
+            + torch.bitwise_and(_shr(h, 8), 255)
+            + torch.bitwise_and(_shr(h, 16), 255)
+            + _shr(h, 24)
+        )  # exact integer sum in [0, 1020]
         return (s - _IH_MEAN).to(dtype) * _IH_INV_STD
     raise ValueError(f"unknown noise kind '{kind}' (expected normal or rademacher)")
 

@@ -35,8 +35,11 @@ def test_zero_b_leaves_the_model_unchanged(tiny_model):
     adapter = LoRAAdapter(tiny_model, rank=4, alpha=8)
     assert torch.equal(before, loss.logits(tiny_model, *batch[:4]))
     assert adapter.numel == sum(layer.lora_B.numel() for layer in adapter.layers.values())
-    assert all(not p.requires_grad for p in tiny_model.parameters() if p.dim() and p is not None
-               and all(p is not layer.lora_B for layer in adapter.layers.values()))
+    assert all(
+        not p.requires_grad
+        for p in tiny_model.parameters()
+        if p.dim() and p is not None and all(p is not layer.lora_B for layer in adapter.layers.values())
+    )
 
 
 def test_replica_mode_equals_one_forward_per_replica(tiny_model):
@@ -47,11 +50,19 @@ def test_replica_mode_equals_one_forward_per_replica(tiny_model):
     for r in range(3):  # three replicas with different A and B
         randomize(adapter.tensors(), seed=r)
         singles.append(loss.logits(tiny_model, *batch[:4]))
-        stacks[r] = {n: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
-                     for n, layer in adapter.layers.items()}
-    adapter.set_replicas({n: (torch.stack([stacks[r][n][0] for r in range(3)]),
-                              torch.stack([stacks[r][n][1] for r in range(3)]))
-                          for n in adapter.layers})
+        stacks[r] = {
+            n: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+            for n, layer in adapter.layers.items()
+        }
+    adapter.set_replicas(
+        {
+            n: (
+                torch.stack([stacks[r][n][0] for r in range(3)]),
+                torch.stack([stacks[r][n][1] for r in range(3)]),
+            )
+            for n in adapter.layers
+        }
+    )
     tiled = [t.repeat(3, *([1] * (t.dim() - 1))) for t in batch[:4]]
     together = loss.logits(tiny_model, *tiled).reshape(3, 3, -1)
     adapter.set_replicas(None)

@@ -20,8 +20,9 @@ def test_peft_loads_the_adapter_with_equal_logits(family, tokenizer, tmp_path):
     ids, mask, pos, _, _ = synthetic_batch()
     with torch.no_grad():
         ours = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    save_peft(tmp_path / "adapter", adapter.state(), list(adapter.layers), 4, 8.0, "tiny",
-              adapter.fan_in_fan_out)
+    save_peft(
+        tmp_path / "adapter", adapter.state(), list(adapter.layers), 4, 8.0, "tiny", adapter.fan_in_fan_out
+    )
     base = make_tiny_model(family, tokenizer, seed=1)
     with torch.no_grad():
         plain = base(input_ids=ids, attention_mask=mask, position_ids=pos).logits
@@ -38,8 +39,15 @@ def test_config_fields_and_round_trip(tmp_path, tokenizer):
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
     assert config["r"] == 4 and config["lora_alpha"] == 8.0
-    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                             "up_proj", "down_proj"}
+    assert set(config["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     _, state = load_peft(tmp_path / "a")
     assert all(torch.equal(state[k], v) for k, v in adapter.state().items())
 

@@ -59,9 +59,16 @@ def test_multiemo_is_cached(multiemo):
 
 @pytest.mark.slow
 def test_multiemo_options():
-    cfg = DataConfig(task="bigbench:multiemo", labels=["negative", "positive", "neutral"],
-                     label_words={"negative": " bad", "positive": " good"}, template="{input} =>",
-                     max_input_chars=60, train_size=30, dev_size=9, test_size=9)
+    cfg = DataConfig(
+        task="bigbench:multiemo",
+        labels=["negative", "positive", "neutral"],
+        label_words={"negative": " bad", "positive": " good"},
+        template="{input} =>",
+        max_input_chars=60,
+        train_size=30,
+        dev_size=9,
+        test_size=9,
+    )
     s = load_task(cfg)
     assert s.train[0].choices == (" bad", " good", " neutral")
     assert Counter(e.label for e in s.train) == {0: 10, 1: 10, 2: 10}
@@ -87,7 +94,9 @@ def test_bad_task_names():
     with pytest.raises(DataError, match=r"unknown BIG-bench task 'multiemoo'; close matches: multiemo") as e:
         load_task(DataConfig(task="bigbench:multiemoo"))
     assert e.value.field == "data.task"
-    with pytest.raises(DataError, match=r"'arithmetic' has 20 subtasks; name one, e\.g\. bigbench:arithmetic/"):
+    with pytest.raises(
+        DataError, match=r"'arithmetic' has 20 subtasks; name one, e\.g\. bigbench:arithmetic/"
+    ):
         load_task(DataConfig(task="bigbench:arithmetic"))
     with pytest.raises(DataError, match="'boolean_expressions' is programmatic"):
         load_task(DataConfig(task="bigbench:boolean_expressions"))
@@ -95,13 +104,20 @@ def test_bad_task_names():
 
 # ------------------------------------------------------------- a toy archive (fast, no download)
 
+
 def toy_archive(path):
     tasks = {
-        "toy_mc/task.json": {"name": "toy_mc", "examples": [
-            {"input": f"item {i}", "target_scores": {"yes": i % 2, "no": 1 - i % 2}} for i in range(20)]},
+        "toy_mc/task.json": {
+            "name": "toy_mc",
+            "examples": [
+                {"input": f"item {i}", "target_scores": {"yes": i % 2, "no": 1 - i % 2}} for i in range(20)
+            ],
+        },
         "parent/task.json": {"name": "parent"},
-        "parent/sub_a/task.json": {"name": "sub_a", "examples": [{"input": f"q{i}", "target": [f"a{i}", "x"]}
-                                                                 for i in range(12)]},
+        "parent/sub_a/task.json": {
+            "name": "sub_a",
+            "examples": [{"input": f"q{i}", "target": [f"a{i}", "x"]} for i in range(12)],
+        },
     }
     with tarfile.open(path, "w:gz") as tar:
         for rel, data in tasks.items():
@@ -138,6 +154,7 @@ def test_toy_archive_index_and_cache(toy_cache, monkeypatch):
 
     def no_scan(*a, **k):
         raise AssertionError("the archive was scanned again")
+
     monkeypatch.setattr(tarfile, "open", no_scan)
     monkeypatch.setattr(bigbench.gzip, "open", no_scan)
     assert load_task(small("bigbench:toy_mc")).train == s.train  # index and task.json from the cache
@@ -147,7 +164,7 @@ def test_toy_generation_subtask(toy_cache):
     s = load_task(small("bigbench:parent/sub_a", template="Q: {input}\nA:"))
     assert s.kind == "generation" and s.name == "bigbench:parent/sub_a"
     ex = s.train[0]
-    assert ex.prompt.startswith("Q: q") and ex.target == " a" + ex.prompt[len("Q: q"):-len("\nA:")]
+    assert ex.prompt.startswith("Q: q") and ex.target == " a" + ex.prompt[len("Q: q") : -len("\nA:")]
     with pytest.raises(DataError, match=r"'parent' has 1 subtasks; name one, e\.g\. bigbench:parent/sub_a"):
         load_task(small("bigbench:parent"))
     with pytest.raises(DataError, match="'scripted' is programmatic"):
@@ -158,7 +175,9 @@ def test_toy_generation_subtask(toy_cache):
 
 
 def test_toy_empty_split_names_task(toy_cache):
-    with pytest.raises(DataError, match=r"benchmark_tasks/toy_mc/task\.json: not enough examples: empty train"):
+    with pytest.raises(
+        DataError, match=r"benchmark_tasks/toy_mc/task\.json: not enough examples: empty train"
+    ):
         load_task(small("bigbench:toy_mc", dev_size=10, test_size=10))
 
 
@@ -179,8 +198,12 @@ def test_bad_task_json():
     with pytest.raises(DataError, match=r"field 'examples\[1\]\.input'"):
         task_examples({"examples": [{"input": "a", "target": "b"}, {"target": "c"}]}, DataConfig(), {}, src)
     with pytest.raises(DataError, match=r"field 'examples': examples mix formats"):
-        task_examples({"examples": [{"input": "a", "target": "b"}, {"input": "a", "target_scores": {"b": 1}}]},
-                      DataConfig(), {}, src)
+        task_examples(
+            {"examples": [{"input": "a", "target": "b"}, {"input": "a", "target_scores": {"b": 1}}]},
+            DataConfig(),
+            {},
+            src,
+        )
     with pytest.raises(DataError, match=r"field 'examples\[0\]\.target'"):
         task_examples({"examples": [{"input": "a", "target": []}]}, DataConfig(), {}, src)
     with pytest.raises(DataError, match=r"field 'examples\[0\]\.target_scores'"):
@@ -188,9 +211,13 @@ def test_bad_task_json():
 
 
 def test_choices_follow_first_example_and_argmax():
-    task = {"examples": [{"input": "a", "target_scores": {"x": 0, "y": 1}},
-                         {"input": "b", "target_scores": {"y": 0, "x": 1}},
-                         {"input": "c", "target_scores": {"p": 0.2, "q": 0.9, "r": 0.9}}]}
+    task = {
+        "examples": [
+            {"input": "a", "target_scores": {"x": 0, "y": 1}},
+            {"input": "b", "target_scores": {"y": 0, "x": 1}},
+            {"input": "c", "target_scores": {"p": 0.2, "q": 0.9, "r": 0.9}},
+        ]
+    }
     _, exs = task_examples({"examples": task["examples"][:2]}, DataConfig(), {}, "t")
     assert [(e.choices, e.label) for e in exs] == [((" x", " y"), 1), ((" x", " y"), 0)]
     _, exs = task_examples(task, DataConfig(), {}, "t")  # differing choice sets: each keeps its own order
@@ -198,6 +225,7 @@ def test_choices_follow_first_example_and_argmax():
 
 
 # ----------------------------------------------------------------------------- downloading
+
 
 @pytest.mark.parametrize("old_pip", [False, True])
 def test_download_is_atomic(tmp_path, monkeypatch, old_pip):
@@ -209,11 +237,14 @@ def test_download_is_atomic(tmp_path, monkeypatch, old_pip):
         calls.append(cmd)
         dest = cmd[cmd.index("-d") + 1]
         if f"pip=={bigbench.OLD_PIP}" in cmd:
-            (tmp_path / "bigbench" / dest.rsplit("/", 1)[-1] / f"pip-{bigbench.OLD_PIP}-py3-none-any.whl").touch()
+            (
+                tmp_path / "bigbench" / dest.rsplit("/", 1)[-1] / f"pip-{bigbench.OLD_PIP}-py3-none-any.whl"
+            ).touch()
         else:
             assert "download" in cmd and "--no-deps" in cmd and "bigbench==1.0.0" in cmd
             toy_archive(f"{dest}/{ARCHIVE}")
         return subprocess.CompletedProcess(cmd, 0, "", "")
+
     monkeypatch.setattr(bigbench.subprocess, "run", fake_pip)
     path = bigbench_archive()
     assert path == tmp_path / "bigbench" / ARCHIVE and path.is_file()
@@ -233,6 +264,7 @@ def test_download_failure(tmp_path, monkeypatch):
         dest = cmd[cmd.index("-d") + 1]
         (tmp_path / "bigbench" / dest.rsplit("/", 1)[-1] / "partial").write_text("x")
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for bigbench")
+
     monkeypatch.setattr(bigbench.subprocess, "run", failing_pip)
     with pytest.raises(DataError, match="(?s)could not download bigbench==1.0.0.*No matching distribution"):
         bigbench_archive()

@@ -52,14 +52,18 @@ def test_text_and_prompt_files(tmp_path):
     g = write(tmp_path / "p.jsonl", [{"prompt": f"Q{i}:", "completion": f" A{i}"} for i in range(40)])
     s = load_task(cfg(f"jsonl:{g}", template="Question {input}"))
     ex = s.dev[0]
-    assert ex.prompt.startswith("Question Q") and ex.target == " A" + ex.prompt[len("Question Q"):-1]
+    assert ex.prompt.startswith("Question Q") and ex.target == " A" + ex.prompt[len("Question Q") : -1]
 
 
 def test_three_files(tmp_path):
     tr = write(tmp_path / "train.jsonl", reviews(50))
-    dv = write(tmp_path / "dev.jsonl", [{"input": f"dev {i}", "label": "neg" if i % 2 else "pos"} for i in range(8)])
-    te = write(tmp_path / "test.jsonl", [{"input": f"test {i}", "label": "pos"} for i in range(6)] + [
-        {"input": "review 0", "label": "pos"}])  # also in train: dropped from train
+    dv = write(
+        tmp_path / "dev.jsonl", [{"input": f"dev {i}", "label": "neg" if i % 2 else "pos"} for i in range(8)]
+    )
+    te = write(
+        tmp_path / "test.jsonl",
+        [{"input": f"test {i}", "label": "pos"} for i in range(6)] + [{"input": "review 0", "label": "pos"}],
+    )  # also in train: dropped from train
     s = load_task(cfg(f"jsonl:{tr},{dv},{te}", train_size=100, dev_size=100, test_size=100))
     assert s.sizes() == {"train": 49, "dev": 8, "test": 7}
     assert {e.prompt for e in s.dev} == {f"dev {i}" for i in range(8)}

@@ -12,28 +12,62 @@ WHERE = {"file": "rows.jsonl", "line": 1}
 
 # One SuperGLUE/GLUE row per task (HF field names) -> (prompt, choices, label), from MeZO's templates.py.
 CASES = {
-    "sst2": ({"sentence": "a gorgeous film ", "label": 1, "idx": 0},
-             "a gorgeous film It was", (" terrible", " great"), 1),
-    "rte": ({"premise": "Cats purr.", "hypothesis": "Cats make sounds.", "label": 0},
-            'Cats purr.\nDoes this mean that "Cats make sounds." is true? Yes or No?\n', ("Yes", "No"), 0),
-    "boolq": ({"passage": "Water boils at 100 C.", "question": "does water boil at 100 c", "answer": True},
-              "Water boils at 100 C. Does water boil at 100 c?\n", ("No", "Yes"), 1),
-    "cb": ({"premise": "It rained.", "hypothesis": "the ground is wet", "label": 2},
-           'Suppose It rained. Can we infer that "the ground is wet"? Yes, No, or Maybe?\n', ("Yes", "No", "Maybe"), 2),
-    "wic": ({"word": "bank", "sentence1": "The river bank.", "sentence2": "The bank loan.", "label": 0},
-            'Does the word "bank" have the same meaning in these two sentences? Yes, No?\nThe river bank.\n'
-            "The bank loan.\n", ("No", "Yes"), 0),
-    "wsc": ({"text": "Mark told Pete he was late.", "span1_text": "Pete", "span2_text": "He",
-             "label": 1},
-            'Mark told Pete he was late.\nIn the previous sentence, does the pronoun "he" refer to '
-            'Pete? Yes or No?\n',
-            ("No", "Yes"), 1),
-    "multirc": ({"paragraph": "Sam ate.", "question": "Who ate?", "answer": "Sam", "label": 1},
-                'Sam ate.\nQuestion: Who ate?\nI found this answer "Sam". Is that correct? Yes or No?\n',
-                ("No", "Yes"), 1),
-    "copa": ({"premise": "The man broke his toe.", "choice1": "He dropped a hammer on his foot.",
-              "choice2": "I got a hole in my sock.", "question": "cause", "label": 0},
-             "The man broke his toe because", (" he dropped a hammer on his foot.", " I got a hole in my sock."), 0),
+    "sst2": (
+        {"sentence": "a gorgeous film ", "label": 1, "idx": 0},
+        "a gorgeous film It was",
+        (" terrible", " great"),
+        1,
+    ),
+    "rte": (
+        {"premise": "Cats purr.", "hypothesis": "Cats make sounds.", "label": 0},
+        'Cats purr.\nDoes this mean that "Cats make sounds." is true? Yes or No?\n',
+        ("Yes", "No"),
+        0,
+    ),
+    "boolq": (
+        {"passage": "Water boils at 100 C.", "question": "does water boil at 100 c", "answer": True},
+        "Water boils at 100 C. Does water boil at 100 c?\n",
+        ("No", "Yes"),
+        1,
+    ),
+    "cb": (
+        {"premise": "It rained.", "hypothesis": "the ground is wet", "label": 2},
+        'Suppose It rained. Can we infer that "the ground is wet"? Yes, No, or Maybe?\n',
+        ("Yes", "No", "Maybe"),
+        2,
+    ),
+    "wic": (
+        {"word": "bank", "sentence1": "The river bank.", "sentence2": "The bank loan.", "label": 0},
+        'Does the word "bank" have the same meaning in these two sentences? Yes, No?\nThe river bank.\n'
+        "The bank loan.\n",
+        ("No", "Yes"),
+        0,
+    ),
+    "wsc": (
+        {"text": "Mark told Pete he was late.", "span1_text": "Pete", "span2_text": "He", "label": 1},
+        'Mark told Pete he was late.\nIn the previous sentence, does the pronoun "he" refer to '
+        "Pete? Yes or No?\n",
+        ("No", "Yes"),
+        1,
+    ),
+    "multirc": (
+        {"paragraph": "Sam ate.", "question": "Who ate?", "answer": "Sam", "label": 1},
+        'Sam ate.\nQuestion: Who ate?\nI found this answer "Sam". Is that correct? Yes or No?\n',
+        ("No", "Yes"),
+        1,
+    ),
+    "copa": (
+        {
+            "premise": "The man broke his toe.",
+            "choice1": "He dropped a hammer on his foot.",
+            "choice2": "I got a hole in my sock.",
+            "question": "cause",
+            "label": 0,
+        },
+        "The man broke his toe because",
+        (" he dropped a hammer on his foot.", " I got a hole in my sock."),
+        0,
+    ),
 }
 
 
@@ -63,13 +97,17 @@ def test_label_forms():
 
 
 def sst2_rows(n, start=0):
-    return [{"sentence": f"movie {i} was something", "label": i % 2, "idx": i} for i in range(start, start + n)]
+    return [
+        {"sentence": f"movie {i} was something", "label": i % 2, "idx": i} for i in range(start, start + n)
+    ]
 
 
 def save_to_disk(path, splits):
     import datasets
 
-    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(str(path))
+    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(
+        str(path)
+    )
     return path
 
 
@@ -83,8 +121,10 @@ def cfg(task, **kw):
 
 
 def test_datasets_on_disk(tmp_path):
-    folder = save_to_disk(tmp_path / "sst2", {"train": sst2_rows(100) + sst2_rows(5, start=200),
-                                              "validation": sst2_rows(30, start=200)})
+    folder = save_to_disk(
+        tmp_path / "sst2",
+        {"train": sst2_rows(100) + sst2_rows(5, start=200), "validation": sst2_rows(30, start=200)},
+    )
     s = load_task(cfg(f"mezo:sst2:{folder}"))
     assert s.name == "mezo:sst2" and s.kind == "classification"
     assert s.sizes() == {"train": 20, "dev": 10, "test": 30}  # test = the whole validation split
@@ -105,8 +145,10 @@ def test_single_dataset_on_disk_is_carved(tmp_path):
 
 
 def test_jsonl_folder(tmp_path):
-    rows = [{**CASES["rte"][0], "premise": f"premise {i}.", "label": ["entailment", "not_entailment"][i % 2]}
-            for i in range(40)]
+    rows = [
+        {**CASES["rte"][0], "premise": f"premise {i}.", "label": ["entailment", "not_entailment"][i % 2]}
+        for i in range(40)
+    ]
     write_jsonl(tmp_path / "rte" / "train.jsonl", rows[:30])
     write_jsonl(tmp_path / "rte" / "validation.jsonl", rows[30:])
     s = load_task(cfg(f"mezo:rte:{tmp_path / 'rte'}", train_size=10, dev_size=5))
@@ -114,14 +156,20 @@ def test_jsonl_folder(tmp_path):
     assert s.test[0].choices == ("Yes", "No")
 
 
-def test_copa_loads_but_needs_sequence_scoring(tmp_path, tokenizer):
+def test_copa_is_scored_as_sequences(tmp_path, tokenizer):
     rows = [{**CASES["copa"][0], "premise": f"Event {i} happened.", "label": i % 2} for i in range(20)]
     write_jsonl(tmp_path / "copa" / "train.jsonl", rows[:14])
     write_jsonl(tmp_path / "copa" / "validation.jsonl", rows[14:])
     s = load_task(cfg(f"mezo:copa:{tmp_path / 'copa'}", train_size=8, dev_size=4))
     assert s.sizes() == {"train": 8, "dev": 4, "test": 6}
-    with pytest.raises(DataError, match=r"example 0: choice .* tokens.*sequences"):
-        encode(s.train, tokenizer, 64, 8, s.kind)
+    assert s.kind == "choice"
+    b = encode(s.train, tokenizer, 64, 16, s.kind)
+    assert b.kind == "choice" and b.input_ids.shape == (8, 2, 64) and b.target_mask.shape == (8, 2, 16)
+    for i, ex in enumerate(s.train):  # each row is prompt + that choice, the choice under the mask
+        for k, choice in enumerate(ex.choices):
+            n = len(tokenizer(choice, add_special_tokens=False)["input_ids"])
+            assert b.target_mask[i, k].sum() == n
+            assert tokenizer.decode(b.target_ids[i, k, -n:]) == choice
 
 
 def test_sst2_encodes(tmp_path, tokenizer):

@@ -27,7 +27,11 @@ def prompts(split):
 def test_splits_sizes_disjoint_balanced():
     train, dev, test = split_examples(cls(400), 100, 40, 60, seed=0, source="mem")
     assert (len(train), len(dev), len(test)) == (100, 40, 60)
-    assert not prompts(train) & prompts(dev) and not prompts(train) & prompts(test) and not prompts(dev) & prompts(test)
+    assert (
+        not prompts(train) & prompts(dev)
+        and not prompts(train) & prompts(test)
+        and not prompts(dev) & prompts(test)
+    )
     assert Counter(e.label for e in train) == {0: 50, 1: 50}
     assert Counter(e.label for e in dev) == {0: 20, 1: 20}
     assert Counter(e.label for e in test) == {0: 30, 1: 30}
@@ -43,7 +47,9 @@ def test_splits_deterministic_under_seed():
 
 def test_balance_tops_up_from_other_labels():
     # 10 of label 1, 90 of label 0: 40 train = 10 of label 1 + 30 of label 0 once label 1 runs out
-    data = [Example(f"a{i}", CHOICES, 0) for i in range(90)] + [Example(f"b{i}", CHOICES, 1) for i in range(10)]
+    data = [Example(f"a{i}", CHOICES, 0) for i in range(90)] + [
+        Example(f"b{i}", CHOICES, 1) for i in range(10)
+    ]
     train, dev, test = split_examples(data, 40, 10, 10, seed=0, source="mem")
     assert Counter(e.label for e in test) == {0: 5, 1: 5}
     assert Counter(e.label for e in dev) == {0: 5, 1: 5}
@@ -94,7 +100,9 @@ def test_split_given_drops_train_prompts_that_are_held_out():
 
 
 def test_split_given_with_dev_and_caps():
-    tr, dev, te = split_given(cls(100), cls(50, start=100), cls(50, start=150), 10, 20, 30, seed=1, source="mem")
+    tr, dev, te = split_given(
+        cls(100), cls(50, start=100), cls(50, start=150), 10, 20, 30, seed=1, source="mem"
+    )
     assert (len(tr), len(dev), len(te)) == (10, 20, 30)
     assert prompts(dev) <= {f"p{i}" for i in range(100, 150)}
     assert Counter(e.label for e in te) == {0: 15, 1: 15}

@@ -13,19 +13,21 @@ def ids(tokenizer, text):
 
 
 def test_classification_left_padded(tokenizer):
-    exs = [Example("Review: great film\nSentiment:", CHOICES, 0),
-           Example("Review: a very long and rather dull film, really\nSentiment:", CHOICES, 1)]
+    exs = [
+        Example("Review: great film\nSentiment:", CHOICES, 0),
+        Example("Review: a very long and rather dull film, really\nSentiment:", CHOICES, 1),
+    ]
     b = encode(exs, tokenizer, max_length=32, max_target_length=4, kind="classification")
     assert b.kind == "classification" and len(b) == 2
     assert b.input_ids.shape == b.attention_mask.shape == b.position_ids.shape == (2, 32)
     assert b.input_ids.dtype == b.attention_mask.dtype == b.position_ids.dtype == torch.long
     for i, ex in enumerate(exs):
         p = ids(tokenizer, ex.prompt)
-        assert b.input_ids[i, -len(p):].tolist() == p  # prompt right-aligned: the answer is at T-1
+        assert b.input_ids[i, -len(p) :].tolist() == p  # prompt right-aligned: the answer is at T-1
         assert b.attention_mask[i].sum() == len(p)
-        assert (b.input_ids[i, :32 - len(p)] == tokenizer.pad_token_id).all()
-        assert b.position_ids[i, -len(p):].tolist() == list(range(len(p)))
-        assert (b.position_ids[i, :32 - len(p)] == 0).all()
+        assert (b.input_ids[i, : 32 - len(p)] == tokenizer.pad_token_id).all()
+        assert b.position_ids[i, -len(p) :].tolist() == list(range(len(p)))
+        assert (b.position_ids[i, : 32 - len(p)] == 0).all()
     assert b.choice_ids.tolist() == [[ids(tokenizer, " positive")[0], ids(tokenizer, " negative")[0]]] * 2
     assert b.labels.tolist() == [0, 1]
     assert b.target_ids is None and b.target_mask is None
@@ -56,8 +58,13 @@ def test_multi_token_choice_is_an_error(tokenizer):
 
 def test_choice_count_and_label_checks(tokenizer):
     with pytest.raises(DataError, match="example 1 has 3 choices, example 0 has 2"):
-        encode([Example("a", CHOICES, 0), Example("b", CHOICES + (" neutral",), 0)], tokenizer, 16, 4,
-               "classification")
+        encode(
+            [Example("a", CHOICES, 0), Example("b", CHOICES + (" neutral",), 0)],
+            tokenizer,
+            16,
+            4,
+            "classification",
+        )
     with pytest.raises(DataError, match="example 0: label 2"):
         encode([Example("a", CHOICES, 2)], tokenizer, 16, 4, "classification")
     with pytest.raises(DataError, match="empty prompt"):
@@ -65,8 +72,10 @@ def test_choice_count_and_label_checks(tokenizer):
 
 
 def test_generation_layout(tokenizer):
-    exs = [Example("Question: capital of France?\nAnswer:", target=" Paris"),
-           Example("Q:", target=" a rather long answer that will be cut off at four tokens")]
+    exs = [
+        Example("Question: capital of France?\nAnswer:", target=" Paris"),
+        Example("Q:", target=" a rather long answer that will be cut off at four tokens"),
+    ]
     T, L = 24, 4
     b = encode(exs, tokenizer, T, L, "generation")
     assert b.kind == "generation" and b.choice_ids is None and b.labels is None
@@ -83,7 +92,7 @@ def test_generation_layout(tokenizer):
     # row 1: completion truncated to L tokens (no eos), mask all ones
     assert b.target_ids[1].tolist() == ids(tokenizer, exs[1].target)[:L]
     assert b.target_mask[1].tolist() == [1.0] * L
-    assert b.input_ids[1, -L - len(ids(tokenizer, "Q:")):-L].tolist() == ids(tokenizer, "Q:")
+    assert b.input_ids[1, -L - len(ids(tokenizer, "Q:")) : -L].tolist() == ids(tokenizer, "Q:")
 
 
 def test_generation_prompt_truncated_on_the_left(tokenizer):
@@ -91,14 +100,14 @@ def test_generation_prompt_truncated_on_the_left(tokenizer):
     b = encode([Example(prompt, target=" end")], tokenizer, 12, 4, "generation")
     comp = ids(tokenizer, " end") + [tokenizer.eos_token_id]
     assert b.attention_mask.sum() == 12
-    assert b.input_ids[0].tolist() == ids(tokenizer, prompt)[-(12 - len(comp)):] + comp
+    assert b.input_ids[0].tolist() == ids(tokenizer, prompt)[-(12 - len(comp)) :] + comp
 
 
 def test_generation_empty_prompt_masks_first_token(tokenizer):
     # {"text"} records: prompt "", no BOS in SmolLM2 -> the first token has nothing to be predicted from
     b = encode([Example("", target=" hello world")], tokenizer, 8, 4, "generation")
     comp = ids(tokenizer, " hello world") + [tokenizer.eos_token_id]
-    assert b.target_ids[0, -len(comp):].tolist() == comp
+    assert b.target_ids[0, -len(comp) :].tolist() == comp
     assert b.target_mask[0].tolist() == [0.0] * (4 - len(comp)) + [0.0] + [1.0] * (len(comp) - 1)
 
 
@@ -135,11 +144,13 @@ def test_batch_slice_index_repeat(tokenizer):
 
 class CharTokenizer:
     """One token per character, BOS=1, EOS=2, no pad token: checks the BOS and pad handling."""
+
     bos_token_id, eos_token_id, pad_token_id = 1, 2, None
 
     def __call__(self, text, add_special_tokens=True):
         def enc(t):
             return ([1] if add_special_tokens else []) + [ord(c) for c in t]
+
         return {"input_ids": [enc(t) for t in text] if isinstance(text, list) else enc(text)}
 
 

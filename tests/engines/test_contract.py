@@ -54,6 +54,7 @@ def config(estimator: str, momentum: float = 0.9) -> Config:
 def eager(tokenizer, cfg: Config) -> Callable[[], EagerEngine]:
     def make():
         return EagerEngine(make_tiny_model("llama", tokenizer, seed=0), cfg, "classification")
+
     return make
 
 
@@ -62,6 +63,7 @@ def _layers(make) -> list[str]:
 
 
 # -- one fixture per engine --------------------------------------------------------------------
+
 
 @pytest.fixture
 def eager_prge(tokenizer):
@@ -92,8 +94,19 @@ def _exported(tmp_path_factory, tokenizer):
     adapter = build_params(model, cfg)
     path = tmp_path_factory.mktemp("contract") / "step.pte"
     # Portable kernels keep the export quick; XNNPACK programs are checked in test_executorch.py.
-    export_program(model, adapter, ClassificationLoss(), Q, B, T, C, out_path=path,
-                   eval_batch=B, momentum=cfg.optim.momentum, xnnpack=False)
+    export_program(
+        model,
+        adapter,
+        ClassificationLoss(),
+        Q,
+        B,
+        T,
+        C,
+        out_path=path,
+        eval_batch=B,
+        momentum=cfg.optim.momentum,
+        xnnpack=False,
+    )
     return path, adapter.state(), list(adapter.layers), cfg
 
 
@@ -105,11 +118,50 @@ def executorch_program(_exported, tokenizer):
 
     def make():
         return ExecuTorchEngine(PteProgram.load(path), frozen)
+
     return EngineCase(make, Q, layers, reference=eager(tokenizer, cfg))
 
 
-CASES = ["eager_prge", "eager_rge", "eager_fo", "executorch_program"]
-PARITY = ["eager_rge", "executorch_program"]
+@pytest.fixture(scope="module")
+def _exported_onnx(tmp_path_factory, tokenizer):
+    from zotune.engines.onnx import export_program
+    from zotune.loss import ClassificationLoss
+
+    cfg = config("prge")
+    model = make_tiny_model("llama", tokenizer, seed=0)
+    adapter = build_params(model, cfg)
+    path = tmp_path_factory.mktemp("contract-onnx") / "step.onnx"
+    export_program(
+        model,
+        adapter,
+        ClassificationLoss(),
+        Q,
+        B,
+        T,
+        C,
+        out_path=path,
+        eval_batch=B,
+        momentum=cfg.optim.momentum,
+        threads=1,
+    )
+    return path, adapter.state(), list(adapter.layers), cfg
+
+
+@pytest.fixture
+def onnx_program(_exported_onnx, tokenizer):
+    from zotune.engines.ort import OrtProgram
+    from zotune.engines.program import ProgramEngine
+
+    path, frozen, layers, cfg = _exported_onnx
+
+    def make():
+        return ProgramEngine(OrtProgram.load(path), frozen)
+
+    return EngineCase(make, Q, layers, reference=eager(tokenizer, cfg))
+
+
+CASES = ["eager_prge", "eager_rge", "eager_fo", "executorch_program", "onnx_program"]
+PARITY = ["eager_rge", "executorch_program", "onnx_program"]
 
 
 @pytest.fixture(params=CASES)
@@ -123,6 +175,7 @@ def parity_case(request) -> EngineCase:
 
 
 # -- the suite ---------------------------------------------------------------------------------
+
 
 def run_steps(engine, steps: range):
     return [engine.step(batch(i), step_seed(0, i), LR, EPS) for i in steps]
@@ -195,8 +248,7 @@ def test_adapter_state_has_peft_names(case, tmp_path):
 def test_parity_with_eager(parity_case):
     engine, reference = parity_case.make(), parity_case.reference()
     tol = parity_case.tol
-    for (loss, g), (loss_r, g_r) in zip(run_steps(engine, range(STEPS)),
-                                        run_steps(reference, range(STEPS))):
+    for (loss, g), (loss_r, g_r) in zip(run_steps(engine, range(STEPS)), run_steps(reference, range(STEPS))):
         assert abs(loss - loss_r) <= tol
         assert float((g - g_r).abs().max()) * 2 * EPS <= tol  # g = (l+ - l-) / (2 eps)
     a, b = part(engine.state(), PARAM), part(reference.state(), PARAM)

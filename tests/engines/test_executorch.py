@@ -31,16 +31,17 @@ from zotune.rng import noise  # noqa: E402
 
 T, C = 16, 2
 TOL = 1e-5
-PROMPTS = ["Review: great fun\nSentiment (positive or negative):",
-           "Review: a dull, overlong and confused mess\nSentiment (positive or negative):",
-           "Review: fine\nSentiment:",
-           "Review: I loved every minute of it, truly\nSentiment (positive or negative):"]
+PROMPTS = [
+    "Review: great fun\nSentiment (positive or negative):",
+    "Review: a dull, overlong and confused mess\nSentiment (positive or negative):",
+    "Review: fine\nSentiment:",
+    "Review: I loved every minute of it, truly\nSentiment (positive or negative):",
+]
 
 
 def make_batch(tokenizer, rows: int, offset: int = 0):
     texts = [PROMPTS[(offset + i) % len(PROMPTS)] for i in range(rows)]
-    enc = tokenizer(texts, padding="max_length", max_length=T, truncation=True,
-                    return_tensors="pt")
+    enc = tokenizer(texts, padding="max_length", max_length=T, truncation=True, return_tensors="pt")
     ids, am = enc["input_ids"].long(), enc["attention_mask"].long()
     pos = (am.cumsum(1) - 1).clamp_min(0)
     words = [tokenizer.encode(w, add_special_tokens=False)[0] for w in (" positive", " negative")]
@@ -57,8 +58,7 @@ class Exported:
 
     def eager_step(self):
         # The eager engine's own configuration: noise drawn per tensor (not fused).
-        return PRGEStep(self.model, self.adapter, self.loss, self.q, dual=self.dual,
-                        noise=self.kind)
+        return PRGEStep(self.model, self.adapter, self.loss, self.q, dual=self.dual, noise=self.kind)
 
 
 def _export(tmp_path_factory, tokenizer, family, q, b, dual, kind, targets, name):
@@ -66,26 +66,38 @@ def _export(tmp_path_factory, tokenizer, family, q, b, dual, kind, targets, name
     adapter = LoRAAdapter(model, rank=4, alpha=8, targets=targets)
     loss = ClassificationLoss()
     path = tmp_path_factory.mktemp(name) / f"{name}.pte"
-    report = export_program(model, adapter, loss, q=q, b=b, seq_len=T, n_choices=C, dual=dual,
-                            noise=kind, out_path=path, model_name=f"tiny-{family}")
+    report = export_program(
+        model,
+        adapter,
+        loss,
+        q=q,
+        b=b,
+        seq_len=T,
+        n_choices=C,
+        dual=dual,
+        noise=kind,
+        out_path=path,
+        model_name=f"tiny-{family}",
+    )
     return Exported(path, model, adapter, loss, report, q, b, dual, kind)
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory, tokenizer):
     # LoRA-FA on every linear of the blocks, dual forwarding, normal noise.
-    return _export(tmp_path_factory, tokenizer, "llama", 2, 2, True, "normal", ["all-linear"],
-                   "llama")
+    return _export(tmp_path_factory, tokenizer, "llama", 2, 2, True, "normal", ["all-linear"], "llama")
 
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory, tokenizer):
     # The other branches: q=3, +eps and -eps in separate forwards, Rademacher noise, two targets.
-    return _export(tmp_path_factory, tokenizer, "qwen2", 3, 2, False, "rademacher",
-                   ["q_proj", "v_proj"], "qwen")
+    return _export(
+        tmp_path_factory, tokenizer, "qwen2", 3, 2, False, "rademacher", ["q_proj", "v_proj"], "qwen"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 class _Noise(nn.Module):
     def __init__(self, start, n, kind):
@@ -221,8 +233,10 @@ def test_engine_surface_and_scores_of_any_row_count(llama, tokenizer):
         set_theta(llama.adapter, torch.zeros(llama.adapter.numel))
     engine.program.set_lora(torch.zeros(llama.adapter.numel))
     engine.load_state(state)
-    assert torch.equal(engine.program.get_lora_flat(), flatten_dict(
-        {k[len("param."):]: v for k, v in state.items()}, engine.program))
+    assert torch.equal(
+        engine.program.get_lora_flat(),
+        flatten_dict({k[len("param.") :]: v for k, v in state.items()}, engine.program),
+    )
 
 
 def flatten_dict(lora, prog):
@@ -317,8 +331,18 @@ def test_failed_parity_check_writes_nothing(tokenizer, tmp_path):
     out = tmp_path / "refused.pte"
     with pytest.raises(ExportCheckError, match="nothing was written"):
         # Portable kernels keep this export quick; a negative tolerance makes any result fail.
-        export_program(model, adapter, ClassificationLoss(), q=1, b=1, seq_len=8, n_choices=2,
-                       out_path=out, xnnpack=False, tolerance=-1.0)
+        export_program(
+            model,
+            adapter,
+            ClassificationLoss(),
+            q=1,
+            b=1,
+            seq_len=8,
+            n_choices=2,
+            out_path=out,
+            xnnpack=False,
+            tolerance=-1.0,
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -326,14 +350,17 @@ def test_unsupported_options_are_refused(tokenizer, tmp_path):
     model = make_tiny_model("llama", tokenizer, seed=1)
     adapter = LoRAAdapter(model, rank=2, alpha=4, targets=["q_proj"])
     with pytest.raises(EngineError, match="quantize"):
-        export_program(model, adapter, ClassificationLoss(), 1, 1, 8, 2, quantize="int3",
-                       out_path=tmp_path / "x.pte")
+        export_program(
+            model, adapter, ClassificationLoss(), 1, 1, 8, 2, quantize="int3", out_path=tmp_path / "x.pte"
+        )
     with pytest.raises(EngineError, match="classification"):
-        export_program(model, adapter, ClassificationLoss(via_head_module=True), 1, 1, 8, 2,
-                       out_path=tmp_path / "x.pte")
+        export_program(
+            model, adapter, ClassificationLoss(via_head_module=True), 1, 1, 8, 2, out_path=tmp_path / "x.pte"
+        )
     with pytest.raises(EngineError, match="momentum"):
-        export_program(model, adapter, ClassificationLoss(), 1, 1, 8, 2, momentum=1.0,
-                       out_path=tmp_path / "x.pte")
+        export_program(
+            model, adapter, ClassificationLoss(), 1, 1, 8, 2, momentum=1.0, out_path=tmp_path / "x.pte"
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -341,11 +368,19 @@ def test_8da4w_matches_quantized_eager(tokenizer, tmp_path):
     model = make_tiny_model("llama", tokenizer, seed=0)
     adapter = LoRAAdapter(model, rank=4, alpha=8, targets=["q_proj", "v_proj"])
     w = model.model.layers[0].mlp.up_proj.weight.clone()
-    rep = export_program(model, adapter, ClassificationLoss(), q=2, b=2, seq_len=T, n_choices=C,
-                         quantize="8da4w", out_path=tmp_path / "q.pte")
+    rep = export_program(
+        model,
+        adapter,
+        ClassificationLoss(),
+        q=2,
+        b=2,
+        seq_len=T,
+        n_choices=C,
+        quantize="8da4w",
+        out_path=tmp_path / "q.pte",
+    )
     assert rep.meta["quantize"] == "8da4w"
-    assert all(v <= TOLERANCE["8da4w"][k] for k, v in rep.check.items()
-               if k in TOLERANCE["8da4w"]), rep.check
+    assert all(v <= TOLERANCE["8da4w"][k] for k, v in rep.check.items() if k in TOLERANCE["8da4w"]), rep.check
     # Two layers give activation roundings no room to cascade: with the group scales in bf16
     # (as XNNPACK keeps them) eager and program agree far inside the fp32 tolerance.
     assert rep.check["update"] <= 1e-6 and rep.check["forward"] <= 1e-5, rep.check

@@ -43,8 +43,10 @@ def test_prge_equals_sequential_rge(family, tokenizer, dtype, kind):
         assert rel(g, g_ref) <= TOL[dtype], name
         for key in state_ref:
             torch.testing.assert_close(state[key], state_ref[key], rtol=TOL[dtype], atol=1e-7)
-    assert not torch.equal(state_ref[next(k for k in state_ref if k.endswith("lora_B"))],
-                           start[next(k for k in start if k.endswith("lora_B"))])
+    assert not torch.equal(
+        state_ref[next(k for k in state_ref if k.endswith("lora_B"))],
+        start[next(k for k in start if k.endswith("lora_B"))],
+    )
 
 
 def test_g_is_the_directional_derivative(tokenizer):
@@ -100,8 +102,9 @@ def test_fused_noise_draws_the_same_z(tokenizer):
         assert torch.equal(a, b) and torch.equal(a[2:3], c)
 
 
-@pytest.mark.parametrize("train_a,dual,momentum", [(False, True, 0.0), (True, True, 0.0),
-                                                   (False, False, 0.0), (True, True, 0.9)])
+@pytest.mark.parametrize(
+    "train_a,dual,momentum", [(False, True, 0.0), (True, True, 0.0), (False, False, 0.0), (True, True, 0.9)]
+)
 def test_flat_step_equals_per_layer_step_bitwise(tokenizer, train_a, dual, momentum):
     """The fused (exported) form of PRGEStep gives the same bits as the per-layer eager form,
     momentum buffer included."""
@@ -110,11 +113,15 @@ def test_flat_step_equals_per_layer_step_bitwise(tokenizer, train_a, dual, momen
         model = make_tiny_model("qwen2", tokenizer)
         adapter = LoRAAdapter(model, rank=4, alpha=8, train_a=train_a)
         randomize(adapter.tensors())
-        step = PRGEStep(model, adapter, ClassificationLoss(), q=3, dual=dual, momentum=momentum,
-                        fused_noise=fused)
+        step = PRGEStep(
+            model, adapter, ClassificationLoss(), q=3, dual=dual, momentum=momentum, fused_noise=fused
+        )
         out = [step(torch.tensor([s]), 1e-2, 1e-2, *synthetic_batch()) for s in (5, 6, 7)]
-        velocity = (torch.cat([v.reshape(-1) for v in step.velocity]) if step.velocity
-                    else getattr(model, VELOCITY, None))
+        velocity = (
+            torch.cat([v.reshape(-1) for v in step.velocity])
+            if step.velocity
+            else getattr(model, VELOCITY, None)
+        )
         if fused and momentum:  # per-tensor views of the flat buffer, which checkpoints read
             flat = getattr(model, VELOCITY)
             assert step.velocity[0].data_ptr() == flat.data_ptr() and torch.equal(velocity, flat)

@@ -21,10 +21,16 @@ class InProcessGrid(Grid):
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
         self.apps = dict(nodes)
         n = partitions or len(nodes)
-        self.contexts = {nid: Context(run_id=1, node_id=nid,
-                                      node_config={"partition-id": i, "num-partitions": n},
-                                      state=RecordDict(), run_config={})
-                         for i, nid in enumerate(nodes)}
+        self.contexts = {
+            nid: Context(
+                run_id=1,
+                node_id=nid,
+                node_config={"partition-id": i, "num-partitions": n},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i, nid in enumerate(nodes)
+        }
         self.sent: list[Message] = []
         self.replies: list[Message] = []
 
@@ -36,8 +42,7 @@ class InProcessGrid(Grid):
         return None
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
-                       group_id=group_id)
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
 
     def get_node_ids(self):
         return list(self.apps)
@@ -53,15 +58,17 @@ class InProcessGrid(Grid):
         for msg in messages:
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
-            incoming = Message(wire(msg.content), dst_node_id=node,
-                               message_type=msg.metadata.message_type,
-                               group_id=msg.metadata.group_id)
+            incoming = Message(
+                wire(msg.content),
+                dst_node_id=node,
+                message_type=msg.metadata.message_type,
+                group_id=msg.metadata.group_id,
+            )
             try:
                 reply = self.apps[node](incoming, self.contexts[node])
                 reply = Message(wire(reply.content), reply_to=incoming)
             except Exception as e:  # what a SuperNode reports for a ClientApp that raised
-                reply = Message(Error(code=1, reason=f"{type(e).__name__}: {e}"),
-                                reply_to=incoming)
+                reply = Message(Error(code=1, reason=f"{type(e).__name__}: {e}"), reply_to=incoming)
             self.replies.append(reply)
             out.append(reply)
         return out

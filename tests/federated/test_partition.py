@@ -21,8 +21,10 @@ def test_partitions_are_disjoint_cover_the_split_and_are_seeded(kind):
 
 def test_label_skew_grows_as_alpha_falls():
     y = labels(1000)
-    skew = {a: sum(label_skew(y, partition(y, 8, "dirichlet", a, seed=s)) for s in range(5)) / 5
-            for a in (100.0, 1.0, 0.1)}
+    skew = {
+        a: sum(label_skew(y, partition(y, 8, "dirichlet", a, seed=s)) for s in range(5)) / 5
+        for a in (100.0, 1.0, 0.1)
+    }
     iid = label_skew(y, partition(y, 8, "iid", 0.0, seed=0))
     assert iid < 0.05 and skew[100.0] < 0.1
     assert skew[100.0] < skew[1.0] < skew[0.1]

@@ -28,8 +28,11 @@ def fed_config(tiny_folder, cls_jsonl, out, **fed):
 
 
 def steps(run_dir):
-    return [r for r in (json.loads(x) for x in (run_dir / "replay.jsonl").read_text().splitlines())
-            if r["type"] == "step"]
+    return [
+        r
+        for r in (json.loads(x) for x in (run_dir / "replay.jsonl").read_text().splitlines())
+        if r["type"] == "step"
+    ]
 
 
 def rounds(run_dir):
@@ -66,23 +69,23 @@ def test_rounds_replay_exactly_and_clients_hold_the_global_state(tmp_path, tiny_
     # with the records a client missed, far below the adapter.
     lines = rounds(run)
     assert all(b["up"] < 1024 for r in lines for b in r["bytes"])
-    assert all(b["choice"] == "records" and b["down"] < b["down_other"]
-               for r in lines for b in r["bytes"])
+    assert all(b["choice"] == "records" and b["down"] < b["down_other"] for r in lines for b in r["bytes"])
     assert summary["bytes_up_per_client_round"] < 1024 and summary["test"]["accuracy"] >= 0
 
 
 def test_weighted_records_equal_fedavg_of_client_deltas(tmp_path, tiny_folder, cls_jsonl):
-    cfg = fed_config(tiny_folder, cls_jsonl, tmp_path / "run", rounds=1, clients=3,
-                     partition="dirichlet", alpha=1.0)
+    cfg = fed_config(
+        tiny_folder, cls_jsonl, tmp_path / "run", rounds=1, clients=3, partition="dirichlet", alpha=1.0
+    )
     app = client_app(cfg)
     local = {}
 
     def capture(node):
         def run(message, context):
             reply = app(message, context)
-            local[node] = (workspace(cfg).theta(),
-                           reply.content.config_records["reply"]["count"])
+            local[node] = (workspace(cfg).theta(), reply.content.config_records["reply"]["count"])
             return reply
+
         return run
 
     grid = InProcessGrid({n: capture(n) for n in (5, 6, 7)})
@@ -104,8 +107,7 @@ class Hostile:
     def __call__(self, message, context):
         r = message.content.config_records["round"]
         seeds = [int(s) for s in r["seeds"]]
-        reply = {"status": "ok", "seeds": seeds, "g": [0.5] * (len(seeds) * 2), "count": 20,
-                 "loss": 0.7}
+        reply = {"status": "ok", "seeds": seeds, "g": [0.5] * (len(seeds) * 2), "count": 20, "loss": 0.7}
         if self.poison == "crash":
             raise RuntimeError("device lost power")
         self.poison(reply)
@@ -130,8 +132,7 @@ def no_examples(r):
 
 def test_hostile_and_crashing_clients_change_nothing(tmp_path, tiny_folder, cls_jsonl):
     def run(name, hostile):
-        cfg = fed_config(tiny_folder, cls_jsonl, tmp_path / name, rounds=2, clients=7,
-                         min_fraction=0.2)
+        cfg = fed_config(tiny_folder, cls_jsonl, tmp_path / name, rounds=2, clients=7, min_fraction=0.2)
         app = client_app(cfg)
         nodes = {1: app, 2: app}  # the honest ones hold slots 0 and 1 in both runs
         nodes.update({3 + i: Hostile(app, p) for i, p in enumerate(hostile)})
@@ -143,8 +144,9 @@ def test_hostile_and_crashing_clients_change_nothing(tmp_path, tiny_folder, cls_
     cfg, attacked = run("attacked", poisons)
     _, clean = run("clean", [])
     assert torch.equal(attacked, clean)
-    assert [(s["seed"], s["g"], s["lr"]) for s in steps(tmp_path / "attacked")] == \
-        [(s["seed"], s["g"], s["lr"]) for s in steps(tmp_path / "clean")]
+    assert [(s["seed"], s["g"], s["lr"]) for s in steps(tmp_path / "attacked")] == [
+        (s["seed"], s["g"], s["lr"]) for s in steps(tmp_path / "clean")
+    ]
     dropped = rounds(tmp_path / "attacked")[0]["dropped"]
     assert set(dropped) == {"2", "3", "4", "5", "6"}
     assert "not finite" in dropped["2"] and "max_abs_g" in dropped["3"]
@@ -153,11 +155,11 @@ def test_hostile_and_crashing_clients_change_nothing(tmp_path, tiny_folder, cls_
 
 
 def test_too_few_valid_replies_leave_the_round_unapplied(tmp_path, tiny_folder, cls_jsonl):
-    cfg = fed_config(tiny_folder, cls_jsonl, tmp_path / "run", rounds=1, clients=4,
-                     min_fraction=0.5)
+    cfg = fed_config(tiny_folder, cls_jsonl, tmp_path / "run", rounds=1, clients=4, min_fraction=0.5)
     app = client_app(cfg)
-    grid = InProcessGrid({1: app, 2: Hostile(app, nan_g), 3: Hostile(app, huge_g),
-                          4: Hostile(app, "crash")}, partitions=1)
+    grid = InProcessGrid(
+        {1: app, 2: Hostile(app, nan_g), 3: Hostile(app, huge_g), 4: Hostile(app, "crash")}, partitions=1
+    )
     serve(grid, cfg)
     (line,) = rounds(tmp_path / "run")
     assert line["applied"] is False and line["accepted"] == [] and len(line["dropped"]) == 3
@@ -179,16 +181,16 @@ def test_resume_continues_exactly(tmp_path, tiny_folder, cls_jsonl):
     workspace(cfg, role="server").engine.load_state(workspace(cfg).initial)  # a fresh server
     serve(grid, cfg, resume=True)
     assert torch.equal(global_theta(cfg), straight)
-    assert [s["g"] for s in steps(tmp_path / "resumed")] == \
-        [s["g"] for s in steps(tmp_path / "straight")]
+    assert [s["g"] for s in steps(tmp_path / "resumed")] == [s["g"] for s in steps(tmp_path / "straight")]
     assert [r["round"] for r in rounds(tmp_path / "resumed")] == [0, 1]
 
 
 def test_late_and_stateless_clients_get_the_adapter(tmp_path, tiny_folder, cls_jsonl):
     # fraction 1/3: one client per round, so the others fall behind; each round adds 2
     # records, more than the limit of 1.
-    cfg = fed_config(tiny_folder, cls_jsonl, tmp_path / "run", rounds=4, fraction=0.34,
-                     min_fraction=1.0, catch_up_limit=1)
+    cfg = fed_config(
+        tiny_folder, cls_jsonl, tmp_path / "run", rounds=4, fraction=0.34, min_fraction=1.0, catch_up_limit=1
+    )
     app = client_app(cfg)
     grid = InProcessGrid({1: app, 2: app, 3: app})
     serve(grid, cfg)
@@ -225,17 +227,19 @@ def test_late_and_stateless_clients_get_the_adapter(tmp_path, tiny_folder, cls_j
 
 
 def test_fedavg_mode_averages_first_order_clients(tmp_path, tiny_folder, cls_jsonl):
-    cfg = fed_config(tiny_folder, cls_jsonl, tmp_path / "run", rounds=1, mode="fedavg",
-                     fedavg_lr=1e-2)
+    cfg = fed_config(tiny_folder, cls_jsonl, tmp_path / "run", rounds=1, mode="fedavg", fedavg_lr=1e-2)
     app = client_app(cfg)
     local = {}
 
     def capture(node):
         def run(message, context):
             reply = app(message, context)
-            local[node] = (P.tensor(reply.content.array_records["theta"], "theta"),
-                           reply.content.config_records["reply"]["count"])
+            local[node] = (
+                P.tensor(reply.content.array_records["theta"], "theta"),
+                reply.content.config_records["reply"]["count"],
+            )
             return reply
+
         return run
 
     grid = InProcessGrid({n: capture(n) for n in (1, 2, 3)})

@@ -13,15 +13,28 @@ from zotune.cli import main
 
 def test_federate_command_runs_the_simulation(tmp_path, tiny_folder, cls_jsonl, capsys):
     run_dir = tmp_path / "run"
-    cfg = {"model": {"name": tiny_folder},
-           "data": {"task": f"jsonl:{cls_jsonl}", "train_size": 40, "dev_size": 16,
-                    "test_size": 16, "max_length": 16},
-           "adapter": {"rank": 4, "alpha": 8},
-           "optim": {"q": 2, "batch_size": 2, "lr": 0.01},
-           "train": {"eval_batch_size": 8, "out_dir": str(run_dir), "progress": False,
-                     "threads": 1},
-           "federated": {"clients": 2, "rounds": 1, "local_steps": 2, "parallel": 1,
-                         "partition": "dirichlet", "alpha": 1.0, "wait_clients_s": 60}}
+    cfg = {
+        "model": {"name": tiny_folder},
+        "data": {
+            "task": f"jsonl:{cls_jsonl}",
+            "train_size": 40,
+            "dev_size": 16,
+            "test_size": 16,
+            "max_length": 16,
+        },
+        "adapter": {"rank": 4, "alpha": 8},
+        "optim": {"q": 2, "batch_size": 2, "lr": 0.01},
+        "train": {"eval_batch_size": 8, "out_dir": str(run_dir), "progress": False, "threads": 1},
+        "federated": {
+            "clients": 2,
+            "rounds": 1,
+            "local_steps": 2,
+            "parallel": 1,
+            "partition": "dirichlet",
+            "alpha": 1.0,
+            "wait_clients_s": 60,
+        },
+    }
     path = tmp_path / "federated.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["federate", "--config", str(path)]) == 0

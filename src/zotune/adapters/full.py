@@ -37,8 +37,7 @@ class FullParams:
     def describe(self) -> dict:
         return {"kind": "full"}
 
-    def z(self, seed: torch.Tensor, query: int, name: str, like: torch.Tensor,
-          kind: str) -> torch.Tensor:
+    def z(self, seed: torch.Tensor, query: int, name: str, like: torch.Tensor, kind: str) -> torch.Tensor:
         """z of query `query` for the trained tensor `name` (shaped like `like`)."""
         start, n = self.layout.span(name, query)
         return noise(seed, start, n, kind, like.dtype, like.device).view_as(like)
@@ -54,8 +53,7 @@ class FullParams:
                 if p is None or id(p) not in self._name_of:
                     continue
                 saved[name] = p
-                module._parameters[name] = p + scale * self.z(seed, query, self._name_of[id(p)],
-                                                              p, kind)
+                module._parameters[name] = p + scale * self.z(seed, query, self._name_of[id(p)], p, kind)
             module._zotune_saved = saved
 
         def post_hook(module, args, output):

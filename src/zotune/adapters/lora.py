@@ -37,16 +37,26 @@ def init_lora_a(rank: int, d_in: int, generator: torch.Generator, dtype) -> torc
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Module, d_in: int, d_out: int, rank: int, alpha: float,
-                 dropout: float, train_a: bool, generator: torch.Generator):
+    def __init__(
+        self,
+        base: nn.Module,
+        d_in: int,
+        d_out: int,
+        rank: int,
+        alpha: float,
+        dropout: float,
+        train_a: bool,
+        generator: torch.Generator,
+    ):
         super().__init__()
         self.base = base
         self.d_in, self.d_out, self.rank = d_in, d_out, rank
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         dtype, device = base.weight.dtype, base.weight.device  # A is drawn on the CPU generator
-        self.lora_A = nn.Parameter(init_lora_a(rank, d_in, generator, dtype).to(device),
-                                   requires_grad=train_a)
+        self.lora_A = nn.Parameter(
+            init_lora_a(rank, d_in, generator, dtype).to(device), requires_grad=train_a
+        )
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank, dtype=dtype, device=device))
         # Set by an estimator for one forward: (A stack [R, r, d_in] or None, B stack [R, d_out, r]),
         # or a function that builds them when this layer runs.
@@ -58,6 +68,10 @@ class LoRALinear(nn.Module):
             xa = F.linear(self.dropout(x), self.lora_A)  # [..., r]
             return y + self.scale * F.linear(xa, self.lora_B)
         a_stack, b_stack = self.replicas() if callable(self.replicas) else self.replicas
+        # Stacks built from fp32 master copies of a half-precision model's B (zotune.api) are cast
+        # to the activations' dtype here; for stacks already in that dtype .to is a no-op.
+        b_stack = b_stack.to(y.dtype)
+        a_stack = None if a_stack is None else a_stack.to(x.dtype)
         n_rep = b_stack.shape[0]
         xr = x.reshape(n_rep, -1, self.d_in)  # x: [R*b, T, d_in] -> [R, b*T, d_in]
         if a_stack is None:
@@ -94,17 +108,26 @@ def find_targets(model: nn.Module, patterns: list[str]) -> list[str]:
             names.append(name)
     if not names:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _in_out(m)})
-        raise ConfigError(f"adapter.targets {patterns} matched no linear layer of "
-                          f"{type(model).__name__}; its linear layers are named {leaves}")
+        raise ConfigError(
+            f"adapter.targets {patterns} matched no linear layer of "
+            f"{type(model).__name__}; its linear layers are named {leaves}"
+        )
     return names
 
 
 class LoRAAdapter:
     """The adapted layers of one model and the flat layout of the tensors zeroth-order trains."""
 
-    def __init__(self, model: nn.Module, rank: int = 16, alpha: float = 32.0,
-                 targets: list[str] | None = None, dropout: float = 0.0, train_a: bool = False,
-                 init_seed: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        rank: int = 16,
+        alpha: float = 32.0,
+        targets: list[str] | None = None,
+        dropout: float = 0.0,
+        train_a: bool = False,
+        init_seed: int = 0,
+    ):
         self.model, self.rank, self.alpha, self.train_a = model, rank, alpha, train_a
         self.init_seed = init_seed
         self.target_patterns = list(targets or ["all-linear"])
@@ -138,8 +161,11 @@ class LoRAAdapter:
         """What replay and the exporters need to rebuild or check this adapter without the
         model (the `adapter` part of its theta layout)."""
         return {
-            "kind": "lora" if self.train_a else "lora-fa", "rank": self.rank, "alpha": self.alpha,
-            "init_seed": self.init_seed, "targets": list(self.target_patterns),
+            "kind": "lora" if self.train_a else "lora-fa",
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "init_seed": self.init_seed,
+            "targets": list(self.target_patterns),
             "layers": [[name, layer.d_in, layer.d_out] for name, layer in self.layers.items()],
             "fan_in_fan_out": self.fan_in_fan_out,
         }

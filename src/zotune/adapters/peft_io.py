@@ -20,9 +20,17 @@ def peft_key(layer: str, kind: str) -> str:
     return f"base_model.model.{layer}.{kind}.weight"
 
 
-def save_peft(folder: str | Path, state: dict[str, torch.Tensor], layers: list[str], rank: int,
-              alpha: float, base_model: str, fan_in_fan_out: bool = False, dropout: float = 0.0,
-              extra: dict | None = None) -> Path:
+def save_peft(
+    folder: str | Path,
+    state: dict[str, torch.Tensor],
+    layers: list[str],
+    rank: int,
+    alpha: float,
+    base_model: str,
+    fan_in_fan_out: bool = False,
+    dropout: float = 0.0,
+    extra: dict | None = None,
+) -> Path:
     """state maps '<layer>.lora_A' / '<layer>.lora_B' to tensors. Written atomically."""
     folder = Path(folder)
     tensors = {}
@@ -52,12 +60,25 @@ def save_peft(folder: str | Path, state: dict[str, torch.Tensor], layers: list[s
     return folder
 
 
-def save_peft_described(folder: str | Path, state: dict[str, torch.Tensor], adapter: dict,
-                        base_model: str, extra: dict | None = None) -> Path:
+def save_peft_described(
+    folder: str | Path,
+    state: dict[str, torch.Tensor],
+    adapter: dict,
+    base_model: str,
+    extra: dict | None = None,
+) -> Path:
     """save_peft for the adapter a theta layout describes (`ThetaLayout.adapter`)."""
     layers = [name for name, _, _ in adapter["layers"]]
-    return save_peft(folder, state, layers, adapter["rank"], adapter["alpha"], base_model,
-                     adapter["fan_in_fan_out"], extra=extra)
+    return save_peft(
+        folder,
+        state,
+        layers,
+        adapter["rank"],
+        adapter["alpha"],
+        base_model,
+        adapter["fan_in_fan_out"],
+        extra=extra,
+    )
 
 
 def load_peft(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -76,5 +97,5 @@ def load_peft(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     for key, value in raw.items():
         if not (key.startswith("base_model.model.") and key.endswith(".weight")):
             raise ZotuneError(f"{folder / WEIGHTS}: unexpected tensor '{key}'")
-        state[key[len("base_model.model."): -len(".weight")]] = value
+        state[key[len("base_model.model.") : -len(".weight")]] = value
     return config, state

@@ -59,8 +59,7 @@ class ThetaLayout:
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
-    def from_shapes(cls, named_shapes, dtype: str = "float32",
-                    adapter: dict | None = None) -> ThetaLayout:
+    def from_shapes(cls, named_shapes, dtype: str = "float32", adapter: dict | None = None) -> ThetaLayout:
         """Entries laid end to end in the order given: (name, shape) pairs."""
         entries, offset = [], 0
         for name, shape in named_shapes:
@@ -78,24 +77,31 @@ class ThetaLayout:
         return cls.from_shapes(((n, t.shape) for n, t in named), dtype, adapter.describe())
 
     def to_json(self) -> dict:
-        return {"version": LAYOUT_VERSION, "numel": self.numel, "dtype": self.dtype,
-                "tensors": [{"name": e.name, "shape": list(e.shape), "offset": e.offset}
-                            for e in self.entries],
-                "adapter": dict(self.adapter)}
+        return {
+            "version": LAYOUT_VERSION,
+            "numel": self.numel,
+            "dtype": self.dtype,
+            "tensors": [{"name": e.name, "shape": list(e.shape), "offset": e.offset} for e in self.entries],
+            "adapter": dict(self.adapter),
+        }
 
     @classmethod
     def from_json(cls, data, where: str = "layout") -> ThetaLayout:
         """Read `to_json`'s output back, checking version, offsets and total size."""
         if not isinstance(data, dict) or "version" not in data:
-            raise LayoutError(f"{where}: no layout version (written by an older zotune, whose "
-                              "layout format this one does not read); re-create the file")
+            raise LayoutError(
+                f"{where}: no layout version (written by an older zotune, whose "
+                "layout format this one does not read); re-create the file"
+            )
         if data["version"] != LAYOUT_VERSION:
-            raise LayoutError(f"{where}: layout version {data['version']!r}, this zotune reads "
-                              f"version {LAYOUT_VERSION}")
+            raise LayoutError(
+                f"{where}: layout version {data['version']!r}, this zotune reads version {LAYOUT_VERSION}"
+            )
         try:
             tensors = [(d["name"], d["shape"], d["offset"]) for d in data["tensors"]]
-            layout = cls.from_shapes(((n, s) for n, s, _ in tensors), str(data["dtype"]),
-                                     data.get("adapter", {}))
+            layout = cls.from_shapes(
+                ((n, s) for n, s, _ in tensors), str(data["dtype"]), data.get("adapter", {})
+            )
             numel = int(data["numel"])
         except (KeyError, TypeError, ValueError) as e:
             raise LayoutError(f"{where}: malformed layout ({type(e).__name__}: {e})") from None
@@ -134,14 +140,12 @@ class ThetaLayout:
         """What differs between two layouts (None if they describe the same theta)."""
         for key in ("kind", "rank", "alpha"):
             if self.adapter.get(key) != other.adapter.get(key):
-                return (f"adapter {key} is {self.adapter.get(key)!r} here, "
-                        f"{other.adapter.get(key)!r} there")
+                return f"adapter {key} is {self.adapter.get(key)!r} here, {other.adapter.get(key)!r} there"
         if self.numel != other.numel:
             return f"numel is {self.numel} here, {other.numel} there"
         if self.entries != other.entries:
             names = set(self.names) ^ set(other.names)
-            return (f"differing tensors: {sorted(names)[:4]}" if names
-                    else "tensor shapes or offsets differ")
+            return f"differing tensors: {sorted(names)[:4]}" if names else "tensor shapes or offsets differ"
         return None
 
     # -- the counter stream --------------------------------------------------------------------
@@ -162,16 +166,14 @@ class ThetaLayout:
         """Every tensor's part of flat [..., N] as [..., *shape] (views where the memory allows:
         a 1-D flat vector gives views that write through)."""
         lead = flat.shape[:-1]
-        return {e.name: flat[..., e.offset: e.stop].reshape(*lead, *e.shape)
-                for e in self.entries}
+        return {e.name: flat[..., e.offset : e.stop].reshape(*lead, *e.shape) for e in self.entries}
 
     def gather(self, tensors, dtype: torch.dtype | None = None) -> torch.Tensor:
         """theta [N] from the tensors in layout order (a sequence), or from a mapping name ->
         tensor (extra keys ignored, names and shapes checked)."""
         if isinstance(tensors, Mapping):
             tensors = self._ordered(tensors)
-        parts = [t.reshape(-1) if dtype is None else t.detach().to(dtype).reshape(-1)
-                 for t in tensors]
+        parts = [t.reshape(-1) if dtype is None else t.detach().to(dtype).reshape(-1) for t in tensors]
         if not parts:
             return torch.zeros(0, dtype=dtype or torch.float32)
         return torch.cat(parts)
@@ -183,8 +185,9 @@ class ThetaLayout:
                 raise LayoutError(f"adapter state has no tensor '{e.name}'")
             v = torch.as_tensor(state[e.name])
             if tuple(v.shape) != e.shape:
-                raise LayoutError(f"adapter tensor '{e.name}' has shape {list(v.shape)}, "
-                                  f"the layout expects {list(e.shape)}")
+                raise LayoutError(
+                    f"adapter tensor '{e.name}' has shape {list(v.shape)}, the layout expects {list(e.shape)}"
+                )
             out.append(v)
         return out
 

@@ -28,8 +28,11 @@ SCHEMES = ("bigbench", "jsonl", "mezo")
 def load_task(cfg: DataConfig) -> TaskSplits:
     scheme, sep, rest = cfg.task.partition(":")
     if scheme not in SCHEMES:
-        raise DataError(f"unknown task scheme '{scheme}' in '{cfg.task}' (expected bigbench:<name>, "
-                        "jsonl:<file>, jsonl:<train>,<dev>,<test> or mezo:<name>:<folder>)", field="data.task")
+        raise DataError(
+            f"unknown task scheme '{scheme}' in '{cfg.task}' (expected bigbench:<name>, "
+            "jsonl:<file>, jsonl:<train>,<dev>,<test> or mezo:<name>:<folder>)",
+            field="data.task",
+        )
     if not rest.strip():
         raise DataError(f"'{cfg.task}' names no task after '{scheme}:'", field="data.task")
     if scheme == "bigbench":

@@ -8,9 +8,10 @@ file: a second load touches the archive not at all.
 Names: `multiemo` or `multiemo/all_sentence_en` (a subtask folder). Tasks that exist only as subtasks
 need the subtask named, unless DEFAULTS picks one (multiemo -> English sentences).
 
-Examples {"input", "target_scores"} are classification (choices = " " + each key, or data.label_words;
-label = the highest score); {"input", "target"} are generation (first target if a list; a space is put
-in front of it, as the templates end just before the answer word).
+Examples {"input", "target_scores"} are multiple choice (choices = " " + each key, or data.label_words;
+label = the highest score): scored as one-token classification when every choice is one token, else
+each choice as a token sequence (data/choice.py); {"input", "target"} are generation (first target
+if a list; a space is put in front of it, as the templates end just before the answer word).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ DEFAULTS: dict[str, dict] = {
         "subtask": "all_sentence_en",  # English sentences; other folders are other languages / whole texts
         "labels": ["positive", "negative"],  # the SST-2-like binary part (also: neutral, ambivalent)
         "template": "Review: {input}\nSentiment (positive or negative):",
-    },
+    }
 }
 
 
@@ -82,15 +83,21 @@ def bigbench_archive() -> Path:
         return path
     tmp = Path(tempfile.mkdtemp(prefix=".download.", dir=root))
     try:
-        print(f"zotune: downloading the BIG-bench sdist (bigbench=={VERSION}, 358 MB) into {root} (once)",
-              file=sys.stderr)
+        print(
+            f"zotune: downloading the BIG-bench sdist (bigbench=={VERSION}, 358 MB) into {root} (once)",
+            file=sys.stderr,
+        )
         pip = [sys.executable, "-m", "pip"]
         if _pip_rejects_bigbench():  # fetch the last pip without that check and run it from its wheel
-            _run(pip + ["download", "--no-deps", "--only-binary", ":all:", f"pip=={OLD_PIP}", "-d", str(tmp)],
-                 f"pip=={OLD_PIP}")
+            _run(
+                pip + ["download", "--no-deps", "--only-binary", ":all:", f"pip=={OLD_PIP}", "-d", str(tmp)],
+                f"pip=={OLD_PIP}",
+            )
             pip = [sys.executable, str(tmp / f"pip-{OLD_PIP}-py3-none-any.whl" / "pip")]
-        _run(pip + ["download", "--no-deps", "--no-binary", ":all:", f"bigbench=={VERSION}", "-d", str(tmp)],
-             f"bigbench=={VERSION}")
+        _run(
+            pip + ["download", "--no-deps", "--no-binary", ":all:", f"bigbench=={VERSION}", "-d", str(tmp)],
+            f"bigbench=={VERSION}",
+        )
         if not (tmp / ARCHIVE).is_file():
             raise DataError(f"pip reported success but {ARCHIVE} is not in {tmp}")
         os.replace(tmp / ARCHIVE, path)
@@ -116,15 +123,21 @@ def archive_index(archive: Path) -> dict:
             for m in tar:
                 if not m.isfile() or not m.name.startswith(ROOT):
                     continue
-                rel, _, base = m.name[len(ROOT):].rpartition("/")
+                rel, _, base = m.name[len(ROOT) :].rpartition("/")
                 if base == "task.json":
                     tasks[rel] = [m.offset_data, m.size]
                 elif base == "task.py":
                     scripts.add(rel)
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"cannot read the BIG-bench archive ({e}); delete it to download it again",
-                        file=str(archive)) from None
-    index = {"format": INDEX_FORMAT, "size": size, "tasks": tasks, "programmatic": sorted(scripts - set(tasks))}
+        raise DataError(
+            f"cannot read the BIG-bench archive ({e}); delete it to download it again", file=str(archive)
+        ) from None
+    index = {
+        "format": INDEX_FORMAT,
+        "size": size,
+        "tasks": tasks,
+        "programmatic": sorted(scripts - set(tasks)),
+    }
     atomic_write_bytes(index_path, json.dumps(index).encode())
     return index
 
@@ -140,12 +153,16 @@ def resolve(name: str, index: dict) -> str:
         default = DEFAULTS.get(rel, {}).get("subtask")
         if default:
             return f"{rel}/{default}"
-        raise DataError(f"BIG-bench task '{rel}' has {len(subtasks)} subtasks; name one, e.g. "
-                        f"bigbench:{subtasks[0]} (subtasks: {', '.join(s.split('/', 1)[1] for s in subtasks)})",
-                        field="data.task")
+        raise DataError(
+            f"BIG-bench task '{rel}' has {len(subtasks)} subtasks; name one, e.g. "
+            f"bigbench:{subtasks[0]} (subtasks: {', '.join(s.split('/', 1)[1] for s in subtasks)})",
+            field="data.task",
+        )
     if rel in index["programmatic"]:
-        raise DataError(f"BIG-bench task '{rel}' is programmatic (task.py); only JSON tasks can be loaded",
-                        field="data.task")
+        raise DataError(
+            f"BIG-bench task '{rel}' is programmatic (task.py); only JSON tasks can be loaded",
+            field="data.task",
+        )
     names = list(tasks) + index["programmatic"]
     close = difflib.get_close_matches(rel, names, n=5, cutoff=0.6)
     hint = f"; close matches: {', '.join(close)}" if close else ""
@@ -176,23 +193,30 @@ def task_examples(task: dict, cfg: DataConfig, defaults: dict, source: str) -> t
         raise DataError("task has no examples", file=source, field="examples")
     for i, ex in enumerate(raw):
         if not isinstance(ex, dict) or not isinstance(ex.get("input"), str):
-            raise DataError("expected an object with a string 'input'", file=source, field=f"examples[{i}].input")
+            raise DataError(
+                "expected an object with a string 'input'", file=source, field=f"examples[{i}].input"
+            )
     template = cfg.template or defaults.get("template") or GENERIC_TEMPLATE
     short = [cfg.max_input_chars is None or len(ex["input"]) <= cfg.max_input_chars for ex in raw]
 
     if all("target_scores" in ex for ex in raw):
         for i, ex in enumerate(raw):
-            if not isinstance(ex["target_scores"], dict) or not ex["target_scores"]:
-                raise DataError("expected a non-empty mapping of choice -> score", file=source,
-                                field=f"examples[{i}].target_scores")
+            if not isinstance(ex["target_scores"], dict) or len(ex["target_scores"]) < 2:
+                raise DataError(
+                    "expected a mapping of at least 2 choices -> score",
+                    file=source,
+                    field=f"examples[{i}].target_scores",
+                )
         all_labels = list(dict.fromkeys(k for ex in raw for k in ex["target_scores"]))
         labels = cfg.labels if cfg.labels is not None else defaults.get("labels")
         check_labels(labels)
         if labels is not None:
             unknown = [x for x in labels if x not in all_labels]
             if unknown:
-                raise DataError(f"{source}: labels {unknown} are not choices of this task "
-                                f"(choices: {all_labels[:20]})", field="data.labels")
+                raise DataError(
+                    f"{source}: labels {unknown} are not choices of this task (choices: {all_labels[:20]})",
+                    field="data.labels",
+                )
         label_words_for(all_labels, cfg.label_words, source)  # every label_words key must be a real label
         # One fixed choice order when every example offers the same choices (keeps label i = word i).
         same = all(set(ex["target_scores"]) == set(raw[0]["target_scores"]) for ex in raw)
@@ -204,28 +228,41 @@ def task_examples(task: dict, cfg: DataConfig, defaults: dict, source: str) -> t
             best = max(scores, key=scores.get)  # first of the highest-scored choices
             names = fixed or list(scores)
             if ok and best in names:  # else: too long, or filtered out by data.labels
-                examples.append(Example(prompt=fill_template(template, ex["input"]),
-                                        choices=tuple(words.get(n, " " + n) for n in names),
-                                        label=names.index(best)))
+                examples.append(
+                    Example(
+                        prompt=fill_template(template, ex["input"]),
+                        choices=tuple(words.get(n, " " + n) for n in names),
+                        label=names.index(best),
+                    )
+                )
         return "classification", examples
 
     if all("target" in ex for ex in raw):
         if cfg.labels is not None or cfg.label_words is not None:
-            raise DataError(f"{source}: generation task (examples have 'target', not 'target_scores'): "
-                            "labels do not apply", field="data.labels" if cfg.labels is not None else "data.label_words")
+            raise DataError(
+                f"{source}: generation task (examples have 'target', not 'target_scores'): "
+                "labels do not apply",
+                field="data.labels" if cfg.labels is not None else "data.label_words",
+            )
         examples = []
         for i, (ex, ok) in enumerate(zip(raw, short)):
             target = ex["target"][0] if isinstance(ex["target"], list) and ex["target"] else ex["target"]
             if not isinstance(target, str):
-                raise DataError("expected a string or a non-empty list of strings", file=source,
-                                field=f"examples[{i}].target")
+                raise DataError(
+                    "expected a string or a non-empty list of strings",
+                    file=source,
+                    field=f"examples[{i}].target",
+                )
             if ok:
                 target = target if target[:1].isspace() else " " + target
                 examples.append(Example(prompt=fill_template(template, ex["input"]), target=target))
         return "generation", examples
 
-    raise DataError("examples mix formats: expected all {input, target_scores} or all {input, target}",
-                    file=source, field="examples")
+    raise DataError(
+        "examples mix formats: expected all {input, target_scores} or all {input, target}",
+        file=source,
+        field="examples",
+    )
 
 
 def load_bigbench(name: str, cfg: DataConfig) -> TaskSplits:
@@ -233,6 +270,10 @@ def load_bigbench(name: str, cfg: DataConfig) -> TaskSplits:
     index = archive_index(archive)
     rel = resolve(name, index)
     source = f"{ROOT}{rel}/task.json"
-    kind, examples = task_examples(read_task(archive, index, rel), cfg, DEFAULTS.get(rel.split("/")[0], {}), source)
-    train, dev, test = split_examples(examples, cfg.train_size, cfg.dev_size, cfg.test_size, cfg.split_seed, source)
+    kind, examples = task_examples(
+        read_task(archive, index, rel), cfg, DEFAULTS.get(rel.split("/")[0], {}), source
+    )
+    train, dev, test = split_examples(
+        examples, cfg.train_size, cfg.dev_size, cfg.test_size, cfg.split_seed, source
+    )
     return TaskSplits(name=f"bigbench:{rel}", train=train, dev=dev, test=test, kind=kind)

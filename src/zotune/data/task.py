@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from zotune.errors import DataError
 
-KINDS = ("classification", "generation")
+# classification: one token per choice, scored at the answer position; choice: each choice a token
+# sequence, scored by its summed log-probability (data/choice.py); generation: loss on the completion
+# tokens; chat: a conversation through the model's chat template, loss on the assistant turns
+# (data/chat.py).
+KINDS = ("classification", "generation", "choice", "chat")
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,14 @@ class Example:
     prompt: str  # text up to where the answer starts
     choices: tuple[str, ...] = ()  # classification: candidate label words, e.g. (" positive", " negative")
     label: int | None = None  # classification: index into choices
-    target: str | None = None  # generation: completion text
+    target: str | None = None  # generation: completion text (chat: the last assistant turn)
+    messages: tuple[tuple[str, str], ...] | None = None  # chat: (role, content) of every turn
+    # (file, line) of the record, for errors found when tokenising; not part of equality
+    origin: tuple[str, int | None] | None = field(default=None, compare=False)
+
+    def where(self) -> dict:
+        """file/line keyword arguments of a DataError about this example."""
+        return {} if self.origin is None else {"file": self.origin[0], "line": self.origin[1]}
 
 
 @dataclass
@@ -34,13 +45,14 @@ class TaskSplits:
     train: list[Example]
     dev: list[Example]
     test: list[Example]
-    kind: str  # "classification" | "generation"
+    kind: str  # one of KINDS
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "dev": len(self.dev), "test": len(self.test)}
 
 
 # ----------------------------------------------------------------------------- helpers for loaders
+
 
 def fill_template(template: str, text: str) -> str:
     # str.replace rather than str.format: templates may contain other braces (JSON, code).
@@ -51,24 +63,35 @@ def fill_template(template: str, text: str) -> str:
 
 def check_labels(labels: Sequence[str] | None) -> None:
     if labels is not None and (not labels or len(set(labels)) != len(labels)):
-        raise DataError(f"expected a non-empty list of distinct labels, got {list(labels)}", field="data.labels")
+        raise DataError(
+            f"expected a non-empty list of distinct labels, got {list(labels)}", field="data.labels"
+        )
 
 
-def label_words_for(labels: Sequence[str], label_words: dict[str, str] | None, source: str) -> tuple[str, ...]:
+def label_words_for(
+    labels: Sequence[str], label_words: dict[str, str] | None, source: str
+) -> tuple[str, ...]:
     """Verbalizer word of each label: label_words[label], else " " + label."""
     words = label_words or {}
     unknown = [k for k in words if k not in labels]
     if unknown:
-        raise DataError(f"{source}: label_words names labels {unknown} that the data does not have "
-                        f"(labels: {list(labels)})", field="data.label_words")
+        raise DataError(
+            f"{source}: label_words names labels {unknown} that the data does not have "
+            f"(labels: {list(labels)})",
+            field="data.label_words",
+        )
     return tuple(words.get(label, " " + label) for label in labels)
 
 
 # ----------------------------------------------------------------------------- splitting
 
-def _key(ex: Example) -> tuple[str, str | None]:
+
+def _key(ex: Example) -> tuple:
     # Classification: the prompt alone identifies an example. Generation: prompt and target (an LM file
-    # has prompt "" everywhere, and one prompt may legitimately have several completions).
+    # has prompt "" everywhere, and one prompt may legitimately have several completions). Chat: the
+    # whole conversation.
+    if ex.messages is not None:
+        return (ex.messages,)
     return (ex.prompt, None) if ex.choices else (ex.prompt, ex.target)
 
 
@@ -115,13 +138,17 @@ def _check_nonempty(splits: dict[str, list[Example]], sizes: dict[str, int], sou
     empty = [name for name, split in splits.items() if sizes[name] > 0 and not split]
     if empty:
         got = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
-        raise DataError(f"{source}: not enough examples: empty {' and '.join(empty)} split ({have} unique "
-                        f"examples; asked for train {sizes['train']}, dev {sizes['dev']}, test {sizes['test']}; "
-                        f"got {got})", field=f"data.{empty[0]}_size")
+        raise DataError(
+            f"{source}: not enough examples: empty {' and '.join(empty)} split ({have} unique "
+            f"examples; asked for train {sizes['train']}, dev {sizes['dev']}, test {sizes['test']}; "
+            f"got {got})",
+            field=f"data.{empty[0]}_size",
+        )
 
 
-def split_examples(examples: Sequence[Example], train_size: int, dev_size: int, test_size: int,
-                   seed: int, source: str) -> tuple[list[Example], list[Example], list[Example]]:
+def split_examples(
+    examples: Sequence[Example], train_size: int, dev_size: int, test_size: int, seed: int, source: str
+) -> tuple[list[Example], list[Example], list[Example]]:
     """Carve disjoint train/dev/test splits out of one list of examples."""
     sizes = {"train": train_size, "dev": dev_size, "test": test_size}
     _check_sizes(sizes)
@@ -135,9 +162,16 @@ def split_examples(examples: Sequence[Example], train_size: int, dev_size: int, 
     return train, dev, test
 
 
-def split_given(train: Sequence[Example], dev: Sequence[Example] | None, test: Sequence[Example],
-                train_size: int, dev_size: int, test_size: int, seed: int,
-                source: str) -> tuple[list[Example], list[Example], list[Example]]:
+def split_given(
+    train: Sequence[Example],
+    dev: Sequence[Example] | None,
+    test: Sequence[Example],
+    train_size: int,
+    dev_size: int,
+    test_size: int,
+    seed: int,
+    source: str,
+) -> tuple[list[Example], list[Example], list[Example]]:
     """Splits from data that comes pre-split (MeZO style: dev carved from train when dev is None).
 
     Each split is drawn (seeded, balanced) down to its size; train examples whose prompt also occurs in

@@ -34,14 +34,20 @@ class Batch:
 
     @property
     def kind(self) -> str:
+        if self.input_ids.dim() == 3:  # [b, C, T]: one row per choice (data/choice.py)
+            return "choice"
         return "classification" if self.choice_ids is not None else "generation"
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def _map(self, fn) -> Batch:
-        return Batch(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
-                        for f in fields(self)})
+        return Batch(
+            **{
+                f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                for f in fields(self)
+            }
+        )
 
     def index(self, idx) -> Batch:
         """Rows idx (a list or 1-D LongTensor of row numbers; an int keeps the batch dimension)."""
@@ -64,8 +70,8 @@ def special_prefix(tokenizer) -> list[int]:
     """The tokens the tokenizer puts before a text (a BOS token, or nothing for SmolLM2)."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a", add_special_tokens=True)["input_ids"]
-    if len(full) > len(plain) and full[len(full) - len(plain):] == plain:
-        return list(full[:len(full) - len(plain)])
+    if len(full) > len(plain) and full[len(full) - len(plain) :] == plain:
+        return list(full[: len(full) - len(plain)])
     return []  # no prefix, or only a suffix (encoder-style tokenizers): add nothing
 
 
@@ -78,7 +84,7 @@ def _pad_id(tokenizer) -> int:
 
 def _tail(ids: list[int], n: int) -> list[int]:
     """Last n tokens (left truncation); n <= 0 gives [] (unlike ids[-0:], which gives all)."""
-    return ids[max(0, len(ids) - n):] if n > 0 else []
+    return ids[max(0, len(ids) - n) :] if n > 0 else []
 
 
 def _context(prefix: list[int], prompt: list[int], room: int) -> list[int]:
@@ -94,8 +100,8 @@ def _assemble(rows: list[list[int]], T: int, pad_id: int) -> tuple[torch.Tensor,
     attention_mask = torch.zeros((B, T), dtype=torch.long)  # [B, T]
     for i, row in enumerate(rows):
         if row:
-            input_ids[i, T - len(row):] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, T - len(row):] = 1
+            input_ids[i, T - len(row) :] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, T - len(row) :] = 1
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # [B, T]
     return input_ids, attention_mask, position_ids
 
@@ -105,11 +111,16 @@ def _encode_classification(examples: Sequence[Example], tokenizer, T: int) -> Ba
     token_of: dict[str, int] = {}
     for i, ex in enumerate(examples):
         if len(ex.choices) != n_choices:
-            raise DataError(f"example {i} has {len(ex.choices)} choices, example 0 has {n_choices}: every "
-                            "example in a batch must have the same number of choices", field="choices")
+            raise DataError(
+                f"example {i} has {len(ex.choices)} choices, example 0 has {n_choices}: every "
+                "example in a batch must have the same number of choices",
+                field="choices",
+            )
         if ex.label is None or not 0 <= ex.label < len(ex.choices):
-            raise DataError(f"example {i}: label {ex.label!r} is not an index into its {len(ex.choices)} "
-                            "choices", field="label")
+            raise DataError(
+                f"example {i}: label {ex.label!r} is not an index into its {len(ex.choices)} choices",
+                field="label",
+            )
         for word in ex.choices:
             if word not in token_of:
                 ids = tokenizer(word, add_special_tokens=False)["input_ids"]
@@ -118,24 +129,32 @@ def _encode_classification(examples: Sequence[Example], tokenizer, T: int) -> Ba
                         f"example {i}: choice {word!r} is {len(ids)} tokens {ids}, but classification scores "
                         "one token per choice; pick single-token label words (data.label_words), or score "
                         "multi-token choices (e.g. COPA) as sequences, which encode does not do",
-                        field="choices")
+                        field="choices",
+                    )
                 token_of[word] = ids[0]
     prefix = special_prefix(tokenizer)
     prompts = tokenizer([ex.prompt for ex in examples], add_special_tokens=False)["input_ids"]
     rows = [_context(prefix, ids, T) for ids in prompts]
     for i, row in enumerate(rows):
         if not row:
-            raise DataError(f"example {i}: empty prompt (no token to predict the answer from)", field="prompt")
+            raise DataError(
+                f"example {i}: empty prompt (no token to predict the answer from)", field="prompt"
+            )
     input_ids, attention_mask, position_ids = _assemble(rows, T, _pad_id(tokenizer))
-    choice_ids = torch.tensor([[token_of[w] for w in ex.choices] for ex in examples], dtype=torch.long)  # [B, C]
+    choice_ids = torch.tensor(
+        [[token_of[w] for w in ex.choices] for ex in examples], dtype=torch.long
+    )  # [B, C]
     labels = torch.tensor([ex.label for ex in examples], dtype=torch.long)  # [B]
     return Batch(input_ids, attention_mask, position_ids, choice_ids=choice_ids, labels=labels)
 
 
 def _encode_generation(examples: Sequence[Example], tokenizer, T: int, L: int) -> Batch:
     if not 1 <= L < T:
-        raise DataError(f"max_target_length {L} must be at least 1 and below max_length {T} (the first "
-                        "completion token is predicted from the position before it)", field="data.max_target_length")
+        raise DataError(
+            f"max_target_length {L} must be at least 1 and below max_length {T} (the first "
+            "completion token is predicted from the position before it)",
+            field="data.max_target_length",
+        )
     for i, ex in enumerate(examples):
         if ex.target is None:
             raise DataError(f"example {i} has no target (not a generation example)", field="target")
@@ -144,25 +163,39 @@ def _encode_generation(examples: Sequence[Example], tokenizer, T: int, L: int) -
     prompts = tokenizer([ex.prompt for ex in examples], add_special_tokens=False)["input_ids"]
     targets = tokenizer([ex.target for ex in examples], add_special_tokens=False)["input_ids"]
     rows, n_target, n_context = [], [], []
-    for ids, tgt in zip(prompts, targets):
+    for i, (ex, ids, tgt) in enumerate(zip(examples, prompts, targets)):
+        if ex.origin is not None and len(tgt) + len(eos) > L:  # a user's record: never cut silently
+            raise DataError(
+                f"example {i}: completion is {len(tgt)} tokens{' + end-of-text' if eos else ''}, "
+                f"more than data.max_target_length={L}",
+                field="completion",
+                **ex.where(),
+            )
         completion = (tgt + eos)[:L]  # completion keeps its beginning; the prompt loses its beginning
         context = _context(prefix, ids, T - len(completion))
         rows.append(context + completion)
         n_target.append(len(completion))
         n_context.append(len(context))
     input_ids, attention_mask, position_ids = _assemble(rows, T, _pad_id(tokenizer))
-    target_ids = input_ids[:, T - L:].clone()  # [B, L]
+    target_ids = input_ids[:, T - L :].clone()  # [B, L]
     target_mask = torch.zeros((len(rows), L), dtype=torch.float32)  # [B, L]
     for i, (c, ctx) in enumerate(zip(n_target, n_context)):
-        target_mask[i, L - c:] = 1.0
+        target_mask[i, L - c :] = 1.0
         if ctx == 0 and c > 0:
             # Nothing precedes the first completion token (empty prompt, no BOS): it cannot be predicted.
             target_mask[i, L - c] = 0.0
     return Batch(input_ids, attention_mask, position_ids, target_ids=target_ids, target_mask=target_mask)
 
 
-def encode(examples: Sequence[Example], tokenizer, max_length: int, max_target_length: int, kind: str) -> Batch:
-    """Tokenize examples into one Batch of shape [len(examples), max_length]."""
+def encode(
+    examples: Sequence[Example],
+    tokenizer,
+    max_length: int,
+    max_target_length: int,
+    kind: str,
+    length_normalize: bool = False,
+) -> Batch:
+    """Tokenize examples into one Batch of shape [len(examples), max_length] ([.., C, ..] for choice)."""
     if kind not in KINDS:
         raise DataError(f"unknown kind {kind!r} (expected one of {list(KINDS)})", field="kind")
     if not examples:
@@ -171,4 +204,12 @@ def encode(examples: Sequence[Example], tokenizer, max_length: int, max_target_l
         raise DataError(f"max_length must be positive, got {max_length}", field="data.max_length")
     if kind == "classification":
         return _encode_classification(examples, tokenizer, max_length)
+    if kind == "choice":
+        from zotune.data.choice import encode_choice
+
+        return encode_choice(examples, tokenizer, max_length, max_target_length, length_normalize)
+    if kind == "chat":
+        from zotune.data.chat import encode_chat
+
+        return encode_chat(examples, tokenizer, max_length, max_target_length)
     return _encode_generation(examples, tokenizer, max_length, max_target_length)

@@ -19,6 +19,7 @@ import torch
 
 def _ops():
     from executorch.exir.dialects._ops import ops as exir_ops
+
     return exir_ops.edge.aten
 
 
@@ -91,8 +92,11 @@ def expand_to_cat(gm: torch.fx.GraphModule):
 
     def rewrite(emit, node):
         u = node.args[0]
-        if not (isinstance(u, torch.fx.Node) and u.op == "call_function"
-                and u.target == aten.unsqueeze_copy.default):
+        if not (
+            isinstance(u, torch.fx.Node)
+            and u.op == "call_function"
+            and u.target == aten.unsqueeze_copy.default
+        ):
             return None
         x = u.args[0]
         xv, uv, ov = x.meta.get("val"), u.meta.get("val"), node.meta.get("val")
@@ -133,6 +137,7 @@ def strip_provenance(gm: torch.fx.GraphModule):
         node.meta.pop("from_node", None)
         node.meta.pop("stack_trace", None)
     from torch.fx.passes.infra.pass_base import PassResult
+
     return PassResult(gm, False)
 
 

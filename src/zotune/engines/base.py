@@ -28,8 +28,9 @@ class Engine(Protocol):
     name: str  # "eager", "executorch", ...
     kind: str  # the task kind it trains: "classification" or "generation"
 
-    def step(self, batch: tuple[torch.Tensor, ...], seed: int, lr: float,
-             eps: float) -> tuple[float, torch.Tensor]:
+    def step(
+        self, batch: tuple[torch.Tensor, ...], seed: int, lr: float, eps: float
+    ) -> tuple[float, torch.Tensor]:
         """One training step on the batch (the loss's tensors, `loss.batch_tensors`), updating
         theta in place. -> (mean loss of the step, g [q]; empty for first-order)"""
         ...
@@ -55,7 +56,7 @@ class Engine(Protocol):
 
 def part(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of a state dict under one prefix, with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -19,14 +19,22 @@ def build_params(model, cfg: Config):
     a = cfg.adapter
     if a.kind == "full":
         return FullParams(model)
-    return LoRAAdapter(model, rank=a.rank, alpha=a.alpha, targets=a.targets, dropout=a.dropout,
-                       train_a=(a.kind == "lora"), init_seed=a.init_seed)
+    return LoRAAdapter(
+        model,
+        rank=a.rank,
+        alpha=a.alpha,
+        targets=a.targets,
+        dropout=a.dropout,
+        train_a=(a.kind == "lora"),
+        init_seed=a.init_seed,
+    )
 
 
 class EagerEngine:
     name = "eager"
 
-    def __init__(self, model, cfg: Config, kind: str):
+    def __init__(self, model, cfg: Config, kind: str, step_options: dict | None = None):
+        """step_options: PRGEStep's `queries` / `reduce` for one rank of a distributed run."""
         self.model, self.cfg, self.kind = model, cfg, kind
         o = cfg.optim
         self.params = build_params(model, cfg)
@@ -37,15 +45,23 @@ class EagerEngine:
             # instead of a few per tensor) is the fast one; on the CPU the per-layer form keeps
             # one layer's stacks in memory. Both give the same bits (tests/estimators).
             flat = next(model.parameters()).device.type != "cpu"
-            step = PRGEStep(model, self.params, self.loss, o.q, o.dual, o.noise, o.momentum,
-                            fused_noise=flat)
+            step = PRGEStep(
+                model,
+                self.params,
+                self.loss,
+                o.q,
+                o.dual,
+                o.noise,
+                o.momentum,
+                fused_noise=flat,
+                **(step_options or {}),
+            )
             self._step, self.velocity, self._optimizer = self._prge(step), step.velocity, None
         elif o.estimator == "rge":
             rge = RGE(model, self.params, self.loss, o.q, o.noise, o.momentum)
             self._step, self.velocity, self._optimizer = rge.step, rge.velocity, None
         else:
-            fo = FirstOrder(model, self.params, self.loss, o.optimizer, o.lr, o.weight_decay,
-                            o.momentum)
+            fo = FirstOrder(model, self.params, self.loss, o.optimizer, o.lr, o.weight_decay, o.momentum)
             self._step, self.velocity, self._optimizer = fo.step, None, fo
 
     @staticmethod
@@ -53,12 +69,13 @@ class EagerEngine:
         def run(batch, seed, lr, eps):
             loss, g = step(torch.tensor([seed], dtype=torch.int64), lr, eps, *batch)
             return float(loss), g
+
         return run
 
     def _trim(self, batch):
         batch = loss_inputs(batch, self.kind)
-        # Generation reads the last L+1 positions, whatever the padding.
-        keep = 1 if self.kind == "classification" else batch.target_ids.shape[1] + 1
+        # Generation and choice read the last L+1 positions, whatever the padding.
+        keep = 1 if self.kind == "classification" else batch.target_ids.shape[-1] + 1
         return trim_left_padding(batch, keep)
 
     def step(self, batch, seed: int, lr: float, eps: float):
@@ -67,10 +84,13 @@ class EagerEngine:
 
     @torch.no_grad()
     def scores(self, batch) -> tuple[torch.Tensor, ...]:
-        """Classification: choice logits [B, C]. Generation: (nll sum [B], token count [B])."""
+        """Classification: choice logits [B, C]. Choice: choice scores [B, C]. Generation and
+        chat: (nll sum [B], token count [B])."""
         batch = self._trim(batch)
         if self.kind == "classification":
             return (self.loss.logits(self.model, *batch[:4]),)
+        if self.kind == "choice":
+            return (self.loss.scores(self.model, *batch[:5]),)
         return self.loss.rows(self.model, *batch)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:

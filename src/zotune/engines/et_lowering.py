@@ -21,14 +21,23 @@ def quantize_8da4w(model: nn.Module, adapter, group_size: int) -> list[str]:
     def keep(module, fqn):
         # LoRA A/B are plain tensors of LoRALinear, never nn.Linear modules: only base linears
         # (and the head, excluded here) can match.
-        ok = (isinstance(module, nn.Linear) and module is not head
-              and id(module.weight) not in tied and module.in_features % group_size == 0)
+        ok = (
+            isinstance(module, nn.Linear)
+            and module is not head
+            and id(module.weight) not in tied
+            and module.in_features % group_size == 0
+        )
         if ok:
             chosen.append(fqn)
         return ok
 
-    quantize_(model, Int8DynamicActivationIntxWeightConfig(
-        weight_dtype=torch.int4, weight_granularity=PerGroup(group_size)), filter_fn=keep)
+    quantize_(
+        model,
+        Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int4, weight_granularity=PerGroup(group_size)
+        ),
+        filter_fn=keep,
+    )
     # XNNPACK's blockwise int4 GEMM keeps the group scales in bfloat16. Rounding them here makes
     # the eager quantized model compute what the lowered program computes (one linear: 5e-2 ->
     # 1.5e-5 max difference on outputs of 20), so the parity check compares arithmetic, not
@@ -126,7 +135,10 @@ class cheap_provenance:
 def portable_ops(ep) -> int:
     n = 0
     for node in ep.graph.nodes:
-        if node.op == "call_function" and "getitem" not in str(node.target) \
-                and "executorch_call_delegate" not in str(node.target):
+        if (
+            node.op == "call_function"
+            and "getitem" not in str(node.target)
+            and "executorch_call_delegate" not in str(node.target)
+        ):
             n += 1
     return n

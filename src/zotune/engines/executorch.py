@@ -33,7 +33,6 @@ import copy
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,13 +51,18 @@ from zotune.engines.et_lowering import (
 from zotune.engines.et_parity import TOLERANCE, parity_check
 from zotune.engines.export_common import (
     FORMAT_VERSION,
+    ChoiceForward,
     EngineError,
     ExportCheckError,
+    ExportReport,
     ProgramFileError,
     check_batch,
+    check_options,
+    sha256_bytes,
     sidecar_path,
     trained_to_buffers,
 )
+from zotune.engines.parity import gate
 from zotune.engines.pte import ENGINE, METHODS, ExecuTorchEngine, PteProgram
 from zotune.estimators.prge import VELOCITY, PRGEStep
 from zotune.io import atomic_write_bytes, atomic_write_text
@@ -71,24 +75,7 @@ QUANTIZE = (None, "8da4w")
 # model under the same attribute name ("model"), so a trained buffer has the same fully qualified
 # name in every method: that is what share_mutable_buffers keys on.
 
-class _Forward(nn.Module):
-    """Choice logits with the current theta. The adapted layers run in replica mode with a single
-    replica, so theta enters only through bmm (never as a linear weight a backend could pack)."""
-
-    def __init__(self, model, adapter, loss):
-        super().__init__()
-        self.model, self.adapter, self.loss = model, adapter, loss
-
-    def forward(self, input_ids, attention_mask, position_ids, choice_ids):
-        stacks = {}
-        for name, layer in self.adapter.layers.items():
-            a = layer.lora_A.unsqueeze(0) if self.adapter.train_a else None
-            stacks[name] = (a, layer.lora_B.unsqueeze(0))
-        self.adapter.set_replicas(stacks)
-        try:
-            return self.loss.logits(self.model, input_ids, attention_mask, position_ids, choice_ids)
-        finally:
-            self.adapter.set_replicas(None)
+_Forward = ChoiceForward  # the evaluation method, shared with the ONNX exporter
 
 
 class _GetLora(nn.Module):
@@ -131,30 +118,32 @@ class _SetMomentum(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
-class ExportReport:
-    path: str
-    sidecar: str
-    size: int
-    sha256: str
-    seconds: dict = field(default_factory=dict)  # export / lower / emit / check / total
-    check: dict = field(default_factory=dict)  # max abs differences against eager
-    tolerance: dict = field(default_factory=dict)  # metric -> max allowed (gated metrics only)
-    portable_ops: dict = field(default_factory=dict)  # non-delegated ops per method
-    meta: dict = field(default_factory=dict)
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int, n_choices: int,
-                   dual: bool = True, noise: str = "normal", quantize: str | None = None,
-                   out_path: str | Path = "model.pte", *, eval_batch: int | None = None,
-                   model_name: str | None = None, momentum: float = 0.0, xnnpack: bool = True,
-                   group_size: int = 32,
-                   tolerance: float | None = None, check_seed: int = 12345,
-                   check_lr: float = 1e-3, check_eps: float = 1e-2,
-                   attention: str | None = "eager", log=None) -> ExportReport:
+def export_program(
+    model: nn.Module,
+    adapter,
+    loss,
+    q: int,
+    b: int,
+    seq_len: int,
+    n_choices: int,
+    dual: bool = True,
+    noise: str = "normal",
+    quantize: str | None = None,
+    out_path: str | Path = "model.pte",
+    *,
+    eval_batch: int | None = None,
+    model_name: str | None = None,
+    momentum: float = 0.0,
+    xnnpack: bool = True,
+    group_size: int = 32,
+    tolerance: float | None = None,
+    check_seed: int = 12345,
+    check_lr: float = 1e-3,
+    check_eps: float = 1e-2,
+    attention: str | None = "eager",
+    log=None,
+) -> ExportReport:
     """Export the P-RGE training step of (model, adapter, loss) to one ExecuTorch program.
 
     The adapter's trained tensors become registered buffers of `model` (in place, values kept;
@@ -171,8 +160,7 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
     t_start = time.perf_counter()
     say = log or (lambda msg: None)
     _check_options(adapter, loss, quantize, noise, momentum, q, b, seq_len, n_choices)
-    tol = (TOLERANCE[quantize] if tolerance is None
-           else {k: float(tolerance) for k in TOLERANCE[quantize]})
+    tol = TOLERANCE[quantize] if tolerance is None else {k: float(tolerance) for k in TOLERANCE[quantize]}
     out_path = Path(out_path)
     dtype = adapter.tensors()[0].dtype
 
@@ -208,47 +196,40 @@ def export_program(model: nn.Module, adapter, loss, q: int, b: int, seq_len: int
         model._buffers.pop(VELOCITY, None)
         model.train(was_training)
     say(f"parity vs eager: {check}")
-    bad = {k: v for k, v in check.items() if k in tol and not (v <= tol[k])}  # NaN is bad
-    if bad:
-        raise ExportCheckError(
-            "the lowered ExecuTorch program differs from eager PyTorch beyond tolerance: "
-            + ", ".join(f"{k} {v:.3g} > {tol[k]:g}" for k, v in bad.items())
-            + f"; nothing was written to {out_path}")
+    gate(check, tol, "lowered ExecuTorch program", out_path)
 
-    meta = _metadata(plan, data, dtype, theta0, quantize, group_size, xnnpack, model_name,
-                     check, tol)
+    meta = _metadata(plan, data, dtype, theta0, quantize, group_size, xnnpack, model_name, check, tol)
     atomic_write_bytes(out_path, data)
     atomic_write_text(sidecar_path(out_path), json.dumps(meta, indent=1))
     seconds["total"] = time.perf_counter() - t_start
-    return ExportReport(str(out_path), str(sidecar_path(out_path)), len(data), meta["sha256"],
-                        seconds, check, tol, portable, meta)
+    return ExportReport(
+        str(out_path),
+        str(sidecar_path(out_path)),
+        len(data),
+        meta["sha256"],
+        seconds,
+        check,
+        tol,
+        portable,
+        meta,
+    )
 
 
 # -- the stages of export_program ----------------------------------------------------------------
 
+
 def _check_options(adapter, loss, quantize, noise, momentum, q, b, seq_len, n_choices) -> None:
     if quantize not in QUANTIZE:
         raise EngineError(f"quantize: expected one of {QUANTIZE}, got {quantize!r}")
-    if noise not in ("normal", "rademacher"):
-        raise EngineError(f"noise: expected 'normal' or 'rademacher', got {noise!r}")
-    if not hasattr(adapter, "layers"):
-        raise EngineError("the ExecuTorch engine exports LoRA / LoRA-FA adapters only "
-                          "(full-parameter training has no compact trained state)")
-    if getattr(loss, "kind", None) != "classification" or getattr(loss, "via_head_module", False):
-        raise EngineError("the ExecuTorch engine exports the classification loss "
-                          "(label-word logits at the last position)")
-    if not 0.0 <= momentum < 1.0:
-        raise EngineError(f"momentum: expected a value in [0, 1), got {momentum!r}")
-    for name, v in (("q", q), ("b", b), ("seq_len", seq_len), ("n_choices", n_choices)):
-        if int(v) < 1 or (name == "n_choices" and v < 2):
-            raise EngineError(f"{name} must be a positive integer (n_choices >= 2), got {v}")
+    check_options(adapter, loss, q, b, seq_len, n_choices, noise, momentum, "ExecuTorch")
 
 
 class _Plan:
     """The methods to export, with the example inputs they are traced and checked with."""
 
-    def __init__(self, model, adapter, loss, *, q, b, seq_len, n_choices, eval_batch, dual, noise,
-                 momentum, check):
+    def __init__(
+        self, model, adapter, loss, *, q, b, seq_len, n_choices, eval_batch, dual, noise, momentum, check
+    ):
         check_seed, check_lr, check_eps = check
         self.model, self.adapter, self.loss = model, adapter, loss
         self.q, self.b, self.seq_len, self.n_choices = q, b, seq_len, n_choices
@@ -264,8 +245,9 @@ class _Plan:
         self.seed_t = torch.tensor([check_seed], dtype=torch.int64)
         self.lr_t = torch.tensor([check_lr], dtype=torch.float32)
         self.eps_t = torch.tensor([check_eps], dtype=torch.float32)
-        self.step = PRGEStep(model, adapter, loss, q, dual=dual, noise=noise, momentum=momentum,
-                             fused_noise=True)  # registers the model's VELOCITY buffer
+        self.step = PRGEStep(
+            model, adapter, loss, q, dual=dual, noise=noise, momentum=momentum, fused_noise=True
+        )  # registers the model's VELOCITY buffer
         theta = torch.zeros(adapter.numel, dtype=adapter.tensors()[0].dtype)
         self.modules = {
             "train_step": (self.step, (self.seed_t, self.lr_t, self.eps_t, *self.batch)),
@@ -308,19 +290,23 @@ def _lower(plan: _Plan, programs: dict, xnnpack: bool):
     partitioners = {name: [] for name in plan.methods}
     if xnnpack:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
         for name in ("train_step", "forward"):
             partitioners[name] = [KeepStatePartitioner(XnnpackPartitioner(), plan.state_fqns)]
     with sdpa_kernel([SDPBackend.MATH]), cheap_provenance():  # same sdpa strides as traced
         edge = to_edge_transform_and_lower(
-            programs, partitioner=partitioners,
+            programs,
+            partitioner=partitioners,
             transform_passes=list(PASSES) if xnnpack else None,
-            compile_config=EdgeCompileConfig(_check_ir_validity=False))
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
+        )
     # torch.export records the buffer mutations only after decomposition: check them here.
     mutated = set(edge.exported_program("train_step").graph_signature.buffers_to_mutate.values())
     missing = [f for f in plan.state_fqns if f not in mutated]
     if missing:
-        raise EngineError(f"train_step does not update {len(missing)} trained tensors "
-                          f"(e.g. {missing[0]}) after lowering")
+        raise EngineError(
+            f"train_step does not update {len(missing)} trained tensors (e.g. {missing[0]}) after lowering"
+        )
     return edge
 
 
@@ -333,47 +319,70 @@ def _emit(edge) -> bytes:
         # "initial values of mutated buffers are not serialised": expected, PteProgram
         # always sets theta when it loads a program.
         warnings.filterwarnings("ignore", message="Mutation on a buffer")
-        et = edge.to_executorch(ExecutorchBackendConfig(
-            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
-            emit_mutable_buffer_names=True))
+        et = edge.to_executorch(
+            ExecutorchBackendConfig(
+                memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+                emit_mutable_buffer_names=True,
+            )
+        )
     return et.buffer
 
 
-def _metadata(plan: _Plan, data: bytes, dtype, theta0, quantize, group_size, xnnpack, model_name,
-              check, tol) -> dict:
+def _metadata(
+    plan: _Plan, data: bytes, dtype, theta0, quantize, group_size, xnnpack, model_name, check, tol
+) -> dict:
     """The sidecar: shapes, options, theta's layout, versions, the check and the file's hash."""
     model = plan.model
     return {
-        "format": FORMAT_VERSION, "engine": ENGINE, "methods": plan.methods,
-        "q": int(plan.q), "b": int(plan.b), "seq_len": int(plan.seq_len),
-        "n_choices": int(plan.n_choices), "eval_batch": int(plan.eval_batch),
-        "numel": int(plan.adapter.numel), "noise": plan.noise, "dual": bool(plan.dual),
-        "momentum": float(plan.momentum), "quantize": quantize,
+        "format": FORMAT_VERSION,
+        "engine": ENGINE,
+        "methods": plan.methods,
+        "q": int(plan.q),
+        "b": int(plan.b),
+        "seq_len": int(plan.seq_len),
+        "n_choices": int(plan.n_choices),
+        "eval_batch": int(plan.eval_batch),
+        "numel": int(plan.adapter.numel),
+        "noise": plan.noise,
+        "dual": bool(plan.dual),
+        "momentum": float(plan.momentum),
+        "quantize": quantize,
         "group_size": group_size if quantize else None,
-        "xnnpack": bool(xnnpack), "loss": plan.loss.kind,
+        "xnnpack": bool(xnnpack),
+        "loss": plan.loss.kind,
         "dtype": str(dtype).replace("torch.", ""),
-        "model": (model_name or getattr(model.config, "_name_or_path", "")
-                  or model.config.model_type),
-        "model_type": model.config.model_type, "layout": plan.adapter.layout.to_json(),
+        "model": (model_name or getattr(model.config, "_name_or_path", "") or model.config.model_type),
+        "model_type": model.config.model_type,
+        "layout": plan.adapter.layout.to_json(),
         "init": "zeros" if not theta0.any() else "given",
-        "zotune": zotune.__version__, "torch": torch.__version__, "executorch": _et_version(),
-        "check": check, "tolerance": tol,
-        "size": len(data), "sha256": _sha256_bytes(data),
+        "zotune": zotune.__version__,
+        "torch": torch.__version__,
+        "executorch": _et_version(),
+        "check": check,
+        "tolerance": tol,
+        "size": len(data),
+        "sha256": sha256_bytes(data),
     }
-
-
-def _sha256_bytes(data: bytes) -> str:
-    import hashlib
-    return hashlib.sha256(data).hexdigest()
 
 
 def _et_version() -> str:
     try:
         from importlib.metadata import version
+
         return version("executorch")
     except Exception:  # noqa: BLE001 - only informative
         return "unknown"
 
 
-__all__ = ["export_program", "ExportReport", "PteProgram", "ExecuTorchEngine", "ENGINE",
-           "METHODS", "TOLERANCE", "EngineError", "ExportCheckError", "ProgramFileError"]
+__all__ = [
+    "export_program",
+    "ExportReport",
+    "PteProgram",
+    "ExecuTorchEngine",
+    "ENGINE",
+    "METHODS",
+    "TOLERANCE",
+    "EngineError",
+    "ExportCheckError",
+    "ProgramFileError",
+]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,8 +57,66 @@ def trained_to_buffers(adapter) -> list[str]:
     return adapter.layout.names
 
 
-def check_batch(vocab_size: int, b: int, seq_len: int, n_choices: int,
-                seed: int = 0) -> tuple[torch.Tensor, ...]:
+class ChoiceForward(nn.Module):
+    """Choice logits with the current theta (the evaluation program). The adapted layers run in
+    replica mode with a single replica, so theta enters only through bmm (never as a linear
+    weight a backend could pack or quantize)."""
+
+    def __init__(self, model, adapter, loss):
+        super().__init__()
+        self.model, self.adapter, self.loss = model, adapter, loss
+
+    def forward(self, input_ids, attention_mask, position_ids, choice_ids):
+        stacks = {}
+        for name, layer in self.adapter.layers.items():
+            a = layer.lora_A.unsqueeze(0) if self.adapter.train_a else None
+            stacks[name] = (a, layer.lora_B.unsqueeze(0))
+        self.adapter.set_replicas(stacks)
+        try:
+            return self.loss.logits(self.model, input_ids, attention_mask, position_ids, choice_ids)
+        finally:
+            self.adapter.set_replicas(None)
+
+
+def check_options(adapter, loss, q, b, seq_len, n_choices, noise, momentum, what: str) -> None:
+    """What every exporter of the step supports, checked before any tracing."""
+    if noise not in ("normal", "rademacher"):
+        raise EngineError(f"noise: expected 'normal' or 'rademacher', got {noise!r}")
+    if not hasattr(adapter, "layers"):
+        raise EngineError(
+            f"the {what} engine exports LoRA / LoRA-FA adapters only "
+            "(full-parameter training has no compact trained state)"
+        )
+    if getattr(loss, "kind", None) != "classification" or getattr(loss, "via_head_module", False):
+        raise EngineError(
+            f"the {what} engine exports the classification loss (label-word logits at the last position)"
+        )
+    if not 0.0 <= momentum < 1.0:
+        raise EngineError(f"momentum: expected a value in [0, 1), got {momentum!r}")
+    for name, v in (("q", q), ("b", b), ("seq_len", seq_len), ("n_choices", n_choices)):
+        if int(v) < 1 or (name == "n_choices" and v < 2):
+            raise EngineError(f"{name} must be a positive integer (n_choices >= 2), got {v}")
+
+
+@dataclass
+class ExportReport:
+    path: str
+    sidecar: str
+    size: int
+    sha256: str
+    seconds: dict = field(default_factory=dict)  # the exporter's stages, and total
+    check: dict = field(default_factory=dict)  # max abs differences against eager
+    tolerance: dict = field(default_factory=dict)  # metric -> max allowed (gated metrics only)
+    portable_ops: dict = field(default_factory=dict)  # non-delegated ops per method (ExecuTorch)
+    meta: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_batch(
+    vocab_size: int, b: int, seq_len: int, n_choices: int, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
     """A deterministic classification batch of the static shapes (left padding on some rows),
     for tracing and for the parity check of a freshly lowered program."""
     g = torch.Generator().manual_seed(seed)
@@ -67,10 +126,15 @@ def check_batch(vocab_size: int, b: int, seq_len: int, n_choices: int,
         am[i, : (i * 3) % max(1, seq_len // 2)] = 0  # left padding of different lengths
     ids = ids.masked_fill(am == 0, 0)
     pos = (am.cumsum(1) - 1).clamp_min(0)
-    choice = torch.stack([torch.randperm(vocab_size - 3, generator=g)[:n_choices] + 3
-                          for _ in range(b)]).to(torch.int64)
+    choice = torch.stack([torch.randperm(vocab_size - 3, generator=g)[:n_choices] + 3 for _ in range(b)]).to(
+        torch.int64
+    )
     labels = torch.randint(0, n_choices, (b,), generator=g, dtype=torch.int64)
     return ids, am, pos, choice, labels
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: str | Path) -> str:
@@ -85,6 +149,18 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(str(path) + ".json")
 
 
+def read_engine(path: str | Path) -> str:
+    """The engine named in a program's metadata (for picking the runtime that opens it); without
+    readable metadata, the one its suffix implies (read_sidecar then reports what is wrong)."""
+    try:
+        engine = json.loads(sidecar_path(path).read_text()).get("engine")
+    except (OSError, ValueError, AttributeError):
+        engine = None
+    if engine:
+        return str(engine)
+    return {".pte": "executorch", ".onnx": "onnx"}.get(Path(path).suffix, "executorch")
+
+
 def read_sidecar(path: str | Path, engine: str) -> dict:
     """The metadata written beside an exported program, checked for presence and format."""
     path = Path(path)
@@ -92,8 +168,10 @@ def read_sidecar(path: str | Path, engine: str) -> dict:
         raise ProgramFileError(f"{path}: program file does not exist")
     side = sidecar_path(path)
     if not side.is_file():
-        raise ProgramFileError(f"{path}: its metadata file {side.name} is missing "
-                               "(export the program with zotune, which writes both)")
+        raise ProgramFileError(
+            f"{path}: its metadata file {side.name} is missing "
+            "(export the program with zotune, which writes both)"
+        )
     try:
         meta = json.loads(side.read_text())
     except (OSError, ValueError) as e:
@@ -101,8 +179,10 @@ def read_sidecar(path: str | Path, engine: str) -> dict:
     if not isinstance(meta, dict) or meta.get("engine") != engine:
         raise ProgramFileError(f"{side}: not the metadata of a zotune {engine} program")
     if meta.get("format") != FORMAT_VERSION:
-        raise ProgramFileError(f"{side}: metadata format {meta.get('format')}, this zotune reads "
-                               f"format {FORMAT_VERSION}; re-export the program")
+        raise ProgramFileError(
+            f"{side}: metadata format {meta.get('format')}, this zotune reads "
+            f"format {FORMAT_VERSION}; re-export the program"
+        )
     return meta
 
 
@@ -111,22 +191,30 @@ def verify_file(path: str | Path, meta: dict) -> None:
     path = Path(path)
     size = path.stat().st_size
     if size != meta.get("size"):
-        raise ProgramFileError(f"{path}: {size} bytes, its metadata says {meta.get('size')} "
-                               "(truncated, corrupted or replaced; re-export it)")
+        raise ProgramFileError(
+            f"{path}: {size} bytes, its metadata says {meta.get('size')} "
+            "(truncated, corrupted or replaced; re-export it)"
+        )
     digest = sha256_file(path)
     if digest != meta.get("sha256"):
-        raise ProgramFileError(f"{path}: sha256 {digest[:12]}... does not match its metadata "
-                               f"({str(meta.get('sha256'))[:12]}...): corrupted or replaced; "
-                               "re-export it")
+        raise ProgramFileError(
+            f"{path}: sha256 {digest[:12]}... does not match its metadata "
+            f"({str(meta.get('sha256'))[:12]}...): corrupted or replaced; "
+            "re-export it"
+        )
 
 
 def check_expected(path, meta: dict, expect: dict) -> None:
     """Fields the caller needs (q, b, seq_len, ...) against those the program was built with."""
-    wrong = [f"{k}: program has {meta.get(k)!r}, expected {v!r}" for k, v in expect.items()
-             if v is not None and meta.get(k) != v]
+    wrong = [
+        f"{k}: program has {meta.get(k)!r}, expected {v!r}"
+        for k, v in expect.items()
+        if v is not None and meta.get(k) != v
+    ]
     if wrong:
-        raise ProgramFileError(f"{path}: built for a different configuration ("
-                               + "; ".join(wrong) + "); re-export it")
+        raise ProgramFileError(
+            f"{path}: built for a different configuration (" + "; ".join(wrong) + "); re-export it"
+        )
 
 
 def program_layout(path, meta: dict) -> ThetaLayout:
@@ -141,5 +229,6 @@ def check_layout(path, layout: ThetaLayout, adapter) -> None:
     """The program's theta layout against the caller's adapter."""
     diff = layout.mismatch(adapter.layout)
     if diff:
-        raise ProgramFileError(f"{path}: the program's adapter layout differs from this "
-                               f"adapter's ({diff}); re-export it")
+        raise ProgramFileError(
+            f"{path}: the program's adapter layout differs from this adapter's ({diff}); re-export it"
+        )

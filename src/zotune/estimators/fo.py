@@ -9,8 +9,16 @@ from zotune.loss import per_replica
 
 
 class FirstOrder:
-    def __init__(self, model, params, loss, optimizer: str = "adamw", lr: float = 1e-3,
-                 weight_decay: float = 0.0, momentum: float = 0.0):
+    def __init__(
+        self,
+        model,
+        params,
+        loss,
+        optimizer: str = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+    ):
         self.model, self.params, self.loss = model, params, loss
         tensors = params.tensors()
         for t in tensors:
@@ -33,8 +41,11 @@ class FirstOrder:
     def state(self) -> dict[str, torch.Tensor]:
         """The optimizer's per-parameter state (moments, step counts) as tensors keyed
         '<parameter index>.<field>', copies."""
-        return {f"{idx}.{k}": torch.as_tensor(v).clone()
-                for idx, st in self.opt.state_dict()["state"].items() for k, v in st.items()}
+        return {
+            f"{idx}.{k}": torch.as_tensor(v).clone()
+            for idx, st in self.opt.state_dict()["state"].items()
+            for k, v in st.items()
+        }
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         sd = self.opt.state_dict()

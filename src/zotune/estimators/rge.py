@@ -18,8 +18,9 @@ class RGE:
         self.q, self.noise, self.momentum = q, noise, momentum
         self.velocity = momentum_buffers(params.tensors(), momentum)
 
-    def _loss(self, seed: torch.Tensor, query: int, sign: int, eps: float, batch,
-              z_query: torch.Tensor | None) -> torch.Tensor:
+    def _loss(
+        self, seed: torch.Tensor, query: int, sign: int, eps: float, batch, z_query: torch.Tensor | None
+    ) -> torch.Tensor:
         if isinstance(self.params, FullParams):
             with self.params.perturbed(seed, query, sign * eps, self.noise):
                 return per_replica(*self.loss.rows(self.model, *batch), 1)[0]
@@ -45,6 +46,7 @@ class RGE:
             minus.append(self._loss(seed_t, i, -1, eps, batch, z))
         plus, minus = torch.stack(plus), torch.stack(minus)  # [q] each
         g = projected_gradient(plus, minus, eps)
-        update_from_seed(self.params.layout, self.params.tensors(), seed_t, g, lr, self.noise,
-                         self.momentum, self.velocity)
+        update_from_seed(
+            self.params.layout, self.params.tensors(), seed_t, g, lr, self.noise, self.momentum, self.velocity
+        )
         return float(torch.cat([plus, minus]).mean()), g

@@ -15,8 +15,15 @@ from zotune.adapters.theta import ThetaLayout
 from zotune.rng import noise, noise_at
 
 
-def draw(seed: torch.Tensor, layout: ThetaLayout, like: torch.Tensor, q: int, kind: str,
-         fused: bool = False, query: int | None = None) -> list[torch.Tensor]:
+def draw(
+    seed: torch.Tensor,
+    layout: ThetaLayout,
+    like: torch.Tensor,
+    q: int,
+    kind: str,
+    fused: bool = False,
+    query: int | None = None,
+) -> list[torch.Tensor]:
     """z for every trained tensor, in the dtype and on the device of `like`: a list of
     [q, *shape] tensors, or [1, *shape] for one query."""
     if fused:
@@ -49,8 +56,9 @@ def estimate(z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def apply_update(tensors: list[torch.Tensor], grads, lr, momentum: float = 0.0,
-                 buffers: list[torch.Tensor] | None = None) -> None:
+def apply_update(
+    tensors: list[torch.Tensor], grads, lr, momentum: float = 0.0, buffers: list[torch.Tensor] | None = None
+) -> None:
     """ZO-SGD: theta <- theta - lr * grad, with heavy-ball momentum when buffers are given.
     grads may be a list or a generator (full-parameter mode draws z one tensor at a time)."""
     for i, (t, grad) in enumerate(zip(tensors, grads)):
@@ -64,12 +72,21 @@ def momentum_buffers(tensors: list[torch.Tensor], momentum: float) -> list[torch
     return [torch.zeros_like(t) for t in tensors] if momentum > 0 else None
 
 
-def update_from_seed(layout: ThetaLayout, tensors: list[torch.Tensor], seed: torch.Tensor,
-                     g: torch.Tensor, lr, kind: str, momentum: float = 0.0,
-                     buffers: list[torch.Tensor] | None = None) -> None:
+def update_from_seed(
+    layout: ThetaLayout,
+    tensors: list[torch.Tensor],
+    seed: torch.Tensor,
+    g: torch.Tensor,
+    lr,
+    kind: str,
+    momentum: float = 0.0,
+    buffers: list[torch.Tensor] | None = None,
+) -> None:
     """The update of one step rebuilt from (seed, g) alone, drawing z one tensor at a time.
     Used by sequential RGE and by replay; the same bits as an update from z drawn in one go."""
     queries = torch.arange(g.shape[0], device=tensors[0].device)
-    grads = (estimate(_draw_entry(seed, layout, e, queries, kind, t.dtype), g)
-             for e, t in zip(layout, tensors, strict=True))
+    grads = (
+        estimate(_draw_entry(seed, layout, e, queries, kind, t.dtype), g)
+        for e, t in zip(layout, tensors, strict=True)
+    )
     apply_update(tensors, grads, lr, momentum, buffers)

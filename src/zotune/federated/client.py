@@ -73,10 +73,17 @@ def catch_up(cfg: Config, ws: Workspace, content: RecordDict, state: RecordDict)
         pos = 0
     if pos < base:
         return f"out_of_sync: kept state at {pos}, records start at {base}"
-    for rec in records[pos - base:]:  # the client may already hold a prefix
-        update_from_seed(ws.layout, ws.params, torch.tensor([rec["seed"]], dtype=torch.int64),
-                         torch.tensor(rec["g"], dtype=torch.float32), rec["lr"], o.noise,
-                         o.momentum, ws.velocity)
+    for rec in records[pos - base :]:  # the client may already hold a prefix
+        update_from_seed(
+            ws.layout,
+            ws.params,
+            torch.tensor([rec["seed"]], dtype=torch.int64),
+            torch.tensor(rec["g"], dtype=torch.float32),
+            rec["lr"],
+            o.noise,
+            o.momentum,
+            ws.velocity,
+        )
     return base + len(records)
 
 
@@ -116,8 +123,9 @@ def train_zo(cfg: Config, content: RecordDict, context: Context) -> RecordDict:
         g_all.extend(float(x) for x in g)
         losses.append(loss)
     count = len(my_shard(cfg, ws, context.node_config)[1])
-    return RecordDict({"reply": P.config(status="ok", seeds=seeds, g=g_all, count=count,
-                                         loss=sum(losses) / len(losses))})
+    return RecordDict(
+        {"reply": P.config(status="ok", seeds=seeds, g=g_all, count=count, loss=sum(losses) / len(losses))}
+    )
 
 
 def train_fedavg(cfg: Config, content: RecordDict, context: Context) -> RecordDict:
@@ -131,9 +139,12 @@ def train_fedavg(cfg: Config, content: RecordDict, context: Context) -> RecordDi
         loss, _ = ws.engine.step(batch, 0, lr, cfg.optim.eps)
         losses.append(loss)
     count = len(my_shard(cfg, ws, context.node_config)[1])
-    return RecordDict({"reply": P.config(status="ok", count=count,
-                                         loss=sum(losses) / len(losses)),
-                       "theta": P.arrays(theta=ws.theta())})
+    return RecordDict(
+        {
+            "reply": P.config(status="ok", count=count, loss=sum(losses) / len(losses)),
+            "theta": P.arrays(theta=ws.theta()),
+        }
+    )
 
 
 def client_app(cfg: Config | None = None) -> ClientApp:

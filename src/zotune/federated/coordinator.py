@@ -37,6 +37,7 @@ from zotune.train.schedule import lr_at
 @dataclass
 class Sent:
     """What the server sent one client in one round, kept to check the reply."""
+
     node: int
     slot: int
     seeds: list[int]
@@ -93,9 +94,16 @@ class Coordinator:
         self.checkpoint()
 
     def checkpoint(self) -> None:
-        save_checkpoint(self.ckpt, self.ws.engine.state(),
-                        {"round": self.round, "log_len": self.log_len,
-                         "scale": self.scale.state(), "clients": self.clients})
+        save_checkpoint(
+            self.ckpt,
+            self.ws.engine.state(),
+            {
+                "round": self.round,
+                "log_len": self.log_len,
+                "scale": self.scale.state(),
+                "clients": self.clients,
+            },
+        )
 
     # ------------------------------------------------------------------ sending
 
@@ -110,16 +118,19 @@ class Coordinator:
                 known.append(n)
         k = max(1, round(f.fraction * len(known)))
         rng = random.Random(self.cfg.train.seed * 1_000_003 + self.round)
-        return sorted(rng.sample(sorted(known), min(k, len(known))),
-                      key=lambda n: self.clients[str(n)]["slot"])
+        return sorted(
+            rng.sample(sorted(known), min(k, len(known))), key=lambda n: self.clients[str(n)]["slot"]
+        )
 
     def schedule(self) -> list[float]:
         """The schedule lr of each local step of this round."""
         o, f = self.cfg.optim, self.cfg.federated
         lr = o.lr if self.zo else f.fedavg_lr
         L = f.local_steps
-        return [lr_at(self.round * L + t, f.rounds * L, lr, o.schedule, o.warmup_steps,
-                      o.min_lr_ratio) for t in range(L)]
+        return [
+            lr_at(self.round * L + t, f.rounds * L, lr, o.schedule, o.warmup_steps, o.min_lr_ratio)
+            for t in range(L)
+        ]
 
     def messages(self, nodes: list[int]) -> list[Sent]:
         f = self.cfg.federated
@@ -129,28 +140,51 @@ class Coordinator:
         out = []
         for node in self.sample(nodes):
             info = self.clients[str(node)]
-            seeds = P.client_seeds(self.cfg.train.seed, self.round, info["slot"], f.clients,
-                                   f.local_steps) if self.zo else []
-            head = P.config(round=self.round, base=self.log_len, seeds=seeds, lr=lrs,
-                            scale_ema=float(self.scale.ema), scale_seen=int(self.scale.seen))
+            seeds = (
+                P.client_seeds(self.cfg.train.seed, self.round, info["slot"], f.clients, f.local_steps)
+                if self.zo
+                else []
+            )
+            head = P.config(
+                round=self.round,
+                base=self.log_len,
+                seeds=seeds,
+                lr=lrs,
+                scale_ema=float(self.scale.ema),
+                scale_seen=int(self.scale.seen),
+            )
             if adapter is None:
                 adapter = RecordDict({"round": head, "adapter": P.arrays(**self.ws.flat_state(self.zo))})
             by_adapter = RecordDict({"round": head, "adapter": adapter["adapter"]})
             n_adapter = P.nbytes(by_adapter)
             if not self.zo:
-                out.append(Sent(node, info["slot"], seeds, lrs, self.log_len, by_adapter,
-                                n_adapter, "adapter"))
+                out.append(
+                    Sent(node, info["slot"], seeds, lrs, self.log_len, by_adapter, n_adapter, "adapter")
+                )
                 continue
             pos = info["pos"]
             start = 0 if pos is None else pos
             if pos == -1 or self.log_len - start > f.catch_up_limit:
-                out.append(Sent(node, info["slot"], seeds, lrs, self.log_len, by_adapter,
-                                n_adapter, "adapter"))
+                out.append(
+                    Sent(node, info["slot"], seeds, lrs, self.log_len, by_adapter, n_adapter, "adapter")
+                )
                 continue
-            by_records = RecordDict({"round": head, "records": P.records_content(
-                records[start: self.log_len], start)})
-            out.append(Sent(node, info["slot"], seeds, lrs, self.log_len, by_records,
-                            P.nbytes(by_records), "records", n_adapter))
+            by_records = RecordDict(
+                {"round": head, "records": P.records_content(records[start : self.log_len], start)}
+            )
+            out.append(
+                Sent(
+                    node,
+                    info["slot"],
+                    seeds,
+                    lrs,
+                    self.log_len,
+                    by_records,
+                    P.nbytes(by_records),
+                    "records",
+                    n_adapter,
+                )
+            )
         return out
 
     # ------------------------------------------------------------------ receiving
@@ -169,16 +203,17 @@ class Coordinator:
                 valid.append((s, *self._check(s, reply)))
             except P.Rejected as e:
                 out.dropped[s.slot] = str(e)
-                status = (reply.config_records["reply"].get("status", "")
-                          if not isinstance(reply, str) and "reply" in reply.config_records
-                          else "")
+                status = (
+                    reply.config_records["reply"].get("status", "")
+                    if not isinstance(reply, str) and "reply" in reply.config_records
+                    else ""
+                )
                 if str(status).startswith("out_of_sync"):
                     self.clients[str(s.node)]["pos"] = -1  # next time: the adapter
         need = math.ceil(f.min_fraction * len(sent))
         if valid and len(valid) >= need:
             total = sum(count for _, _, count, _ in valid)
-            out.records = self._apply_zo(valid, total) if self.zo else self._apply_fedavg(valid,
-                                                                                      total)
+            out.records = self._apply_zo(valid, total) if self.zo else self._apply_fedavg(valid, total)
             out.applied = True
             out.accepted = [s.slot for s, *_ in valid]
             out.loss = sum(loss * count for _, _, count, loss in valid) / total
@@ -216,13 +251,30 @@ class Coordinator:
                 lr = local.lr(s.lr[t])
                 local.update(g)
                 applied = torch.tensor([w * x for x in g], dtype=torch.float32)
-                update_from_seed(self.ws.layout, self.ws.params,
-                                 torch.tensor([seed], dtype=torch.int64), applied, lr, o.noise,
-                                 o.momentum, self.velocity)
-                self.log.write({"type": "step", "done": self.log_len + 1, "step": self.log_len,
-                                "seed": seed, "lr": lr, "eps": o.eps,
-                                "g": [float(x) for x in applied],
-                                "round": self.round, "slot": s.slot, "weight": w})
+                update_from_seed(
+                    self.ws.layout,
+                    self.ws.params,
+                    torch.tensor([seed], dtype=torch.int64),
+                    applied,
+                    lr,
+                    o.noise,
+                    o.momentum,
+                    self.velocity,
+                )
+                self.log.write(
+                    {
+                        "type": "step",
+                        "done": self.log_len + 1,
+                        "step": self.log_len,
+                        "seed": seed,
+                        "lr": lr,
+                        "eps": o.eps,
+                        "g": [float(x) for x in applied],
+                        "round": self.round,
+                        "slot": s.slot,
+                        "weight": w,
+                    }
+                )
                 self.log_len += 1
                 n += 1
                 self.scale.update(g)  # the global scale folds in the clients' own g

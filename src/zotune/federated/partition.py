@@ -19,8 +19,9 @@ def iid(n: int, clients: int, seed: int) -> list[list[int]]:
     return [sorted(part.tolist()) for part in np.array_split(perm, clients)]
 
 
-def dirichlet(labels: list[int], clients: int, alpha: float, seed: int, min_size: int = 1,
-              tries: int = 100) -> list[list[int]]:
+def dirichlet(
+    labels: list[int], clients: int, alpha: float, seed: int, min_size: int = 1, tries: int = 100
+) -> list[list[int]]:
     """Per label, the examples are shuffled and cut among the clients in proportions drawn
     from Dirichlet(alpha * 1_K)."""
     rng = np.random.default_rng(seed)
@@ -35,25 +36,32 @@ def dirichlet(labels: list[int], clients: int, alpha: float, seed: int, min_size
                 parts[k].extend(chunk.tolist())
         if min(len(p) for p in parts) >= min_size:
             return [sorted(p) for p in parts]
-    raise DataError(f"no Dirichlet(alpha={alpha}) partition of {len(labels)} examples over "
-                    f"{clients} clients gave every client {min_size} examples in {tries} draws; "
-                    "raise federated.alpha or data.train_size, or use fewer clients",
-                    field="federated.alpha")
+    raise DataError(
+        f"no Dirichlet(alpha={alpha}) partition of {len(labels)} examples over "
+        f"{clients} clients gave every client {min_size} examples in {tries} draws; "
+        "raise federated.alpha or data.train_size, or use fewer clients",
+        field="federated.alpha",
+    )
 
 
-def partition(labels: list[int | None], clients: int, kind: str, alpha: float, seed: int,
-              min_size: int = 1) -> list[list[int]]:
+def partition(
+    labels: list[int | None], clients: int, kind: str, alpha: float, seed: int, min_size: int = 1
+) -> list[list[int]]:
     """-> for each client, the sorted indices of its examples (disjoint, covering range(n))."""
     n = len(labels)
     if n < clients * min_size:
-        raise DataError(f"a train split of {n} examples cannot give {clients} clients "
-                        f"{min_size} examples each", field="federated.clients")
+        raise DataError(
+            f"a train split of {n} examples cannot give {clients} clients {min_size} examples each",
+            field="federated.clients",
+        )
     if kind == "iid":
         return iid(n, clients, seed)
     if any(label is None for label in labels):
-        raise DataError("dirichlet partitioning needs a classification task (labels); "
-                        "use federated.partition: iid for generation tasks",
-                        field="federated.partition")
+        raise DataError(
+            "dirichlet partitioning needs a classification task (labels); "
+            "use federated.partition: iid for generation tasks",
+            field="federated.partition",
+        )
     return dirichlet(labels, clients, alpha, seed, min_size)
 
 

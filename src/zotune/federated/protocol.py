@@ -50,17 +50,20 @@ def config(**values) -> ConfigRecord:
 
 def records_content(records: list[dict], base: int) -> ConfigRecord:
     """Global log lines [base, base + n) as three flat lists."""
-    return config(base=base, n=len(records), seeds=[int(r["seed"]) for r in records],
-                  lr=[float(r["lr"]) for r in records],
-                  g=[float(x) for r in records for x in r["g"]])
+    return config(
+        base=base,
+        n=len(records),
+        seeds=[int(r["seed"]) for r in records],
+        lr=[float(r["lr"]) for r in records],
+        g=[float(x) for r in records for x in r["g"]],
+    )
 
 
 def read_records(rec: ConfigRecord, q: int) -> tuple[int, list[dict]]:
     """-> (base, [{seed, g, lr}, ...]) from records_content's encoding."""
     n = int(rec["n"])
     seeds, lrs, g = list(rec.get("seeds", [])), list(rec.get("lr", [])), list(rec.get("g", []))
-    return int(rec["base"]), [{"seed": seeds[i], "lr": lrs[i], "g": g[i * q: (i + 1) * q]}
-                              for i in range(n)]
+    return int(rec["base"]), [{"seed": seeds[i], "lr": lrs[i], "g": g[i * q : (i + 1) * q]} for i in range(n)]
 
 
 class Rejected(Exception):
@@ -74,16 +77,16 @@ def check_count(reply: ConfigRecord, max_count: int) -> int:
     return count
 
 
-def check_zo_reply(reply: ConfigRecord, seeds: list[int], q: int, max_abs_g: float,
-                   max_count: int) -> tuple[list[list[float]], int]:
+def check_zo_reply(
+    reply: ConfigRecord, seeds: list[int], q: int, max_abs_g: float, max_count: int
+) -> tuple[list[list[float]], int]:
     """-> (g per step, example count) of a valid zeroth-order reply; raises Rejected."""
     status = reply.get("status", "")
     if status != "ok":
         raise Rejected(f"client status '{status}'")
     got = [int(s) for s in reply.get("seeds", [])]
     if got != seeds:
-        raise Rejected(f"seeds {got[:4]}... are not the {len(seeds)} seeds assigned "
-                       f"{seeds[:4]}...")
+        raise Rejected(f"seeds {got[:4]}... are not the {len(seeds)} seeds assigned {seeds[:4]}...")
     g = list(reply.get("g", []))
     if len(g) != len(seeds) * q or not all(isinstance(x, float) for x in g):
         raise Rejected(f"{len(g)} values of g, expected {len(seeds)} steps x q={q} floats")
@@ -93,7 +96,7 @@ def check_zo_reply(reply: ConfigRecord, seeds: list[int], q: int, max_abs_g: flo
         if abs(x) > max_abs_g:
             raise Rejected(f"|g| = {abs(x):.3g} exceeds federated.max_abs_g = {max_abs_g:g}")
     count = check_count(reply, max_count)
-    return [g[t * q: (t + 1) * q] for t in range(len(seeds))], count
+    return [g[t * q : (t + 1) * q] for t in range(len(seeds))], count
 
 
 def check_theta(content: RecordDict, numel: int, max_count: int) -> tuple[torch.Tensor, int]:
@@ -105,8 +108,7 @@ def check_theta(content: RecordDict, numel: int, max_count: int) -> tuple[torch.
         raise Rejected("no theta in the reply")
     theta = tensor(content.array_records["theta"], "theta")
     if theta.shape != (numel,) or theta.dtype != torch.float32:
-        raise Rejected(f"theta of shape {tuple(theta.shape)} {theta.dtype}, expected ({numel},) "
-                       "float32")
+        raise Rejected(f"theta of shape {tuple(theta.shape)} {theta.dtype}, expected ({numel},) float32")
     if not bool(torch.isfinite(theta).all()):
         raise Rejected("theta is not finite")
     return theta, check_count(reply, max_count)

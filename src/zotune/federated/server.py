@@ -32,8 +32,7 @@ log = logging.getLogger("zotune.federated")
 def _scores(ws, cfg: Config) -> dict:
     out = {}
     for split in ("dev", "test"):
-        result = evaluate(ws.engine, getattr(ws.splits, split), ws.splits.kind,
-                          cfg.train.eval_batch_size)
+        result = evaluate(ws.engine, getattr(ws.splits, split), ws.splits.kind, cfg.train.eval_batch_size)
         out[split] = {k: v for k, v in result.items() if k != "logits"}
         out[f"{split}_logits"] = result.get("logits")
     return out
@@ -43,8 +42,9 @@ def zero_shot(ws, cfg: Config) -> dict:
     s = _scores(ws, cfg)
     out = {"dev": s["dev"], "test": s["test"]}
     if s["dev_logits"] is not None and s["dev_logits"].shape[1] == 2:
-        threshold, acc = calibrated_accuracy(s["dev_logits"], ws.splits.dev.labels,
-                                             s["test_logits"], ws.splits.test.labels)
+        threshold, acc = calibrated_accuracy(
+            s["dev_logits"], ws.splits.dev.labels, s["test_logits"], ws.splits.test.labels
+        )
         out["test_calibrated"] = {"accuracy": acc, "threshold": threshold}
     return out
 
@@ -57,34 +57,51 @@ def wait_for_nodes(grid: Grid, want: int, timeout_s: float) -> list[int]:
             break
         time.sleep(0.2)
     if not nodes:
-        raise ZotuneError(f"no SuperNode connected within federated.wait_clients_s="
-                          f"{timeout_s:g} s")
+        raise ZotuneError(f"no SuperNode connected within federated.wait_clients_s={timeout_s:g} s")
     return nodes
 
 
 def exchange(grid: Grid, sent: list[Sent], round_: int, timeout_s: float) -> dict:
     """Send every message, wait for the replies. -> node -> content, or an error string."""
-    messages = [Message(s.content, dst_node_id=s.node, message_type=MessageType.TRAIN,
-                        group_id=str(round_)) for s in sent]
+    messages = [
+        Message(s.content, dst_node_id=s.node, message_type=MessageType.TRAIN, group_id=str(round_))
+        for s in sent
+    ]
     replies = {}
     for reply in grid.send_and_receive(messages, timeout=timeout_s):
         node = reply.metadata.src_node_id
-        replies[node] = (f"client failed: {reply.error.reason}" if reply.has_error()
-                         else reply.content)
+        replies[node] = f"client failed: {reply.error.reason}" if reply.has_error() else reply.content
     return replies
 
 
-def round_line(c: Coordinator, sent: list[Sent], replies: dict, out: Outcome, wall: float,
-               scores: dict | None) -> dict:
+def round_line(
+    c: Coordinator, sent: list[Sent], replies: dict, out: Outcome, wall: float, scores: dict | None
+) -> dict:
     from zotune.federated.protocol import nbytes
 
-    traffic = [{"slot": s.slot, "down": s.down, "choice": s.choice, "down_other": s.down_other,
-                "up": nbytes(replies[s.node]) if not isinstance(replies.get(s.node, ""), str)
-                else 0} for s in sent]
-    line = {"type": "round", "done": out.round + 1, "round": out.round, "applied": out.applied,
-            "accepted": out.accepted, "dropped": {str(k): v for k, v in out.dropped.items()},
-            "records": out.records, "log_len": c.log_len, "train_loss": out.loss,
-            "bytes": traffic, "wall_s": wall}
+    traffic = [
+        {
+            "slot": s.slot,
+            "down": s.down,
+            "choice": s.choice,
+            "down_other": s.down_other,
+            "up": nbytes(replies[s.node]) if not isinstance(replies.get(s.node, ""), str) else 0,
+        }
+        for s in sent
+    ]
+    line = {
+        "type": "round",
+        "done": out.round + 1,
+        "round": out.round,
+        "applied": out.applied,
+        "accepted": out.accepted,
+        "dropped": {str(k): v for k, v in out.dropped.items()},
+        "records": out.records,
+        "log_len": c.log_len,
+        "train_loss": out.loss,
+        "bytes": traffic,
+        "wall_s": wall,
+    }
     if scores is not None:
         line.update(dev=scores["dev"], test=scores["test"])
     return line
@@ -125,9 +142,15 @@ def serve(grid: Grid, cfg: Config, resume: bool = False, stop_after: int | None 
         metrics.write(line)
         for slot, why in out.dropped.items():
             log.warning("round %d: dropped client %d: %s", out.round, slot, why)
-        log.info("round %d: %s clients %s, %d records, test %s, %.1f s", out.round,
-                 "applied" if out.applied else "NOT applied (too few valid replies)",
-                 out.accepted, out.records, scores and scores["test"], wall)
+        log.info(
+            "round %d: %s clients %s, %d records, test %s, %.1f s",
+            out.round,
+            "applied" if out.applied else "NOT applied (too few valid replies)",
+            out.accepted,
+            out.records,
+            scores and scores["test"],
+            wall,
+        )
         done_now += 1
         if stop_after is not None and done_now >= stop_after and c.round < f.rounds:
             return None
@@ -143,28 +166,33 @@ def summarize(cfg: Config, zs: dict, lines: list[dict], adapter_dir: Path) -> di
     rounds = [r for r in lines if r.get("type") == "round"]
     evals = [r for r in rounds if "test" in r]
     traffic = [b for r in rounds for b in r["bytes"]]
-    best = max(evals, key=lambda r: r["dev"].get("accuracy", -r["dev"].get("loss", 0)),
-               default=None)
+    best = max(evals, key=lambda r: r["dev"].get("accuracy", -r["dev"].get("loss", 0)), default=None)
 
     def mean(key):
         vals = [b[key] for b in traffic]
         return sum(vals) / len(vals) if vals else 0.0
 
     return {
-        "mode": cfg.federated.mode, "rounds": len(rounds), "zero_shot": zs,
+        "mode": cfg.federated.mode,
+        "rounds": len(rounds),
+        "zero_shot": zs,
         "test": evals[-1]["test"] if evals else None,
         "dev": evals[-1]["dev"] if evals else None,
-        "best_dev_round": best and best["round"], "best_dev_test": best and best["test"],
-        "bytes_up_per_client_round": mean("up"), "bytes_down_per_client_round": mean("down"),
+        "best_dev_round": best and best["round"],
+        "best_dev_test": best and best["test"],
+        "bytes_up_per_client_round": mean("up"),
+        "bytes_down_per_client_round": mean("down"),
         "max_bytes_up": max((b["up"] for b in traffic), default=0),
         "round_wall_s": [r["wall_s"] for r in rounds],
         "dropped": {str(r["round"]): r["dropped"] for r in rounds if r["dropped"]},
-        "adapter": str(adapter_dir), "config": cfg.to_dict(),
+        "adapter": str(adapter_dir),
+        "config": cfg.to_dict(),
     }
 
 
-def server_app(cfg: Config | None = None, resume: bool = False, stop_after: int | None = None,
-               errors: list | None = None) -> ServerApp:
+def server_app(
+    cfg: Config | None = None, resume: bool = False, stop_after: int | None = None, errors: list | None = None
+) -> ServerApp:
     """The ServerApp; with no cfg it reads the config named in the run config (`config`,
     `overrides`, `resume`), as Flower's deployment runs it. Exceptions are also appended to
     `errors`, for a caller whose runtime runs the app in another thread."""

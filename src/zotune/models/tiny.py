@@ -17,8 +17,14 @@ def tiny_config(family: str, vocab_size: int):
 
     common = dict(vocab_size=vocab_size, tie_word_embeddings=True, use_cache=False)
     if family in ("llama", "qwen2"):
-        decoder = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        decoder = dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
         return {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](**decoder, **common)
     if family == "gpt2":
         return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)

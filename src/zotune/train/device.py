@@ -1,8 +1,8 @@
-"""`zotune export` and `zotune device-train`: the training step as an ExecuTorch program, and the
-driver that trains with the ExecuTorch runtime alone executing it.
+"""`zotune export` and `zotune device-train`: the training step as an exported program (ExecuTorch
+.pte or ONNX), and the one driver that trains with that engine's runtime alone executing it.
 
 The host only tokenises, batches, chooses seeds and the schedule, evaluates through the program's
-`forward` method and writes files: it never loads the model weights. Beside the .pte the exporter
+`forward` method and writes files: it never loads the model weights. Beside the program the exporter
 writes `<out>.frozen.safetensors` with what an adapter file needs and the program does not hold
 (LoRA-FA's frozen A matrices) and, in its metadata, the replay-log header, so the device's replay
 log rebuilds the adapter in eager PyTorch (`zotune replay`).
@@ -32,62 +32,129 @@ def frozen_path(pte: str | Path) -> Path:
     return Path(str(pte) + ".frozen.safetensors")
 
 
-def export(cfg: Config, out: str, engine: str = "executorch", quantize: str | None = None) -> dict:
-    from zotune.engines.executorch import export_program
+ENGINES = ("executorch", "onnx")
 
-    if engine != "executorch":
-        raise ZotuneError(f"--engine: expected executorch, got '{engine}'")
+
+def export(
+    cfg: Config,
+    out: str,
+    engine: str = "executorch",
+    quantize: str | None = None,
+    block_size: int | None = None,
+) -> dict:
+    if engine not in ENGINES:
+        raise ZotuneError(f"--engine: expected one of {list(ENGINES)}, got '{engine}'")
+    if engine == "onnx":
+        from zotune.engines.onnx import export_program
+
+        options = {"block_size": block_size or 32, "threads": cfg.train.threads}
+    else:
+        from zotune.engines.executorch import export_program
+
+        options = {"group_size": block_size or 32}
     if cfg.optim.estimator != "prge" or cfg.adapter.kind == "full":
-        raise ZotuneError("export: the exported step is P-RGE on a LoRA / LoRA-FA adapter "
-                          "(optim.estimator prge, adapter.kind lora-fa or lora)")
+        raise ZotuneError(
+            "export: the exported step is P-RGE on a LoRA / LoRA-FA adapter "
+            "(optim.estimator prge, adapter.kind lora-fa or lora)"
+        )
     model, _, splits = prepare(cfg)
     if splits.kind != "classification":
-        raise ZotuneError("export: only classification tasks can be exported so far")
+        raise ZotuneError(
+            f"export: this is a {splits.kind} task; the exported step computes the "
+            "one-token classification loss only. Multiple choice with multi-token answers, "
+            "generation and chat train with `zotune train` (eager PyTorch)"
+        )
     adapter = build_params(model, cfg)
     header = replay_header(cfg, adapter)
     frozen = {k: v for k, v in adapter.state().items() if k.endswith("lora_A")}
     report = export_program(
-        model, adapter, ClassificationLoss(), cfg.optim.q, cfg.optim.batch_size,
-        cfg.data.max_length, splits.train.choice_ids.shape[1], cfg.optim.dual, cfg.optim.noise,
-        quantize, out, eval_batch=cfg.train.eval_batch_size, model_name=cfg.model.name,
-        momentum=cfg.optim.momentum, log=lambda msg: print(msg, flush=True))
+        model,
+        adapter,
+        ClassificationLoss(),
+        cfg.optim.q,
+        cfg.optim.batch_size,
+        cfg.data.max_length,
+        splits.train.choice_ids.shape[1],
+        cfg.optim.dual,
+        cfg.optim.noise,
+        quantize,
+        out,
+        eval_batch=cfg.train.eval_batch_size,
+        model_name=cfg.model.name,
+        momentum=cfg.optim.momentum,
+        log=lambda msg: print(msg, flush=True),
+        **options,
+    )
     atomic_write_bytes(frozen_path(out), save(frozen, metadata={"replay_header": json.dumps(header)}))
     return report.as_dict()
 
 
-def device_train(pte: str, cfg: Config, resume: bool = False,
-                 stop_after: int | None = None) -> dict | None:
-    from zotune.engines.export_common import program_layout, read_sidecar
-    from zotune.engines.pte import ExecuTorchEngine, PteProgram, set_threads
+def check_adapter(pte, layout, cfg: Config) -> None:
+    """The adapter the program was exported with (its layout's description) against the
+    config's: kind, rank, alpha, targets."""
+    a, have = cfg.adapter, layout.adapter
+    want = {"kind": a.kind, "rank": a.rank, "alpha": a.alpha, "targets": list(a.targets)}
+    wrong = [
+        f"adapter.{k}: program has {have.get(k)!r}, config has {v!r}"
+        for k, v in want.items()
+        if have.get(k) != v
+    ]
+    if wrong:
+        raise ZotuneError(f"{pte}: exported for another adapter (" + "; ".join(wrong) + "); re-export it")
 
+
+def device_train(pte: str, cfg: Config, resume: bool = False, stop_after: int | None = None) -> dict | None:
+    from zotune.engines.export_common import program_layout, read_engine, read_sidecar
+    from zotune.engines.program import ProgramEngine, runtime
+
+    engine_name = read_engine(pte)  # the runtime is the one the program's metadata names
+    meta = read_sidecar(pte, engine_name)
     if not frozen_path(pte).is_file():
-        raise ZotuneError(f"{frozen_path(pte)} is missing: it is written by `zotune export` "
-                          "beside the program")
-    frozen = load_file(frozen_path(pte))
-    with open(frozen_path(pte), "rb") as f:  # metadata: the replay header of this program
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(json.loads(f.read(n))["__metadata__"]["replay_header"])
+        raise ZotuneError(
+            f"{frozen_path(pte)} is missing: it is written by `zotune export` beside the program"
+        )
+    try:
+        frozen = load_file(frozen_path(pte))
+        with open(frozen_path(pte), "rb") as f:  # metadata: the replay header of this program
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(json.loads(f.read(n))["__metadata__"]["replay_header"])
+    except Exception as e:  # noqa: BLE001 - safetensors and json raise their own errors
+        raise ZotuneError(
+            f"{frozen_path(pte)}: not a frozen-tensor file written by zotune "
+            f"export ({type(e).__name__}); re-export the program"
+        ) from None
     o = cfg.optim
     if o.estimator != "prge":
-        raise ZotuneError("device-train runs the program's P-RGE step: optim.estimator must be "
-                          f"prge, got '{o.estimator}'")
+        raise ZotuneError(
+            f"device-train runs the program's P-RGE step: optim.estimator must be prge, got '{o.estimator}'"
+        )
     # theta starts from the exported values: B = 0, and LoRA's trained A from its seeded init.
+    program_cls, set_threads = runtime(engine_name)
     if cfg.train.threads:
         set_threads(cfg.train.threads)
-    layout = program_layout(pte, read_sidecar(pte, "executorch"))
+    layout = program_layout(pte, meta)
+    check_adapter(pte, layout, cfg)
     start = {e.name: frozen.get(e.name, torch.zeros(e.shape)) for e in layout}
-    program = PteProgram.load(pte, lora=start, q=o.q, b=o.batch_size,
-                              seq_len=cfg.data.max_length, noise=o.noise, dual=o.dual,
-                              momentum=float(o.momentum))
+    program = program_cls.load(
+        pte,
+        lora=start,
+        q=o.q,
+        b=o.batch_size,
+        seq_len=cfg.data.max_length,
+        noise=o.noise,
+        dual=o.dual,
+        momentum=float(o.momentum),
+        model=cfg.model.name,
+    )
     splits = encode_splits(cfg, load_tokenizer(cfg.model.name))
     described = header_layout(header, frozen_path(pte)).adapter
 
     def save(state, folder):
-        extra = {"engine": "executorch", "program": str(pte)}
+        extra = {"engine": engine_name, "program": str(pte)}
         save_peft_described(folder, state, described, header["model"], extra)
 
-    header = {**header, "engine": "executorch", "program": str(pte)}
-    engine = ExecuTorchEngine(program, frozen)
+    header = {**header, "engine": engine_name, "program": str(pte)}
+    engine = ProgramEngine(program, frozen)
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "program.json", json.dumps(program.meta, indent=1))

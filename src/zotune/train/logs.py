@@ -16,9 +16,11 @@ TIMING_FIELDS = ("time", "wall", "steps_per_s", "tokens_per_s")
 
 
 class JsonlLog:
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, enabled: bool = True):
+        """enabled=False: a log that writes nothing (the ranks of a distributed run but rank 0)."""
+        self.path, self.enabled = Path(path), enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def read(self) -> list[dict]:
         if not self.path.is_file():
@@ -34,12 +36,17 @@ class JsonlLog:
     def truncate(self, done: int) -> None:
         """Keep the header and the lines written at or before `done` updates (not the final
         evaluation of a run that ended at fewer steps)."""
+        if not self.enabled:
+            return
         kept = [r for r in self.read() if r.get("done", 0) <= done and r.get("type") != "final"]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def reset(self) -> None:
-        atomic_write_text(self.path, "")
+        if self.enabled:
+            atomic_write_text(self.path, "")
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -32,10 +32,12 @@ from zotune.train.schedule import lr_at
 @dataclass
 class Splits:
     """A task's three splits, tokenised to static shapes."""
+
     kind: str
     train: object
     dev: object
     test: object
+    examples: dict | None = None  # split name -> its Examples (generation is judged on their text)
 
 
 def batch_indices(n: int, b: int, step: int, seed: int) -> torch.Tensor:
@@ -45,7 +47,7 @@ def batch_indices(n: int, b: int, step: int, seed: int) -> torch.Tensor:
     epoch, pos = divmod(step, per_epoch)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=g)
-    return perm[pos * b: (pos + 1) * b]
+    return perm[pos * b : (pos + 1) * b]
 
 
 def peak_rss_mb() -> float:
@@ -53,8 +55,11 @@ def peak_rss_mb() -> float:
 
 
 def _score(result: dict) -> float:
-    """Higher is better: accuracy for classification, minus loss for generation."""
-    return result["accuracy"] if "accuracy" in result else -result["loss"]
+    """Higher is better: accuracy for classification, the generation score when generation is
+    judged (eval_generate.PRIMARY), else minus the loss."""
+    if "accuracy" in result:
+        return result["accuracy"]
+    return result["score"] if "score" in result else -result["loss"]
 
 
 def _public(result: dict) -> dict:
@@ -97,17 +102,48 @@ class _Clock:
             self.aside_s += time.perf_counter() - t
 
 
+class OneProcess:
+    """What the loop asks of the processes that train together, answered for a run on one.
+    train/distributed.py answers the same for the ranks of a torchrun job."""
+
+    main = True  # writes logs, checkpoints and outputs
+
+    def from_main(self, read):
+        """read() on the main process, its result on every process (start-up files)."""
+        return read()
+
+    def check_state(self, engine, scale: dict) -> None:
+        """Every process holds the same trained state and step scale (nothing to compare with
+        one)."""
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+
 class Trainer:
-    def __init__(self, cfg: Config, engine: Engine, splits: Splits, run_dir: Path, save_adapter,
-                 replay_header: dict | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        engine: Engine,
+        splits: Splits,
+        run_dir: Path,
+        save_adapter,
+        replay_header: dict | None = None,
+        judge=None,
+        procs=None,
+    ):
         self.cfg, self.engine, self.splits = cfg, engine, splits
+        self.judge = judge  # split name -> generation metrics (eval_generate), or None
         self.run_dir = Path(run_dir)
         self.save_adapter = save_adapter  # (state, folder) -> None
         self.replay_header = replay_header
-        self.metrics = JsonlLog(self.run_dir / "metrics.jsonl")
-        self.replay = JsonlLog(self.run_dir / "replay.jsonl")
+        self.procs = procs or OneProcess()
+        self.main = self.procs.main  # only the main process writes
+        self.metrics = JsonlLog(self.run_dir / "metrics.jsonl", self.main)
+        self.replay = JsonlLog(self.run_dir / "replay.jsonl", self.main)
         self.ckpt_dir = self.run_dir / "checkpoint"
         self.best_dir = self.run_dir / "best"
+        self.best_state = None  # the dev-selected state, kept in memory for the final test
         # First-order optimizers (AdamW) have their own scale-free steps: normalize is ZO-only.
         zo = cfg.optim.estimator != "fo"
         self.scale = StepScale(cfg.optim.normalize if zo else "none", cfg.optim.rms_decay)
@@ -116,12 +152,31 @@ class Trainer:
         t = self.cfg.train
         batch = getattr(self.splits, split)
         result = evaluate(self.engine, batch, self.splits.kind, t.eval_batch_size)
+        if self.judge is not None:
+            result.update(self.judge(split))
         self.metrics.write({"type": kind, "split": split, "done": done, **_public(result)})
         return result
 
     def _checkpoint(self, done: int, best: dict) -> None:
-        save_checkpoint(self.ckpt_dir, self.engine.state(),
-                        {"done": done, "best": best, "scale": self.scale.state()})
+        # Every rank computed the same g, so every rank's scale is the same: checked with the state.
+        self.procs.check_state(self.engine, self.scale.state())
+        if self.main:
+            save_checkpoint(
+                self.ckpt_dir, self.engine.state(), {"done": done, "best": best, "scale": self.scale.state()}
+            )
+
+    def _select(self, done: int) -> None:
+        """The engine's state becomes the best (dev-selected) state."""
+        # Cloned: an engine's state may alias buffers its next call overwrites.
+        self.best_state = {k: v.clone() for k, v in self.engine.state().items()}
+        if self.main:
+            save_checkpoint(self.best_dir, self.best_state, {"done": done})
+
+    def _read_start(self):
+        """-> (checkpoint tensors, its meta, best tensors, zero-shot results) of a run to resume."""
+        tensors, meta = load_checkpoint(self.ckpt_dir)
+        best, _ = load_checkpoint(self.best_dir)
+        return tensors, meta, best, json.loads((self.run_dir / "zero_shot.json").read_text())
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict | None:
         """Train to cfg.train.steps (or stop after `stop_after` updates, as if killed right after
@@ -130,13 +185,20 @@ class Trainer:
         start, best, zero_shot = self._setup(resume)
         clock = _Clock()
         done, last_eval = start, None
-        bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=not t.progress,
-                   dynamic_ncols=True, desc=f"{self.cfg.optim.estimator}")
+        bar = tqdm(
+            range(start, t.steps),
+            initial=start,
+            total=t.steps,
+            dynamic_ncols=True,
+            disable=not (t.progress and self.main),
+            desc=f"{self.cfg.optim.estimator}",
+        )
         for step in bar:
             done = step + 1
             res = self._step(step)
             clock.count(res.tokens)
-            out_of_time = t.time_limit_s is not None and clock.elapsed >= t.time_limit_s
+            # Every process must stop at the same step: the first out of time stops them all.
+            out_of_time = t.time_limit_s is not None and self.procs.any(clock.elapsed >= t.time_limit_s)
             last = done == t.steps or out_of_time
             self._log(step, res, clock, start, last)
             with clock.aside():  # evaluation and checkpoints are not training time
@@ -161,26 +223,28 @@ class Trainer:
         last checkpoint with both logs cut back to it. -> (start step, best so far, zero-shot)"""
         train, b = self.splits.train, self.cfg.optim.batch_size
         if len(train) < b:
-            raise ZotuneError(f"train split has {len(train)} examples, fewer than "
-                              f"optim.batch_size={b}")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
+            raise ZotuneError(f"train split has {len(train)} examples, fewer than optim.batch_size={b}")
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
         if resume:
-            tensors, meta = load_checkpoint(self.ckpt_dir)
+            # Read by the main process and handed to every other (the scale is in the meta).
+            tensors, meta, self.best_state, zero_shot = self.procs.from_main(self._read_start)
             self.engine.load_state(tensors)
             start, best = meta["done"], meta["best"]
             if "scale" in meta:
                 self.scale.load_state(meta["scale"])
             self.metrics.truncate(start)
             self.replay.truncate(start)
-            return start, best, json.loads((self.run_dir / "zero_shot.json").read_text())
+            self.procs.check_state(self.engine, self.scale.state())
+            return start, best, zero_shot
         self.metrics.reset()
         self.replay.reset()
         if self.replay_header is not None:
             self.replay.write({"type": "header", "done": 0, **self.replay_header})
         zero_shot = self._zero_shot()
         best = {"score": _score(zero_shot["dev"]), "done": 0, "dev": zero_shot["dev"]}
-        save_checkpoint(self.best_dir, self.engine.state(), {"done": 0})
+        self._select(0)
         self._checkpoint(0, best)
         return 0, best, zero_shot
 
@@ -195,25 +259,40 @@ class Trainer:
         loss, g = self.engine.step(batch, seed, lr, o.eps)
         if loss != loss or not bool(torch.isfinite(torch.as_tensor(g)).all()):
             # Stop before it reaches a checkpoint or the replay log.
-            raise ZotuneError(f"step {step + 1}: the loss or g is not finite; lower optim.lr or "
-                              "optim.eps")
+            raise ZotuneError(f"step {step + 1}: the loss or g is not finite; lower optim.lr or optim.eps")
         self.scale.update(g)
         replicas = 1 if o.estimator == "fo" else 2 * o.q
-        return _StepResult(loss, g, seed, lr, lr_schedule,
-                           int(batch.attention_mask.sum()) * replicas)
+        return _StepResult(loss, g, seed, lr, lr_schedule, int(batch.attention_mask.sum()) * replicas)
 
     def _log(self, step: int, res: _StepResult, clock: _Clock, start: int, last: bool) -> None:
         """The step's replay line (always) and its metrics line (every log_every steps)."""
         t, done = self.cfg.train, step + 1
-        self.replay.write({"type": "step", "done": done, "step": step, "seed": res.seed,
-                           "lr": res.lr, "eps": self.cfg.optim.eps, "g": [float(x) for x in res.g]})
+        self.replay.write(
+            {
+                "type": "step",
+                "done": done,
+                "step": step,
+                "seed": res.seed,
+                "lr": res.lr,
+                "eps": self.cfg.optim.eps,
+                "g": [float(x) for x in res.g],
+            }
+        )
         if done % t.log_every == 0 or last:
             elapsed = clock.elapsed
-            self.metrics.write({"type": "train", "done": done, "loss": res.loss, "lr": res.lr,
-                                "lr_schedule": res.lr_schedule,
-                                "time": elapsed, "wall": clock.wall,
-                                "steps_per_s": (done - start) / elapsed,
-                                "tokens_per_s": clock.tokens / elapsed})
+            self.metrics.write(
+                {
+                    "type": "train",
+                    "done": done,
+                    "loss": res.loss,
+                    "lr": res.lr,
+                    "lr_schedule": res.lr_schedule,
+                    "time": elapsed,
+                    "wall": clock.wall,
+                    "steps_per_s": (done - start) / elapsed,
+                    "tokens_per_s": clock.tokens / elapsed,
+                }
+            )
 
     def _evaluate(self, done: int, best: dict) -> tuple[dict, dict]:
         """Dev (and, with track_test, test) now; a better dev score becomes the best state."""
@@ -222,14 +301,17 @@ class Trainer:
             self._eval("test", done, "track")
         if _score(result) > best["score"]:
             best = {"score": _score(result), "done": done, "dev": _public(result)}
-            save_checkpoint(self.best_dir, self.engine.state(), {"done": done})
+            self._select(done)
         return result, best
 
     @staticmethod
     def _progress(loss: float, clock: _Clock, start: int, done: int, last_eval) -> dict:
         elapsed = clock.elapsed
-        post = {"loss": f"{loss:.4f}", "it/s": f"{(done - start) / elapsed:.2f}",
-                "tok/s": f"{clock.tokens / elapsed:.0f}"}
+        post = {
+            "loss": f"{loss:.4f}",
+            "it/s": f"{(done - start) / elapsed:.2f}",
+            "tok/s": f"{clock.tokens / elapsed:.0f}",
+        }
         if last_eval is not None:
             post["dev"] = f"{_score(last_eval):.3f}"
         return post
@@ -238,24 +320,26 @@ class Trainer:
         dev, test = self._eval("dev", 0), self._eval("test", 0)
         out = {"dev": _public(dev), "test": _public(test)}
         if self.splits.kind == "classification" and dev["logits"].shape[1] == 2:
-            threshold, acc = calibrated_accuracy(dev["logits"], self.splits.dev.labels,
-                                                 test["logits"], self.splits.test.labels)
+            threshold, acc = calibrated_accuracy(
+                dev["logits"], self.splits.dev.labels, test["logits"], self.splits.test.labels
+            )
             out["test_calibrated"] = {"accuracy": acc, "threshold": threshold}
             out["test_positive_rate"] = float((test["logits"].argmax(-1) == 0).float().mean())
-        atomic_write_text(self.run_dir / "zero_shot.json", json.dumps(out, indent=1))
+        if self.main:
+            atomic_write_text(self.run_dir / "zero_shot.json", json.dumps(out, indent=1))
         return out
 
     def _finish(self, zero_shot: dict, best: dict, wall: float, done: int) -> dict:
-        tensors, _ = load_checkpoint(self.best_dir)
         final_state = self.engine.state()
-        self.engine.load_state(tensors)  # model selection by dev only
+        self.engine.load_state(self.best_state)  # model selection by dev only
         dev = best["dev"]  # measured when this state was selected
         test = _public(self._eval("test", best["done"], "final"))
-        adapter_dir = self.run_dir / "adapter"
-        self.save_adapter(self.engine.adapter_state(), adapter_dir)
+        adapter_dir, plot = self.run_dir / "adapter", self.run_dir / "training.png"
+        if self.main:
+            self.save_adapter(self.engine.adapter_state(), adapter_dir)
         self.engine.load_state(final_state)
-        plot = plot_run(self.metrics.read(), self.run_dir / "training.png",
-                        f"{self.cfg.optim.estimator} on {self.cfg.data.task}")
+        if self.main:
+            plot_run(self.metrics.read(), plot, f"{self.cfg.optim.estimator} on {self.cfg.data.task}")
         summary = {
             "zero_shot": zero_shot,
             "selected_step": best["done"],
@@ -268,5 +352,6 @@ class Trainer:
             "plot": str(plot),
             "config": self.cfg.to_dict(),
         }
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+        if self.main:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         return summary

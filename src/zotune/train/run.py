@@ -11,12 +11,15 @@ from zotune.adapters.full import FullParams
 from zotune.adapters.peft_io import load_peft, save_peft, save_peft_described
 from zotune.config import Config
 from zotune.data import load_task
+from zotune.data.choice import resolve_kind
 from zotune.data.tokenize import encode
 from zotune.engines.eager import EagerEngine
 from zotune.errors import ZotuneError
 from zotune.eval import evaluate
+from zotune.eval_generate import judge_generation, judgeable
 from zotune.models import load_model
 from zotune.replay import header_layout, read_replay_log, replay_lora, replay_steps
+from zotune.train import distributed
 from zotune.train.loop import Splits, Trainer
 
 
@@ -36,11 +39,19 @@ def encode_splits(cfg: Config, tokenizer) -> Splits:
     """The task's three splits, tokenised to the config's static shapes."""
     task = load_task(cfg.data)
     d = cfg.data
+    # Multiple choice whose choices are not all single tokens is scored as token sequences.
+    kind = resolve_kind(task.kind, task.train + task.dev + task.test, tokenizer)
 
     def tok(examples):
-        return encode(examples, tokenizer, d.max_length, d.max_target_length, task.kind)
+        return encode(examples, tokenizer, d.max_length, d.max_target_length, kind, d.length_normalize)
 
-    return Splits(task.kind, tok(task.train), tok(task.dev), tok(task.test))
+    return Splits(
+        kind,
+        tok(task.train),
+        tok(task.dev),
+        tok(task.test),
+        examples={"train": task.train, "dev": task.dev, "test": task.test},
+    )
 
 
 def adapter_saver(cfg: Config, engine):
@@ -52,43 +63,95 @@ def adapter_saver(cfg: Config, engine):
         if isinstance(params, FullParams):
             engine.model.save_pretrained(folder, safe_serialization=True)
             return
-        save_peft(folder, state, list(params.layers), params.rank, params.alpha, cfg.model.name,
-                  params.fan_in_fan_out, cfg.adapter.dropout,
-                  extra={"version": __version__, "kind": cfg.adapter.kind,
-                         "estimator": cfg.optim.estimator})
+        save_peft(
+            folder,
+            state,
+            list(params.layers),
+            params.rank,
+            params.alpha,
+            cfg.model.name,
+            params.fan_in_fan_out,
+            cfg.adapter.dropout,
+            extra={"version": __version__, "kind": cfg.adapter.kind, "estimator": cfg.optim.estimator},
+        )
+
     return save
 
 
 def replay_header(cfg: Config, params) -> dict:
     o = cfg.optim
-    header = {"version": __version__, "model": cfg.model.name, "estimator": o.estimator,
-              "q": o.q, "noise": o.noise, "momentum": o.momentum, "adapter_kind": cfg.adapter.kind}
+    header = {
+        "version": __version__,
+        "model": cfg.model.name,
+        "estimator": o.estimator,
+        "q": o.q,
+        "noise": o.noise,
+        "momentum": o.momentum,
+        "adapter_kind": cfg.adapter.kind,
+    }
     header["layout"] = params.layout.to_json()
     return header
 
 
+def generation_judge(cfg: Config, model, tokenizer, splits: Splits):
+    """split name -> generation metrics, for generation and chat tasks whose examples have prompts;
+    None otherwise (scored by loss only)."""
+    if splits.kind not in ("generation", "chat") or not judgeable(splits.examples["dev"]):
+        return None
+    d, t = cfg.data, cfg.train
+
+    def judge(split: str) -> dict:
+        return judge_generation(
+            model,
+            tokenizer,
+            splits.examples[split],
+            splits.kind,
+            d.max_length,
+            d.max_target_length,
+            t.eval_batch_size,
+            t.progress,
+        )
+
+    return judge
+
+
 def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> dict | None:
-    model, _, splits = prepare(cfg)
+    if distributed.world_size() > 1:  # one rank of a torchrun job
+        return distributed.train(cfg, resume, stop_after)
+    model, tokenizer, splits = prepare(cfg)
     engine = EagerEngine(model, cfg, splits.kind)
-    trainer = Trainer(cfg, engine, splits, Path(cfg.train.out_dir), adapter_saver(cfg, engine),
-                      replay_header(cfg, engine.params))
+    trainer = Trainer(
+        cfg,
+        engine,
+        splits,
+        Path(cfg.train.out_dir),
+        adapter_saver(cfg, engine),
+        replay_header(cfg, engine.params),
+        judge=generation_judge(cfg, model, tokenizer, splits),
+    )
     return trainer.run(resume=resume, stop_after=stop_after)
 
 
 def evaluate_adapter(cfg: Config, adapter_dir: str | None, split: str = "test") -> dict:
-    model, _, splits = prepare(cfg)
+    model, tokenizer, splits = prepare(cfg)
     engine = EagerEngine(model, cfg, splits.kind)
     if adapter_dir:
         config, state = load_peft(adapter_dir)
         if config.get("r") != cfg.adapter.rank:
-            raise ZotuneError(f"{adapter_dir}: rank {config.get('r')} differs from adapter.rank "
-                              f"{cfg.adapter.rank}")
+            raise ZotuneError(
+                f"{adapter_dir}: rank {config.get('r')} differs from adapter.rank {cfg.adapter.rank}"
+            )
         missing = sorted(set(engine.params.state()) - set(state))
         if missing:
-            raise ZotuneError(f"{adapter_dir}: no tensor for layer {missing[0]} "
-                              f"(was it trained with other adapter.targets?)")
+            raise ZotuneError(
+                f"{adapter_dir}: no tensor for layer {missing[0]} "
+                f"(was it trained with other adapter.targets?)"
+            )
         engine.params.load_state(state)
     result = evaluate(engine, getattr(splits, split), splits.kind, cfg.train.eval_batch_size)
+    judge = generation_judge(cfg, model, tokenizer, splits)
+    if judge is not None:
+        result.update(judge(split))
     return {k: v for k, v in result.items() if k != "logits"}
 
 
@@ -99,8 +162,10 @@ def replay(log_path: str, out_dir: str) -> Path:
         model, _, _ = load_model(header["model"], layout.dtype)
         params = FullParams(model)
         if params.layout.mismatch(layout):
-            raise ZotuneError(f"{log_path}: the model {header['model']} does not have the "
-                              f"trained tensors of this log ({params.layout.mismatch(layout)})")
+            raise ZotuneError(
+                f"{log_path}: the model {header['model']} does not have the "
+                f"trained tensors of this log ({params.layout.mismatch(layout)})"
+            )
         replay_steps(params.layout, params.tensors(), header, steps)
         model.save_pretrained(out_dir, safe_serialization=True)
         return Path(out_dir)

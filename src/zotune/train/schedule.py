@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 
-def lr_at(step: int, total: int, base_lr: float, schedule: str = "constant", warmup: int = 0,
-          min_ratio: float = 0.0) -> float:
+def lr_at(
+    step: int, total: int, base_lr: float, schedule: str = "constant", warmup: int = 0, min_ratio: float = 0.0
+) -> float:
     if warmup > 0 and step < warmup:
         return base_lr * (step + 1) / warmup
     if schedule == "constant" or total <= warmup:

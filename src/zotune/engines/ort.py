@@ -1,0 +1,207 @@
+"""The ONNX Runtime side: the two sessions of an exported ONNX program with theta kept inside
+ONNX Runtime (`OrtPair`), and the loaded training program (`OrtProgram`) the training loop
+drives through `ProgramEngine`.
+
+The step graph is stateless (theta in, new theta out). Between steps theta lives in two
+ONNX Runtime-owned buffers (OrtValues) bound with I/O binding: step k reads buffer k % 2 and
+writes buffer (k + 1) % 2, so the N values never pass through numpy or torch; only the seed,
+lr, eps, the batch, the loss and g[q] cross the boundary. The evaluation session binds whichever
+buffer is current as its theta input. The momentum buffer is double-buffered the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zotune.engines.export_common import EngineError, ProgramFileError, verify_file
+from zotune.engines.onnx import BATCH, ENGINE, EVAL_INPUTS, eval_path, step_names
+from zotune.engines.program import TrainingProgram
+
+_THREADS: dict[str, int | None] = {"intra": None}
+
+
+def set_threads(n: int) -> None:
+    """Intra-op threads of the sessions created from now on (default: one per core)."""
+    _THREADS["intra"] = int(n)
+
+
+def session(source, threads: int | None = None):
+    """A CPU InferenceSession of a model file path or serialized bytes."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    threads = threads or _THREADS["intra"]
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # errors only: load-time notes are not the user's business
+    return ort.InferenceSession(
+        source if isinstance(source, bytes) else str(source), opts, providers=["CPUExecutionProvider"]
+    )
+
+
+def _ortvalue(shape: list[int]):
+    import onnxruntime as ort
+
+    return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cpu", 0)
+
+
+class OrtPair:
+    """Step and forward sessions with theta (and velocity) double-buffered in ONNX Runtime."""
+
+    def __init__(self, step_source, forward_source, momentum: bool, threads: int | None = None, check=None):
+        self.step = session(step_source, threads)
+        self.fwd = session(forward_source, threads)
+        if check is not None:  # before binding: a graph of another shape must fail clearly
+            check(self.step, self.fwd)
+        self.momentum = momentum
+        self.inputs, self.outputs = step_names(1.0 if momentum else 0.0)
+        n = self.step.get_inputs()[0].shape[0]
+        q = self.step.get_outputs()[-1].shape[0]
+        if not isinstance(n, int) or not isinstance(q, int):
+            raise ProgramFileError("the step graph has no static theta / g shape")
+        self.numel, self.q = n, q
+        self.theta = [_ortvalue([n]), _ortvalue([n])]
+        self.velocity = [_ortvalue([n]), _ortvalue([n])] if momentum else None
+        self.loss, self.g = _ortvalue([]), _ortvalue([q])
+        self.cur = 0
+        self._bindings = [self._binding(k) for k in (0, 1)]
+
+    def _binding(self, k: int):
+        io = self.step.io_binding()
+        io.bind_ortvalue_input("theta", self.theta[k])
+        io.bind_ortvalue_output("new_theta", self.theta[1 - k])
+        if self.momentum:
+            io.bind_ortvalue_input("velocity", self.velocity[k])
+            io.bind_ortvalue_output("new_velocity", self.velocity[1 - k])
+        io.bind_ortvalue_output("loss", self.loss)
+        io.bind_ortvalue_output("g", self.g)
+        return io
+
+    def run_step(self, seed, lr, eps, batch) -> tuple[float, torch.Tensor]:
+        """One step from the current buffers into the others, which then become current."""
+        io = self._bindings[self.cur]
+        arrays = [
+            np.ascontiguousarray(torch.as_tensor(t).numpy()) for t in (seed, lr, eps, *batch)
+        ]  # alive until the run returns
+        for name, arr in zip(("seed", "lr", "eps", *BATCH), arrays):
+            io.bind_cpu_input(name, arr)
+        self.step.run_with_iobinding(io)
+        self.cur = 1 - self.cur
+        return float(self.loss.numpy()), torch.from_numpy(np.array(self.g.numpy()))
+
+    def run_forward(self, batch) -> torch.Tensor:
+        io = self.fwd.io_binding()
+        io.bind_ortvalue_input("theta", self.theta[self.cur])
+        arrays = [np.ascontiguousarray(torch.as_tensor(t).numpy()) for t in batch]
+        for name, arr in zip(EVAL_INPUTS[1:], arrays):
+            io.bind_cpu_input(name, arr)
+        io.bind_output("logits", "cpu")
+        self.fwd.run_with_iobinding(io)
+        return torch.from_numpy(np.array(io.get_outputs()[0].numpy()))
+
+    def get_theta(self) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.theta[self.cur].numpy()))
+
+    def set_theta(self, flat: torch.Tensor) -> None:
+        self.theta[self.cur].update_inplace(np.ascontiguousarray(flat.numpy(), np.float32))
+
+    def get_velocity(self) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.velocity[self.cur].numpy()))
+
+    def set_velocity(self, flat: torch.Tensor) -> None:
+        self.velocity[self.cur].update_inplace(np.ascontiguousarray(flat.numpy(), np.float32))
+
+    def check_run(self, theta, velocity, seed, lr, eps, batch, eval_in) -> dict:
+        """What parity.parity_metrics compares: state set, read back, one forward and
+        one step from it."""
+        self.set_theta(theta)
+        if velocity is not None:
+            self.set_velocity(velocity)
+        got = {"get": self.get_theta(), "logits": self.run_forward(eval_in)}
+        got["loss"], got["g"] = self.run_step(seed, lr, eps, batch)
+        got["theta"] = self.get_theta()
+        if velocity is not None:
+            got["velocity"] = self.get_velocity()
+        return got
+
+
+class OrtProgram(TrainingProgram):
+    """An ONNX training program (step file + evaluation file) loaded into ONNX Runtime."""
+
+    ENGINE = ENGINE
+
+    def __init__(self, path: Path, meta: dict, pair: OrtPair):
+        super().__init__(path, meta)
+        self.pair = pair
+
+    @classmethod
+    def _open(cls, path: Path, meta: dict, verify: bool) -> OrtProgram:
+        fwd = eval_path(path)
+        graph = meta.get("graphs", {}).get("forward", {})
+        if not fwd.is_file():
+            raise ProgramFileError(
+                f"{path}: its evaluation program {fwd.name} is missing (export writes both files)"
+            )
+        if verify:
+            verify_file(fwd, graph)
+        self = cls(path, meta, None)
+        try:
+            self.pair = OrtPair(path, fwd, bool(self.momentum), check=self._check_shapes)
+        except ProgramFileError:
+            raise
+        except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf / ...
+            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ProgramFileError(
+                f"{path}: ONNX Runtime cannot load this program ({msg}); re-export it"
+            ) from None
+        return self
+
+    def _check_shapes(self, step, fwd) -> None:
+        n, shapes = self.numel, self.input_shapes()
+        inputs, _ = step_names(self.momentum)
+        state = [[n], [n]] if self.momentum else [[n]]
+        want = {
+            "step": (step, inputs, state + [[1], [1], [1]] + shapes["step"]),
+            "forward": (fwd, EVAL_INPUTS, [[n]] + shapes["forward"]),
+        }
+        for graph, (sess, names, dims) in want.items():
+            have = [(i.name, list(i.shape)) for i in sess.get_inputs()]
+            if have != [(a, list(b)) for a, b in zip(names, dims)]:
+                raise ProgramFileError(
+                    f"{self.path}: the {graph} graph takes inputs {have}, its "
+                    f"metadata implies {list(zip(names, dims))}: program and "
+                    "metadata do not belong together; re-export it"
+                )
+        g = list(step.get_outputs()[-1].shape)
+        if g != [self.q]:
+            raise ProgramFileError(
+                f"{self.path}: the step graph returns g{g}, its metadata "
+                f"says q={self.q}: program and metadata do not belong "
+                "together; re-export it"
+            )
+
+    # -- runtime primitives ----------------------------------------------------------------
+
+    def _step(self, seed, lr, eps, batch):
+        return self.pair.run_step(seed, lr, eps, batch)
+
+    def _forward(self, batch):
+        return self.pair.run_forward(batch)
+
+    def get_lora_flat(self) -> torch.Tensor:
+        return self.pair.get_theta()
+
+    def _set_lora_flat(self, flat):
+        self.pair.set_theta(flat)
+
+    def _get_momentum_flat(self):
+        return self.pair.get_velocity()
+
+    def _set_momentum_flat(self, flat):
+        if flat.dtype != torch.float32:
+            raise EngineError("set_momentum: the ONNX program holds float32 values")
+        self.pair.set_velocity(flat)
