@@ -4,8 +4,13 @@
 centralised P-RGE on the same number of training examples. Test accuracy against rounds (plot),
 bytes up and down per client per round, round wall time.
 
-    .venv/bin/python benchmarks/bench_federated.py            # ~15 min on 2 shared cores
+    .venv/bin/python benchmarks/bench_federated.py            # sized for about 10 min on 2 cores
     .venv/bin/python benchmarks/bench_federated.py --rounds 20 --local-steps 4 --test-size 500
+
+The default is 5 configurations of 4 rounds. Each federated run pays a fixed start (Ray, the
+workers' model loads, the zero-shot evaluation) and then, per round, 4 clients x 2 P-RGE steps
+(or first-order steps) 2 at a time plus a dev/test evaluation: `--only zo-iid,fedavg-iid
+--rounds 2` takes 4.9 min on 2 cores shared with other jobs (results/federated.md).
 
 Each federated run is `zotune federate` (Flower's simulation engine, 2 clients at once); the
 centralised run is `zotune train` with the dev/test evaluations at the same example counts.
@@ -123,7 +128,7 @@ def plot(results, path):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--local-steps", type=int, default=2)
     p.add_argument("--fraction", type=float, default=0.5)
     p.add_argument("--alpha", type=float, default=0.5)
