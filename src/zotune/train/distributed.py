@@ -385,13 +385,13 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
 def _train(cfg: Config, resume: bool, stop_after: int | None) -> dict | None:
     from zotune.engines.eager import EagerEngine
     from zotune.train.loop import Trainer
-    from zotune.train.run import adapter_saver, prepare, replay_header
+    from zotune.train.run import adapter_saver, generation_judge, prepare, replay_header
 
     check_split(cfg, world_size())  # before any model loads
     ranks = Ranks(cfg)
     try:
         ranks.check_config(cfg)
-        model, _, splits = prepare(cfg)
+        model, tokenizer, splits = prepare(cfg)
         ranks.check_model(model)
         engine = EagerEngine(model, cfg, splits.kind, ranks.step_options())
         trainer = Trainer(
@@ -401,7 +401,9 @@ def _train(cfg: Config, resume: bool, stop_after: int | None) -> dict | None:
             Path(cfg.train.out_dir),
             adapter_saver(cfg, engine),
             replay_header(cfg, engine.params),
-            ranks,
+            # Every rank decodes the whole split (the same text, so the same selection).
+            judge=generation_judge(cfg, model, tokenizer, splits),
+            procs=ranks,
         )
         summary = trainer.run(resume=resume, stop_after=stop_after)
         ranks.write_traffic(cfg.train.out_dir, ranks.steps)
