@@ -29,7 +29,7 @@ from zotune.engines.export_common import (  # noqa: E402
 )
 from zotune.engines.onnx import TOLERANCE, eval_path, export_program  # noqa: E402
 from zotune.engines.onnx_int4 import base_linears, dequantized_weights  # noqa: E402
-from zotune.engines.ort import OrtProgram, session  # noqa: E402
+from zotune.engines.ort import OrtProgram, inference_session  # noqa: E402
 from zotune.engines.program import ProgramEngine, load_program  # noqa: E402
 from zotune.estimators.prge import VELOCITY, PRGEStep  # noqa: E402
 from zotune.loss import ClassificationLoss  # noqa: E402
@@ -137,7 +137,7 @@ def test_rng_program_is_bit_exact():
     ).model_proto
     ops = {node.op_type for node in proto.graph.node}
     assert "BitShift" in ops and "BitwiseXor" in ops  # the int64 op chain was traced
-    sess = session(proto.SerializeToString(), threads=1)
+    sess = inference_session(proto.SerializeToString(), threads=1)
     for seed in (0, 1, 123456789, 2**32 + 17, 2**40 + 3):
         s = torch.tensor([seed], dtype=torch.int64)
         outs = sess.run(None, {"seed": s.numpy()})

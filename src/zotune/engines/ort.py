@@ -5,7 +5,7 @@ drives through `ProgramEngine`.
 The step graph is stateless (theta in, new theta out). Between steps theta lives in two
 ONNX Runtime-owned buffers (OrtValues) bound with I/O binding: step k reads buffer k % 2 and
 writes buffer (k + 1) % 2, so the N values never pass through numpy or torch; only the seed,
-lr, eps, the batch, the loss and g[q] cross the boundary. The evaluation session binds whichever
+lr, eps, the batch, the loss and g[q] cross the boundary. The evaluation InferenceSession binds whichever
 buffer is current as its theta input. The momentum buffer is double-buffered the same way.
 """
 
@@ -28,7 +28,7 @@ def set_threads(n: int) -> None:
     _THREADS["intra"] = int(n)
 
 
-def session(source, threads: int | None = None):
+def inference_session(source, threads: int | None = None):
     """A CPU InferenceSession of a model file path or serialized bytes."""
     import onnxruntime as ort
 
@@ -53,8 +53,8 @@ class OrtPair:
     """Step and forward sessions with theta (and velocity) double-buffered in ONNX Runtime."""
 
     def __init__(self, step_source, forward_source, momentum: bool, threads: int | None = None, check=None):
-        self.step = session(step_source, threads)
-        self.fwd = session(forward_source, threads)
+        self.step = inference_session(step_source, threads)
+        self.fwd = inference_session(forward_source, threads)
         if check is not None:  # before binding: a graph of another shape must fail clearly
             check(self.step, self.fwd)
         self.momentum = momentum
