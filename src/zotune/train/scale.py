@@ -1,10 +1,15 @@
-"""Loss-scale-free step sizes for zeroth-order training: the learning rate of step t is divided by
-the RMS of the projected gradients g seen before step t.
+"""Step sizes that follow the model: the learning rate of step t is divided by a running
+statistic of the projected gradients g seen before step t.
 
-g_i = (l+ - l-) / (2 eps) is a directional derivative, so its size is the model's loss scale:
-a model whose loss moves four times as much per unit of B gets four times the update from the
-same lr, and one recipe cannot fit two model families. Dividing by a running RMS of g makes lr a
-step size in parameter units (the update per unit of z is about lr), whatever the model.
+g_i = (l+ - l-) / (2 eps) is a directional derivative, so its size is the model's loss scale and
+its sensitivity to B: a model whose loss moves four times as much per unit of B gets four times
+the update from the same lr, and one recipe cannot fit two model families.
+- `rms`: lr / RMS(g). A loss c times larger gives the same update: lr is a step size in
+  parameter units (the update per unit of z is about lr).
+- `ms`: lr / mean(g^2). Also right when the sensitivity changes: for L(B) = f(kB), g grows by k
+  and the curvature by k^2, so the step in B units must shrink by k, and lr * g / mean(g^2) does.
+  Measured on SmolLM2-135M and Gemma-3-270M, whose g differ by about 3.5x at B = 0, one lr fits
+  both (docs/design.md).
 
 The scale is applied on the host, to the learning rate that every engine already takes as an
 input, and it uses only steps before t (an exponential moving average of mean(g^2), bias
