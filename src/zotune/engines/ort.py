@@ -1,4 +1,4 @@
-"""The ONNX Runtime side: the two sessions of an exported ONNX program with theta kept inside
+"""The ONNX Runtime side: the two InferenceSessions of an exported ONNX program with theta kept inside
 ONNX Runtime (`OrtPair`), and the loaded training program (`OrtProgram`) the training loop
 drives through `ProgramEngine`.
 
@@ -24,7 +24,7 @@ _THREADS: dict[str, int | None] = {"intra": None}
 
 
 def set_threads(n: int) -> None:
-    """Intra-op threads of the sessions created from now on (default: one per core)."""
+    """Intra-op threads of the InferenceSessions created from now on (default: one per core)."""
     _THREADS["intra"] = int(n)
 
 
@@ -50,7 +50,7 @@ def _ortvalue(shape: list[int]):
 
 
 class OrtPair:
-    """Step and forward sessions with theta (and velocity) double-buffered in ONNX Runtime."""
+    """Step and forward InferenceSessions with theta (and velocity) double-buffered in ONNX Runtime."""
 
     def __init__(self, step_source, forward_source, momentum: bool, threads: int | None = None, check=None):
         self.step = inference_session(step_source, threads)
