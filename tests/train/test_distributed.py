@@ -163,6 +163,14 @@ def test_data_parallel_matches_the_single_process_run(tmp_path, tiny_folder, gen
     assert len(losses) > 6 and all(abs(x - y) <= 1e-9 * abs(y) for x, y in losses)
 
 
+def _checkpointed(run: Path) -> int:
+    """Updates in the run's checkpoint; 0 while there is none (or it is being replaced)."""
+    try:
+        return json.loads((run / "checkpoint/meta.json").read_text())["done"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def _worker_of_rank(parent: int, rank: int, deadline: float) -> int:
     """The pid of torchrun's worker process of the given rank (read from /proc)."""
     while time.time() < deadline:
@@ -201,9 +209,9 @@ def test_query_parallel_killed_and_resumed_is_bitwise_the_single_process_run(
     try:
         deadline = time.time() + TIMEOUT
         victim = _worker_of_rank(job.pid, 1, deadline)
-        replay_log = run / "replay.jsonl"
+        # Wait for the checkpoint itself (written after the step's replay line) to reach 5.
         while time.time() < deadline and job.poll() is None:
-            if replay_log.is_file() and replay_log.read_text().count('"type": "step"') >= 5:
+            if _checkpointed(run) >= 5:
                 break
             time.sleep(0.01)
         # Frozen first, so the job cannot finish before the kill; then killed.
