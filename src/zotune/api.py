@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from zotune.adapters.lora import LoRAAdapter, LoRALinear
-from zotune.adapters.theta import ThetaLayout
+from zotune.adapters.theta import FixedTensors
 from zotune.config import Config, _set, validate
 from zotune.config import load_config as _load_config
 from zotune.errors import ConfigError, ZotuneError
@@ -122,13 +122,13 @@ def _peft_layers(model: nn.Module, train_a: bool) -> dict[str, tuple[nn.Module, 
     return out
 
 
-class _Trained:
+class _Trained(FixedTensors):
     """What PRGEStep needs of an adapter, over zotune or PEFT layers: the trained tensors (fp32
     masters for half-precision models) with their theta layout, and the switch into replica mode."""
 
     def __init__(self, layers: dict[str, LoRALinear], train_a: bool, peft: dict | None = None):
         self.real, self.train_a, self.peft = layers, train_a, peft or {}
-        self.layers, self._named, self._pairs = {}, [], []
+        self.layers, named, self._pairs = {}, [], []
         for name, layer in layers.items():
             views = {}
             for kind in ("lora_A", "lora_B"):
@@ -140,16 +140,9 @@ class _Trained:
                     t = master
                 views[kind] = t
                 if trained:
-                    self._named.append((f"{name}.{kind}", t))
+                    named.append((f"{name}.{kind}", t))
             self.layers[name] = SimpleNamespace(**views)
-        self.layout = ThetaLayout.from_adapter(self)
-        self.numel = self.layout.numel
-
-    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        return list(self._named)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for _, t in self._named]
+        self._lay_out(named)
 
     def describe(self) -> dict:
         return {

@@ -14,25 +14,18 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from zotune.adapters.theta import ThetaLayout
+from zotune.adapters.theta import FixedTensors
 from zotune.rng import noise
 
 
-class FullParams:
+class FullParams(FixedTensors):
     def __init__(self, model: nn.Module):
         self.model = model
-        self._named = list(model.named_parameters())  # tied weights appear once
-        for _, p in self._named:
+        named = list(model.named_parameters())  # tied weights appear once
+        for _, p in named:
             p.requires_grad_(False)
-        self._name_of = {id(p): name for name, p in self._named}
-        self.layout = ThetaLayout.from_adapter(self)
-        self.numel = self.layout.numel
-
-    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        return list(self._named)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [p for _, p in self._named]
+        self._name_of = {id(p): name for name, p in named}
+        self._lay_out(named)
 
     def describe(self) -> dict:
         return {"kind": "full"}

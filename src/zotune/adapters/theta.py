@@ -210,3 +210,19 @@ def theta_of(adapter) -> torch.Tensor:
 def set_theta(adapter, flat: torch.Tensor) -> None:
     """Write theta [N] into an adapter's trained tensors."""
     adapter.layout.scatter(flat, adapter.tensors())
+
+
+class FixedTensors:
+    """Base of an adapter whose trained tensors are one fixed list of (name, tensor): subclasses
+    fill it with `_lay_out`, which also fixes the theta layout."""
+
+    def _lay_out(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        self._named = named
+        self.layout = ThetaLayout.from_adapter(self)
+        self.numel = self.layout.numel
+
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self._named)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for _, t in self._named]

@@ -62,14 +62,9 @@ def check_choices(choices, answer, where: dict) -> None:
 
 
 def encode_choice(examples: Sequence, tokenizer, T: int, L: int, length_normalize: bool = False):
-    from zotune.data.tokenize import Batch, _assemble, _context, _pad_id, special_prefix
+    from zotune.data.tokenize import Batch, _assemble, _context, _pad_id, check_target_length, special_prefix
 
-    if not 1 <= L < T:
-        raise DataError(
-            f"max_target_length {L} must be at least 1 and below max_length {T} (a "
-            "choice's first token is predicted from the position before it)",
-            field="data.max_target_length",
-        )
+    check_target_length(T, L, "a choice")
     for i, ex in enumerate(examples):
         if len(ex.choices) < 2:
             raise DataError(

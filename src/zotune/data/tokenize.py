@@ -148,13 +148,19 @@ def _encode_classification(examples: Sequence[Example], tokenizer, T: int) -> Ba
     return Batch(input_ids, attention_mask, position_ids, choice_ids=choice_ids, labels=labels)
 
 
-def _encode_generation(examples: Sequence[Example], tokenizer, T: int, L: int) -> Batch:
+def check_target_length(T: int, L: int, what: str) -> None:
+    """A target of L tokens fits a row of T: its first token is predicted from the position
+    before it, so at least one context position is left."""
     if not 1 <= L < T:
         raise DataError(
-            f"max_target_length {L} must be at least 1 and below max_length {T} (the first "
-            "completion token is predicted from the position before it)",
+            f"max_target_length {L} must be at least 1 and below max_length {T} (the first token "
+            f"of {what} is predicted from the position before it)",
             field="data.max_target_length",
         )
+
+
+def _encode_generation(examples: Sequence[Example], tokenizer, T: int, L: int) -> Batch:
+    check_target_length(T, L, "a completion")
     for i, ex in enumerate(examples):
         if ex.target is None:
             raise DataError(f"example {i} has no target (not a generation example)", field="target")
