@@ -22,14 +22,22 @@ import argparse
 import json
 import sys
 
-from zotune.errors import ZotuneError
+from zotune.errors import ZotuneError, reading
 from zotune.runtime import keep_heap
 
 
-def _config(args, rest):
+def read_config(path: str | None, overrides: list[str]):
+    """The config the commands use: a file that cannot be decoded or parsed is one error."""
     from zotune.config import load_config
 
-    return load_config(args.config, rest)
+    if path is None:
+        return load_config(None, overrides)
+    with reading(path, "a UTF-8 YAML file of config sections"):
+        return load_config(path, overrides)
+
+
+def _config(args, rest):
+    return read_config(args.config, rest)
 
 
 def cmd_models(args, rest):
@@ -284,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ZotuneError(f"{args.command}: unexpected arguments {rest}")
         args.fn(args, rest)
     except ZotuneError as e:
-        print(f"zotune: error: {e}", file=sys.stderr)
+        print(f"zotune: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
         return 2
     return 0
 

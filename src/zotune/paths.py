@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from zotune.io import writable
+
 
 def cache_dir() -> Path:
     root = os.environ.get("ZOTUNE_CACHE") or Path.home() / ".cache" / "zotune"
     path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    if path.is_dir():  # a cache filled by another user may be read-only: reading it needs no write
+        return path
+    return writable(path, "zotune keeps converted models and downloaded data there; set ZOTUNE_CACHE")

@@ -6,34 +6,46 @@ and dtype the rebuilt tensors equal the trained ones bit for bit."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from zotune.adapters.lora import init_lora_a
 from zotune.adapters.theta import ThetaLayout
-from zotune.errors import ZotuneError
+from zotune.data.jsonl import get_field
+from zotune.errors import DataError, ZotuneError, reading
 from zotune.estimators.zo import momentum_buffers, update_from_seed
+from zotune.io import json_lines
+
+LOG = "a zotune replay log (a JSON header line, then one JSON object per step)"
+STEP_FIELDS = (("step", int), ("seed", int), ("lr", (int, float)), ("g", list))
+HEADER_FIELDS = (("model", str), ("estimator", str), ("adapter_kind", str), ("momentum", (int, float)))
+NOISE = ("normal", "rademacher")
 
 
 def read_replay_log(path: str | Path) -> tuple[dict, list[dict]]:
+    """(header, step records), every field the replay uses checked; errors name file and line."""
     path = Path(path)
     if not path.is_file():
         raise ZotuneError(f"replay log {path} does not exist")
     header, steps = None, []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise ZotuneError(f"{path}: line {n}: not valid JSON") from None
-        if rec.get("type") == "header":
-            header = rec
-        elif rec.get("type") == "step":
-            for key in ("seed", "g", "lr"):
-                if key not in rec:
-                    raise ZotuneError(f"{path}: line {n}: missing field '{key}'")
-            steps.append(rec)
+    with reading(path, LOG) as at:
+        for n, rec in json_lines(path, at):
+            if not isinstance(rec, dict):
+                raise DataError(f"expected a JSON object, got {type(rec).__name__}", file=str(path), line=n)
+            if rec.get("type") == "header":
+                header = rec
+                for key, types in HEADER_FIELDS:
+                    get_field(rec, key, types, path, n)
+                if rec.get("noise") not in NOISE:
+                    raise DataError(f"expected one of {list(NOISE)}", file=str(path), line=n, field="noise")
+            elif rec.get("type") == "step":
+                for key, types in STEP_FIELDS:
+                    get_field(rec, key, types, path, n)
+                g = rec["g"]
+                if not g or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in g):
+                    raise DataError("expected a non-empty list of numbers", file=str(path), line=n, field="g")
+                steps.append(rec)
     if header is None:
         raise ZotuneError(f"{path}: no header line (a replay log starts with the adapter layout)")
     header_layout(header, path)  # a clear error for a layout this zotune does not read

@@ -19,7 +19,6 @@ labels (and fixes the order of the choices). Any bad line is an error naming fil
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,7 +34,8 @@ from zotune.data.task import (
     split_examples,
     split_given,
 )
-from zotune.errors import DataError
+from zotune.errors import DataError, reading
+from zotune.io import json_lines
 
 FORMATS = {
     "text": ("text",),
@@ -52,16 +52,8 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise DataError("file does not exist", file=str(path))
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"malformed JSON ({e.msg} at column {e.colno})", file=str(path), line=lineno
-                ) from None
+    with reading(path, "one UTF-8 JSON object per line") as at:
+        for lineno, obj in json_lines(path, at):
             if not isinstance(obj, dict):
                 raise DataError(
                     f"expected a JSON object, got {type(obj).__name__}", file=str(path), line=lineno

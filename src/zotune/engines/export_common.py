@@ -18,10 +18,14 @@ import torch
 import torch.nn as nn
 
 from zotune.adapters.theta import ThetaLayout
-from zotune.errors import ZotuneError
+from zotune.data.jsonl import get_field
+from zotune.errors import ZotuneError, reading
 
 # The sidecar's format; its "layout" field is a ThetaLayout in its own versioned JSON form.
 FORMAT_VERSION = 2
+SIDECAR_FIELDS = tuple(
+    (name, int) for name in ("q", "b", "seq_len", "n_choices", "eval_batch", "numel", "size")
+) + (("momentum", (int, float)), ("sha256", str), ("layout", dict))
 
 
 class EngineError(ZotuneError):
@@ -172,17 +176,17 @@ def read_sidecar(path: str | Path, engine: str) -> dict:
             f"{path}: its metadata file {side.name} is missing "
             "(export the program with zotune, which writes both)"
         )
-    try:
-        meta = json.loads(side.read_text())
-    except (OSError, ValueError) as e:
-        raise ProgramFileError(f"{side}: not readable JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("engine") != engine:
-        raise ProgramFileError(f"{side}: not the metadata of a zotune {engine} program")
-    if meta.get("format") != FORMAT_VERSION:
-        raise ProgramFileError(
-            f"{side}: metadata format {meta.get('format')}, this zotune reads "
-            f"format {FORMAT_VERSION}; re-export the program"
-        )
+    with reading(side, f"the JSON metadata of a zotune {engine} program; re-export the program"):
+        meta = json.loads(side.read_bytes().decode("utf-8"))
+        if not isinstance(meta, dict) or meta.get("engine") != engine:
+            raise ProgramFileError(f"{side}: not the metadata of a zotune {engine} program")
+        if meta.get("format") != FORMAT_VERSION:
+            raise ProgramFileError(
+                f"{side}: metadata format {meta.get('format')}, this zotune reads "
+                f"format {FORMAT_VERSION}; re-export the program"
+            )
+        for name, types in SIDECAR_FIELDS:  # what loading the program reads
+            get_field(meta, name, types, side)
     return meta
 
 

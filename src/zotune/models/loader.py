@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from zotune.errors import ModelError
-from zotune.io import atomic_dir
+from zotune.errors import ModelError, reading
+from zotune.io import atomic_dir, writable
 from zotune.paths import cache_dir
 
 # name -> (python package that ships the file, gguf file name, description). A package whose
@@ -72,7 +72,7 @@ def _assembled(package: str, filename: str) -> Path:
     """Join a chunked GGUF into the cache once (the package checks its sha256), atomically."""
     path = cache_dir() / "gguf" / filename
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        writable(path.parent, f"the chunks of {package} are joined there once; set ZOTUNE_CACHE")
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
             importlib.import_module(package).assemble(tmp, overwrite=True)
@@ -88,13 +88,17 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
     if importlib.util.find_spec("gguf") is None:
         raise ModelError("loading GGUF files needs the 'gguf' package")
-    try:
+    writable(
+        out_dir.parent,
+        f"{gguf_path.name} is converted there once (about 20 s); set ZOTUNE_CACHE to a writable "
+        "folder, or let the cache's owner run this once",
+    )
+    # transformers raises many types for unreadable files
+    with reading(gguf_path, "a GGUF file transformers can load", also=(Exception,)):
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
         )
-    except Exception as e:  # transformers raises many types for unreadable files
-        raise ModelError(f"{gguf_path}: not a GGUF file transformers can load ({e})") from None
     # Save as a plain (dequantised) model: drop the quantizer so save_pretrained writes fp32.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -140,6 +144,19 @@ def resolve(name: str) -> ModelSource:
             f"model '{name}': not an embedded name ({', '.join(EMBEDDED)}), a model folder, or a .gguf file"
         )
     return ModelSource("hub", name, f"hub id {name}")
+
+
+FOLDER = "a model folder of config.json, a tokenizer and safetensors weights"
+
+
+def check_weights(folder: Path) -> None:
+    """Every safetensors file of a model folder has a readable header that covers the file (a
+    truncated or corrupted file is named before transformers reads it)."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        with reading(path, "a safetensors weights file"), safe_open(path, "pt") as f:
+            f.keys()
 
 
 def _prepare_tokenizer(tokenizer):
@@ -190,20 +207,28 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
     if source.kind == "hub":
         # Use the local hub cache when the hub cannot be reached.
         kwargs.update(use_safetensors=True, local_files_only=not _hub_reachable())
-    try:
+
+    def from_pretrained():
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             source.path, dtype=DTYPES[dtype], attn_implementation="sdpa", **kwargs
         )
-    except OSError as e:
-        if source.kind == "hub":
+        return model, tokenizer
+
+    if source.kind != "hub":
+        check_weights(Path(source.path))
+        with reading(source.path, FOLDER):
+            model, tokenizer = from_pretrained()
+    else:
+        try:
+            model, tokenizer = from_pretrained()
+        except OSError as e:
             raise ModelError(
                 f"model '{name}': could not load from the model hub "
                 f"(is it reachable? set model.name to a local folder or .gguf file): {e}"
             ) from None
-        raise ModelError(f"model '{name}' ({source.path}): {e}") from None
-    except ValueError as e:
-        raise ModelError(f"model '{name}' ({source.path}): {e}") from None
+        except ValueError as e:
+            raise ModelError(f"model '{name}' ({source.path}): {e}") from None
     model.eval()
     model.config.use_cache = False
     return model, _prepare_tokenizer(tokenizer), source

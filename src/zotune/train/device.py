@@ -10,16 +10,19 @@ log rebuilds the adapter in eager PyTorch (`zotune replay`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from zotune.adapters.peft_io import save_peft_described
 from zotune.config import Config
+from zotune.data.jsonl import get_field
 from zotune.engines.eager import build_params
-from zotune.errors import ZotuneError
+from zotune.errors import FormatError, ZotuneError, reading
 from zotune.io import atomic_write_bytes, atomic_write_text
 from zotune.loss import ClassificationLoss
 from zotune.models import load_tokenizer
@@ -33,6 +36,35 @@ def frozen_path(pte: str | Path) -> Path:
 
 
 ENGINES = ("executorch", "onnx")
+FROZEN = "a frozen-tensor file written by zotune export beside the program (re-export the program)"
+
+
+def _frozen_digest(tensors: dict[str, torch.Tensor], header: str) -> str:
+    h = hashlib.sha256(header.encode())
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_frozen(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(frozen tensors, replay header) of a program's `.frozen.safetensors`, checked against the
+    sha256 written with them."""
+    with reading(path, FROZEN) as at:
+        frozen = load_file(path)
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+        at.key = "replay_header"
+        text = metadata["replay_header"]
+        header = json.loads(text)
+        if not isinstance(header, dict):
+            raise FormatError(f"expected a JSON object, got {type(header).__name__}", file=str(path))
+        get_field(header, "model", str, path)
+        at.key = None
+        digest = metadata.get("sha256")  # programs exported by older versions carry none
+        if digest is not None and digest != _frozen_digest(frozen, text):
+            raise FormatError("tensors do not match the sha256 written with them (corrupted)", file=str(path))
+    return frozen, header
 
 
 def export(
@@ -85,7 +117,9 @@ def export(
         log=lambda msg: print(msg, flush=True),
         **options,
     )
-    atomic_write_bytes(frozen_path(out), save(frozen, metadata={"replay_header": json.dumps(header)}))
+    text = json.dumps(header)
+    metadata = {"replay_header": text, "sha256": _frozen_digest(frozen, text)}
+    atomic_write_bytes(frozen_path(out), save(frozen, metadata=metadata))
     return report.as_dict()
 
 
@@ -113,16 +147,7 @@ def device_train(pte: str, cfg: Config, resume: bool = False, stop_after: int | 
         raise ZotuneError(
             f"{frozen_path(pte)} is missing: it is written by `zotune export` beside the program"
         )
-    try:
-        frozen = load_file(frozen_path(pte))
-        with open(frozen_path(pte), "rb") as f:  # metadata: the replay header of this program
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(json.loads(f.read(n))["__metadata__"]["replay_header"])
-    except Exception as e:  # noqa: BLE001 - safetensors and json raise their own errors
-        raise ZotuneError(
-            f"{frozen_path(pte)}: not a frozen-tensor file written by zotune "
-            f"export ({type(e).__name__}); re-export the program"
-        ) from None
+    frozen, header = read_frozen(frozen_path(pte))
     o = cfg.optim
     if o.estimator != "prge":
         raise ZotuneError(

@@ -19,7 +19,7 @@ from zotune.config import Config
 from zotune.engines.base import Engine
 from zotune.errors import ZotuneError
 from zotune.eval import calibrated_accuracy, evaluate
-from zotune.io import atomic_write_text
+from zotune.io import atomic_write_text, remove_orphans
 from zotune.loss import batch_tensors
 from zotune.rng import step_seed
 from zotune.train.checkpoint import load_checkpoint, save_checkpoint
@@ -226,6 +226,7 @@ class Trainer:
             raise ZotuneError(f"train split has {len(train)} examples, fewer than optim.batch_size={b}")
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_orphans(self.run_dir)  # temporary files of a run killed mid-write
             atomic_write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
         if resume:
             # Read by the main process and handed to every other (the scale is in the meta).

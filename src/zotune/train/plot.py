@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from zotune.io import atomic_write_bytes
 
 
 def plot_run(records: list[dict], out: Path, title: str = "") -> Path:
@@ -41,6 +44,8 @@ def plot_run(records: list[dict], out: Path, title: str = "") -> Path:
     ax.legend(loc="upper left")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=110, format="png")
     plt.close(fig)
+    atomic_write_bytes(out, png.getvalue())
     return out

@@ -14,7 +14,7 @@ from zotune.data import load_task
 from zotune.data.choice import resolve_kind
 from zotune.data.tokenize import encode
 from zotune.engines.eager import EagerEngine
-from zotune.errors import ZotuneError
+from zotune.errors import ZotuneError, reading
 from zotune.eval import evaluate
 from zotune.eval_generate import judge_generation, judgeable
 from zotune.models import load_model
@@ -169,6 +169,7 @@ def replay(log_path: str, out_dir: str) -> Path:
         replay_steps(params.layout, params.tensors(), header, steps)
         model.save_pretrained(out_dir, safe_serialization=True)
         return Path(out_dir)
-    state = replay_lora(header, steps)
+    with reading(log_path, "a replay log written by zotune (its header's layout describes LoRA tensors)"):
+        state = replay_lora(header, steps)
     extra = {"replayed_from": str(log_path), "steps": len(steps)}
     return save_peft_described(out_dir, state, layout.adapter, header["model"], extra)
