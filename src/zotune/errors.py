@@ -75,7 +75,7 @@ def _format_errors() -> tuple[type[BaseException], ...]:
 
 
 def _one_line(text: str, limit: int = 200) -> str:
-    text = " ".join(str(text).split())
+    text = " ".join(str(text).split()).rstrip(". ")
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -88,7 +88,7 @@ def _reason(e: BaseException) -> str:
         return f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
     if isinstance(e, json.JSONDecodeError):
         at = f"line {e.lineno} column {e.colno}" if e.lineno > 1 else f"column {e.colno}"
-        return f"malformed JSON ({e.msg} at {at})"
+        return f"malformed JSON ({e.msg.removesuffix(' at')} at {at})"
     if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
         m = e.problem_mark
         return f"invalid YAML ({_one_line(e.problem)} at line {m.line + 1} column {m.column + 1})"

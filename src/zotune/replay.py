@@ -61,8 +61,9 @@ def header_layout(header: dict, path: str | Path = "replay log") -> ThetaLayout:
     return ThetaLayout.from_json(header.get("layout"), f"{path}: header field 'layout'")
 
 
-def replay_lora(header: dict, steps: list[dict]) -> dict[str, torch.Tensor]:
-    """-> adapter state ('<layer>.lora_A' / '.lora_B') after every logged step."""
+def replay_lora(header: dict, steps: list[dict], where: str = "replay header") -> dict[str, torch.Tensor]:
+    """-> adapter state ('<layer>.lora_A' / '.lora_B') after every logged step; errors start with
+    `where`."""
     layout = header_layout(header)
     a = layout.adapter
     dtype = getattr(torch, layout.dtype)
@@ -74,7 +75,7 @@ def replay_lora(header: dict, steps: list[dict]) -> dict[str, torch.Tensor]:
     wrong = [e.name for e in layout if e.name not in state or state[e.name].shape != e.shape]
     if wrong:
         raise ZotuneError(
-            f"replay header: layout tensor '{wrong[0]}' is not a LoRA tensor of its layers (name or shape)"
+            f"{where}: layout tensor '{wrong[0]}' is not a LoRA tensor of its layers (name or shape)"
         )
     tensors = [state[e.name] for e in layout]
     replay_steps(layout, tensors, header, steps, torch.promote_types(dtype, torch.float32))

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zotune.errors import ModelError
+from zotune.errors import ModelError, ZotuneError
 from zotune.models import load_model, load_tokenizer, resolve
 from zotune.models.loader import _embedded_gguf
 from zotune.models.tiny import save_tiny_model
@@ -56,7 +56,7 @@ def test_bad_model_inputs(tmp_path):
         resolve(str(tmp_path / "pickled"))
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file")
-    with pytest.raises(ModelError, match="not a GGUF file"):
+    with pytest.raises(ZotuneError, match=r"bad\.gguf: .*not a GGUF file.*; expected a GGUF file"):
         load_model(str(bad))
     with pytest.raises(ModelError, match="dtype"):
         load_model("smollm2-135m", dtype="int3")

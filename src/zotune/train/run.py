@@ -170,6 +170,6 @@ def replay(log_path: str, out_dir: str) -> Path:
         model.save_pretrained(out_dir, safe_serialization=True)
         return Path(out_dir)
     with reading(log_path, "a replay log written by zotune (its header's layout describes LoRA tensors)"):
-        state = replay_lora(header, steps)
+        state = replay_lora(header, steps, f"{log_path}: header")
     extra = {"replayed_from": str(log_path), "steps": len(steps)}
     return save_peft_described(out_dir, state, layout.adapter, header["model"], extra)
