@@ -4,6 +4,9 @@ with every runtime are in `program.py`; the training loop drives it through `Pro
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
 from pathlib import Path
 
 import torch
@@ -41,12 +44,22 @@ class PteProgram(TrainingProgram):
     def _open(cls, path: Path, meta: dict, verify: bool) -> PteProgram:
         from executorch.runtime import Runtime
 
-        try:
-            program = Runtime.get().load_program(path)
-        except Exception as e:  # the bindings raise RuntimeError/ValueError with an error code
+        with open(path, "rb") as f:  # the runtime crashes on some files without the identifier
+            ident = f.read(8)[4:]
+        if len(ident) < 4 or ident[:2] != b"ET":
             raise ProgramFileError(
-                f"{path}: ExecuTorch cannot load this program ({e}); re-export it"
+                f"{path}: not an ExecuTorch program (no 'ET' file identifier); re-export it"
+            )
+        log = io.StringIO()  # the runtime logs why to stderr: it goes into the one error line
+        try:
+            with contextlib.redirect_stderr(log):
+                program = Runtime.get().load_program(path)
+        except Exception as e:  # the bindings raise RuntimeError/ValueError with an error code
+            why = "; ".join([*log.getvalue().strip().splitlines(), str(e)])
+            raise ProgramFileError(
+                f"{path}: ExecuTorch cannot load this program ({why}); re-export it"
             ) from None
+        sys.stderr.write(log.getvalue())
         self = cls(path, meta, program, {})
         missing = [m for m in self.method_names if m not in program.method_names]
         if missing:
