@@ -81,3 +81,27 @@ def test_failed_writes_change_nothing(tmp_path):
     assert (folder / "x").read_text() == "1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.txt"]
     assert (path.stat().st_mode & 0o777) == 0o644
+
+
+def test_orphaned_temporary_files_of_dead_writers_are_removed(tmp_path):
+    from zotune.io import remove_orphans
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    dead_pid = int(dead.stdout)
+    orphan_file = tmp_path / f".replay.jsonl.{dead_pid}.abcd1234.tmp"
+    orphan_dir = tmp_path / f".checkpoint.{dead_pid}.x_y9z8w7.tmp"
+    live = tmp_path / f".summary.json.{os.getpid()}.abcd1234.tmp"  # a writer still running
+    orphan_file.write_bytes(b"torn")
+    (orphan_dir / "state.safetensors").parent.mkdir()
+    (orphan_dir / "state.safetensors").write_bytes(b"torn")
+    live.write_bytes(b"in progress")
+    kept = [tmp_path / "metrics.jsonl", tmp_path / ".hidden.tmp", tmp_path / "checkpoint.old"]
+    for path in kept:
+        path.write_bytes(b"data")
+    assert sorted(remove_orphans(tmp_path)) == sorted([orphan_file, orphan_dir])
+    assert sorted(tmp_path.iterdir()) == sorted([live, *kept])
+    # The atomic writers name their temporary files so: a killed one leaves an orphan it finds.
+    atomic_write_text(tmp_path / "x.txt", "x")
+    with atomic_dir(tmp_path / "folder") as tmp:
+        assert tmp.name.startswith(f".folder.{os.getpid()}.") and tmp.name.endswith(".tmp")
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755
