@@ -102,12 +102,14 @@ def _reason(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def reading(path, expected: str, also: tuple[type[BaseException], ...] = ()):
+def reading(
+    path, expected: str, also: tuple[type[BaseException], ...] = (), error: type[FormatError] = FormatError
+):
     """Wraps a reader of `path`: what decoding and parsing raise (UnicodeDecodeError, JSON, YAML
     and safetensors errors, struct / ValueError / KeyError / TypeError ... from format parsing)
     becomes one FormatError naming the file, the line or key the reader reached (`Where`, yielded)
-    and what was expected; `also` adds exception types (a library that raises any). ZotuneErrors
-    pass through unchanged.
+    and what was expected; `also` adds exception types (a library that raises any), `error` is
+    the FormatError subclass raised. ZotuneErrors pass through unchanged.
 
         with reading(path, "one JSON object per line") as at:
             for at.line, raw in enumerate(f, 1): ...
@@ -121,6 +123,6 @@ def reading(path, expected: str, also: tuple[type[BaseException], ...] = ()):
         # The Rust bindings (safetensors) turn a panic into pyo3's PanicException, a BaseException.
         if not isinstance(e, _format_errors() + also) and type(e).__name__ != "PanicException":
             raise
-        raise FormatError(
+        raise error(
             f"{_reason(e)}; expected {expected}", file=str(path), line=at.line, field=at.key
         ) from None

@@ -65,16 +65,21 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
 
 
 def get_field(
-    obj: dict, name: str, types: type | tuple[type, ...], file: str | Path, line: int | None = None
+    obj: dict,
+    name: str,
+    types: type | tuple[type, ...],
+    file: str | Path,
+    line: int | None = None,
+    error: type[DataError] = DataError,
 ):
     """obj[name], checked to be one of types (bool is never accepted as an int)."""
     if name not in obj:
-        raise DataError(f"missing field (record has {sorted(obj)})", file=str(file), line=line, field=name)
+        raise error(f"missing field (record has {sorted(obj)})", file=str(file), line=line, field=name)
     value = obj[name]
     types = types if isinstance(types, tuple) else (types,)
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         want = " or ".join(t.__name__ for t in types)
-        raise DataError(
+        raise error(
             f"expected {want}, got {type(value).__name__} {value!r:.60}",
             file=str(file),
             line=line,

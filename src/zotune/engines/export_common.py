@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from zotune.adapters.theta import ThetaLayout
 from zotune.data.jsonl import get_field
-from zotune.errors import ZotuneError, reading
+from zotune.errors import FormatError, ZotuneError, reading
 
 # The sidecar's format; its "layout" field is a ThetaLayout in its own versioned JSON form.
 FORMAT_VERSION = 2
@@ -38,6 +38,10 @@ class ExportCheckError(EngineError):
 
 class ProgramFileError(EngineError):
     """An exported program file is missing, corrupted, or does not match what was asked for."""
+
+
+class ProgramFormatError(FormatError, ProgramFileError):
+    """A program's metadata or frozen-tensor file that cannot be decoded or parsed."""
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -176,7 +180,8 @@ def read_sidecar(path: str | Path, engine: str) -> dict:
             f"{path}: its metadata file {side.name} is missing "
             "(export the program with zotune, which writes both)"
         )
-    with reading(side, f"the JSON metadata of a zotune {engine} program; re-export the program"):
+    expected = f"the JSON metadata of a zotune {engine} program; re-export the program"
+    with reading(side, expected, error=ProgramFormatError):
         meta = json.loads(side.read_bytes().decode("utf-8"))
         if not isinstance(meta, dict) or meta.get("engine") != engine:
             raise ProgramFileError(f"{side}: not the metadata of a zotune {engine} program")
@@ -186,7 +191,7 @@ def read_sidecar(path: str | Path, engine: str) -> dict:
                 f"format {FORMAT_VERSION}; re-export the program"
             )
         for name, types in SIDECAR_FIELDS:  # what loading the program reads
-            get_field(meta, name, types, side)
+            get_field(meta, name, types, side, error=ProgramFormatError)
     return meta
 
 

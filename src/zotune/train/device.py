@@ -22,7 +22,8 @@ from zotune.adapters.peft_io import save_peft_described
 from zotune.config import Config
 from zotune.data.jsonl import get_field
 from zotune.engines.eager import build_params
-from zotune.errors import FormatError, ZotuneError, reading
+from zotune.engines.export_common import ProgramFormatError
+from zotune.errors import ZotuneError, reading
 from zotune.io import atomic_write_bytes, atomic_write_text
 from zotune.loss import ClassificationLoss
 from zotune.models import load_tokenizer
@@ -50,7 +51,7 @@ def _frozen_digest(tensors: dict[str, torch.Tensor], header: str) -> str:
 def read_frozen(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(frozen tensors, replay header) of a program's `.frozen.safetensors`, checked against the
     sha256 written with them."""
-    with reading(path, FROZEN) as at:
+    with reading(path, FROZEN, error=ProgramFormatError) as at:
         frozen = load_file(path)
         with safe_open(path, "pt") as f:
             metadata = f.metadata() or {}
@@ -58,12 +59,14 @@ def read_frozen(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         text = metadata["replay_header"]
         header = json.loads(text)
         if not isinstance(header, dict):
-            raise FormatError(f"expected a JSON object, got {type(header).__name__}", file=str(path))
-        get_field(header, "model", str, path)
+            raise ProgramFormatError(f"expected a JSON object, got {type(header).__name__}", file=str(path))
+        get_field(header, "model", str, path, error=ProgramFormatError)
         at.key = None
         digest = metadata.get("sha256")  # programs exported by older versions carry none
         if digest is not None and digest != _frozen_digest(frozen, text):
-            raise FormatError("tensors do not match the sha256 written with them (corrupted)", file=str(path))
+            raise ProgramFormatError(
+                "tensors do not match the sha256 written with them (corrupted)", file=path
+            )
     return frozen, header
 
 
