@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from zotune.adapters.lora import LoRAAdapter, LoRALinear
 from zotune.adapters.theta import FixedTensors
+from zotune.cli import read_config
 from zotune.config import Config, _set, validate
 from zotune.config import load_config as _load_config
 from zotune.errors import ConfigError, ZotuneError
@@ -65,7 +66,7 @@ def load_config(config: str | Path | Config | dict | None = None, **overrides) -
         cfg = _load_config(None)
         _apply(cfg, config, "config")
     elif config is None or isinstance(config, (str, Path)):
-        cfg = _load_config(config)
+        cfg = read_config(None if config is None else str(config), [])
     else:
         raise ConfigError(f"expected a YAML path, a dict or a Config, got {type(config).__name__}")
     _apply(cfg, overrides, "override")
