@@ -1,4 +1,7 @@
-"""Small builders shared by tests: a synthetic classification batch."""
+"""Small builders shared by tests: a synthetic classification batch, randomized tensors, a free
+port."""
+
+import socket
 
 import torch
 
@@ -21,3 +24,10 @@ def randomize(tensors, std=0.1, seed=0):
     with torch.no_grad():
         for t in tensors:
             t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) * std)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
