@@ -21,6 +21,7 @@ from zotune.models import load_model
 from zotune.replay import header_layout, read_replay_log, replay_lora, replay_steps
 from zotune.train import distributed
 from zotune.train.loop import Splits, Trainer
+from zotune.train.rundir import check_run_dir
 
 
 def set_threads(cfg: Config) -> None:
@@ -115,9 +116,13 @@ def generation_judge(cfg: Config, model, tokenizer, splits: Splits):
     return judge
 
 
-def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> dict | None:
+def train(
+    cfg: Config, resume: bool = False, stop_after: int | None = None, overwrite: bool = False
+) -> dict | None:
+    """resume: continue the run in train.out_dir; overwrite: replace it (train/rundir.py)."""
     if distributed.world_size() > 1:  # one rank of a torchrun job
-        return distributed.train(cfg, resume, stop_after)
+        return distributed.train(cfg, resume, stop_after, overwrite)
+    check_run_dir(cfg, resume, overwrite)  # before any model or data loads
     model, tokenizer, splits = prepare(cfg)
     engine = EagerEngine(model, cfg, splits.kind)
     trainer = Trainer(
