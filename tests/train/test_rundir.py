@@ -9,43 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import args_for, refused
 from zotune.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-def args_for(model: str, data: str, out: Path, **overrides) -> list[str]:
-    values = {
-        "model.name": model,
-        "data.task": f"jsonl:{data}",
-        "data.train_size": 40,
-        "data.dev_size": 16,
-        "data.test_size": 16,
-        "data.max_length": 16,
-        "adapter.rank": 4,
-        "adapter.alpha": 8,
-        "optim.q": 2,
-        "optim.batch_size": 2,
-        "optim.lr": 0.01,
-        "train.steps": 6,
-        "train.eval_every": 3,
-        "train.checkpoint_every": 2,
-        "train.eval_batch_size": 8,
-        "train.progress": "false",
-        "train.out_dir": str(out),
-        **overrides,
-    }
-    return [x for k, v in values.items() for x in (f"--{k}", str(v))]
-
-
-def refused(capsys, argv: list[str]) -> str:
-    """Runs the command; asserts status 2 and exactly one error line. -> that line."""
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("zotune: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def snapshot(run: Path) -> dict:
@@ -150,27 +117,3 @@ def test_resume_with_a_damaged_zero_shot_file_measures_it_again(tmp_path, tiny_f
     assert [r for r in records if r["type"] != "train"] == [r for r in old if r["type"] != "train"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["zero_shot"] == json.loads(zero_shot)
-
-
-def test_a_step_with_a_non_finite_loss_is_refused_and_not_logged(capsys, tmp_path, tiny_folder, cls_jsonl):
-    run = tmp_path / "run"
-    over = {"optim.lr": 1e30, "train.checkpoint_every": 1}  # step 1 is fine, its update is not
-    line = refused(capsys, ["train", *args_for(tiny_folder, cls_jsonl, run, **over)])
-    assert "step 2: the loss and g are not finite" in line
-    steps = [json.loads(x) for x in (run / "replay.jsonl").read_text().splitlines()][1:]
-    assert [s["step"] for s in steps] == [0]
-    assert json.loads((run / "checkpoint" / "meta.json").read_text())["done"] == 1
-
-
-def test_a_non_finite_learning_rate_is_refused_before_the_step(tmp_path, tiny_folder, cls_jsonl, monkeypatch):
-    from conftest import tiny_config
-    from zotune.errors import ZotuneError
-    from zotune.train.run import train
-    from zotune.train.scale import StepScale
-
-    monkeypatch.setattr(StepScale, "lr", lambda self, lr: float("inf"))
-    with pytest.raises(ZotuneError, match=r"step 1: the learning rate is inf"):
-        train(tiny_config(tiny_folder, cls_jsonl, tmp_path / "run"))
-    assert [json.loads(x)["type"] for x in (tmp_path / "run" / "replay.jsonl").read_text().splitlines()] == [
-        "header"
-    ]
