@@ -84,7 +84,7 @@ def cmd_fetch(args, rest):
     from zotune.models import resolve
 
     print("model:", resolve("smollm2-135m").path)
-    print("bigbench:", bigbench_archive())
+    print("bigbench:", bigbench_archive(verify=True))
 
 
 def cmd_train(args, rest):
