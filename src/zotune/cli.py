@@ -88,10 +88,10 @@ def cmd_fetch(args, rest):
 
 
 def cmd_train(args, rest):
+    cfg = _config(args, rest)  # first: a bad config is refused before torch is imported
     from zotune.train.distributed import is_main
     from zotune.train.run import train
 
-    cfg = _config(args, rest)
     summary = train(cfg, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
     if not is_main():  # under torchrun, rank 0 alone reports
         return
@@ -130,9 +130,9 @@ def cmd_export(args, rest):
 
 
 def cmd_device_train(args, rest):
+    cfg = _config(args, rest)
     from zotune.train.device import device_train
 
-    cfg = _config(args, rest)
     summary = device_train(
         args.program, cfg, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite
     )
@@ -143,9 +143,9 @@ def cmd_device_train(args, rest):
 
 
 def cmd_eval(args, rest):
+    cfg = _config(args, rest)
     from zotune.train.run import evaluate_adapter
 
-    cfg = _config(args, rest)
     if args.harness:  # lm-evaluation-harness tasks instead of the config's task
         from zotune.harness import run_harness
 
