@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 
 # name -> (test, what the value was expected to be). Every test also requires a finite number.
@@ -22,20 +23,23 @@ def all_finite(values) -> bool:
     torch = sys.modules.get("torch")  # a tensor means torch is loaded; config checks do not load it
     if torch is not None and isinstance(values, torch.Tensor):
         return bool(torch.isfinite(values).all())
-    if isinstance(values, (int, float)) and not isinstance(values, bool):
+    if _is_number(values):
         return math.isfinite(values)
     try:
-        return all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in values
-        )
+        return all(_is_number(x) and math.isfinite(x) for x in values)
     except TypeError:  # not a sequence
         return False
+
+
+def _is_number(x) -> bool:
+    """A real number (Python's or numpy's), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def range_error(value, rule: str | None) -> str | None:
     """None when value is within the named range (None: any finite number), else what was expected.
     Integers name themselves: "a positive integer"."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    if not _is_number(value):
         return None  # not a number: types are checked where the value is parsed
     if not all_finite(value):
         return "a finite number"
