@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from zotune.checks import range_error
+from zotune.checks import RANGES, range_error
 from zotune.errors import ConfigError
 
 
@@ -399,7 +399,7 @@ def check_field(name: str, value: Any, meta: dict) -> None:
 
 
 def fields_help() -> str:
-    """Every config field as `--section.key` with its type, default and help, for --help."""
+    """Every config field as `--section.key` with its type, default, range and help, for --help."""
     lines = []
     for section in dataclasses.fields(Config):
         cls = section.default_factory
@@ -408,8 +408,12 @@ def fields_help() -> str:
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             kind = str(hints[f.name]).replace("typing.", "")
             kind = getattr(hints[f.name], "__name__", kind) if "[" not in kind else kind
+            notes = [kind, f"default {default!r}"]
+            if f.metadata.get("check"):
+                notes.append(RANGES[f.metadata["check"]][1])
+            if f.metadata.get("resumable"):
+                notes.append("may change on --resume")
             lines.append(
-                f"  --{section.name}.{f.name} ({kind}, default {default!r})\n"
-                f"      {f.metadata.get('help', '')}"
+                f"  --{section.name}.{f.name} ({', '.join(notes)})\n      {f.metadata.get('help', '')}"
             )
     return "\n".join(lines)
