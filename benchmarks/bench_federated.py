@@ -80,7 +80,7 @@ def run_central(cfg, out):
     cfg.train.checkpoint_every, cfg.train.track_test = per_round, True
     cfg.train.out_dir = str(out / "central")
     t0 = time.perf_counter()
-    summary = train(cfg)
+    summary = train(cfg, overwrite=True)
     metrics = [json.loads(x) for x in (out / "central" / "metrics.jsonl").read_text().splitlines()]
     curve = [
         [m["done"] // per_round, m["accuracy"]] for m in metrics if m.get("type") == "track" and m["done"] > 0

@@ -55,6 +55,7 @@ def main():
             "-m",
             "zotune.cli",
             "train",
+            "--overwrite",
             "--config",
             f"configs/tasks/{kind}.yaml",
             "--train.progress",

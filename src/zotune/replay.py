@@ -13,6 +13,7 @@ import torch
 
 from zotune.adapters.lora import init_lora_a
 from zotune.adapters.theta import ThetaLayout
+from zotune.checks import all_finite
 from zotune.errors import ZotuneError
 from zotune.estimators.zo import momentum_buffers, update_from_seed
 
@@ -30,9 +31,7 @@ def read_replay_log(path: str | Path) -> tuple[dict, list[dict]]:
         if rec.get("type") == "header":
             header = rec
         elif rec.get("type") == "step":
-            for key in ("seed", "g", "lr"):
-                if key not in rec:
-                    raise ZotuneError(f"{path}: line {n}: missing field '{key}'")
+            check_step_line(rec, f"{path}: line {n}", (header or {}).get("q"))
             steps.append(rec)
     if header is None:
         raise ZotuneError(f"{path}: no header line (a replay log starts with the adapter layout)")
@@ -43,6 +42,22 @@ def read_replay_log(path: str | Path) -> tuple[dict, list[dict]]:
     if [s["step"] for s in steps] != expected:
         raise ZotuneError(f"{path}: step lines are not consecutive from 0")
     return header, steps
+
+
+def check_step_line(rec: dict, where: str, q=None) -> None:
+    """A step line's seed (an integer), lr (a finite number) and g (q finite numbers, q from the
+    header): a NaN or inf would spread through every later step of the rebuilt adapter."""
+    for key in ("seed", "g", "lr"):
+        if key not in rec:
+            raise ZotuneError(f"{where}: missing field '{key}'")
+    if not isinstance(rec["seed"], int) or isinstance(rec["seed"], bool):
+        raise ZotuneError(f"{where}: field 'seed': expected an integer, got {rec['seed']!r}")
+    if not all_finite(rec["lr"]):
+        raise ZotuneError(f"{where}: field 'lr': expected a finite number, got {rec['lr']!r}")
+    if not isinstance(rec["g"], list) or not rec["g"] or not all_finite(rec["g"]):
+        raise ZotuneError(f"{where}: field 'g': expected a list of finite numbers, got {rec['g']!r}")
+    if isinstance(q, int) and len(rec["g"]) != q:
+        raise ZotuneError(f"{where}: field 'g': expected q={q} numbers (the header's q), got {len(rec['g'])}")
 
 
 def header_layout(header: dict, path: str | Path = "replay log") -> ThetaLayout:

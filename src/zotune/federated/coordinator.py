@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from flwr.app import RecordDict
 
+from zotune.checks import all_finite
 from zotune.config import Config
 from zotune.estimators.zo import update_from_seed
 from zotune.federated import protocol as P
@@ -235,7 +236,7 @@ class Coordinator:
         else:
             payload, count = P.check_theta(content, self.ws.layout.numel, f.max_count)
         loss = reply.get("loss")
-        if not isinstance(loss, float) or not math.isfinite(loss):
+        if not isinstance(loss, float) or not all_finite(loss):
             raise P.Rejected(f"loss {loss!r} is not a finite number")
         return payload, count, loss
 

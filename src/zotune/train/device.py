@@ -26,6 +26,7 @@ from zotune.models import load_tokenizer
 from zotune.replay import header_layout
 from zotune.train.loop import Trainer
 from zotune.train.run import encode_splits, prepare, replay_header
+from zotune.train.rundir import check_run_dir
 
 
 def frozen_path(pte: str | Path) -> Path:
@@ -103,10 +104,13 @@ def check_adapter(pte, layout, cfg: Config) -> None:
         raise ZotuneError(f"{pte}: exported for another adapter (" + "; ".join(wrong) + "); re-export it")
 
 
-def device_train(pte: str, cfg: Config, resume: bool = False, stop_after: int | None = None) -> dict | None:
+def device_train(
+    pte: str, cfg: Config, resume: bool = False, stop_after: int | None = None, overwrite: bool = False
+) -> dict | None:
     from zotune.engines.export_common import program_layout, read_engine, read_sidecar
     from zotune.engines.program import ProgramEngine, runtime
 
+    check_run_dir(cfg, resume, overwrite)
     engine_name = read_engine(pte)  # the runtime is the one the program's metadata names
     meta = read_sidecar(pte, engine_name)
     if not frozen_path(pte).is_file():
