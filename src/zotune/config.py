@@ -191,6 +191,12 @@ class FederatedConfig:
     )
     max_abs_g: float = _field(1000.0, "a client reply with any |g| above this is dropped", "positive")
     max_count: int = _field(1000000, "a client claiming more examples than this is dropped", "positive")
+    server_lr: float = _field(
+        1.0,
+        "zo: the server's step on the example-weighted mean of the clients' updates (1: FedAvg; "
+        "the number of clients per round: their summed updates)",
+        "positive",
+    )
     fedavg_lr: float = _field(
         1e-3, "fedavg: the clients' first-order (optim.optimizer) learning rate", "positive"
     )
