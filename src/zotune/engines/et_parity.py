@@ -33,7 +33,7 @@ def parity_check(data: bytes, plan, theta0: torch.Tensor, dtype) -> dict:
         methods["set_momentum"].execute([velocity.clone()])
     got = {
         "get": methods["get_lora"].execute([])[0],
-        "logits": methods["forward"].execute(list(plan.eval_in))[0],
+        "logits": tuple(methods["forward"].execute(list(plan.eval_in))),
     }
     got["loss"], got["g"] = methods["train_step"].execute([plan.seed_t, plan.lr_t, plan.eps_t, *plan.batch])
     got["theta"] = methods["get_lora"].execute([])[0]

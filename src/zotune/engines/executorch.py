@@ -2,12 +2,13 @@
 
 `export_program` traces the same `PRGEStep` that eager training runs (fused noise: z for all layers
 drawn in one hash call), lowers it with XNNPACK, and writes a program with four methods that share
-one copy of the trained tensors (theta, N values):
+one copy of the trained tensors (theta, N values); the batch is the loss's tensors
+(signature.py: classification, multiple choice, or the completion tokens of generation and chat):
 
-    train_step(seed[1] i64, lr[1] f32, eps[1] f32, input_ids[b,T], attention_mask[b,T],
-               position_ids[b,T], choice_ids[b,C], labels[b]) -> (loss [], g [q])
-    forward(input_ids[be,T], attention_mask[be,T], position_ids[be,T], choice_ids[be,C])
-               -> choice logits [be, C]      (with the current theta; be = eval batch size)
+    train_step(seed[1] i64, lr[1] f32, eps[1] f32, *batch) -> (loss [], g [q])
+    forward(*batch without labels) -> choice logits [be, C] (classification), choice scores
+               [be, C] (choice), or nll sum and token count [be] (generation), with the
+               current theta; be = eval batch size
     get_lora() -> theta [N]
     set_lora(theta [N]) -> ()
     get_momentum() -> velocity [N], set_momentum(velocity [N]) -> ()   (only with momentum > 0:
@@ -51,12 +52,11 @@ from zotune.engines.et_lowering import (
 from zotune.engines.et_parity import TOLERANCE, parity_check
 from zotune.engines.export_common import (
     FORMAT_VERSION,
-    ChoiceForward,
     EngineError,
+    EvalForward,
     ExportCheckError,
     ExportReport,
     ProgramFileError,
-    check_batch,
     check_options,
     sha256_bytes,
     sidecar_path,
@@ -75,7 +75,7 @@ QUANTIZE = (None, "8da4w")
 # model under the same attribute name ("model"), so a trained buffer has the same fully qualified
 # name in every method: that is what share_mutable_buffers keys on.
 
-_Forward = ChoiceForward  # the evaluation method, shared with the ONNX exporter
+_Forward = EvalForward  # the evaluation method, shared with the ONNX exporter
 
 
 class _GetLora(nn.Module):
@@ -133,6 +133,7 @@ def export_program(
     out_path: str | Path = "model.pte",
     *,
     eval_batch: int | None = None,
+    n_target: int = 0,
     model_name: str | None = None,
     momentum: float = 0.0,
     xnnpack: bool = True,
@@ -147,19 +148,22 @@ def export_program(
     """Export the P-RGE training step of (model, adapter, loss) to one ExecuTorch program.
 
     The adapter's trained tensors become registered buffers of `model` (in place, values kept;
-    eager use of model and adapter is unaffected). With quantize="8da4w" the export works on a
-    deep copy, so the caller's model stays fp32. Raises ExportCheckError (and writes nothing) if
-    the lowered program and eager PyTorch differ beyond TOLERANCE[quantize] (or `tolerance`, one
-    value for every metric) in the forward logits (relative to max(1, |logits|)), the loss, the
-    loss differences behind g (2 eps g), theta after one step, or the update the program's own g
-    implies. With momentum > 0 the step keeps a heavy-ball buffer (the same update as
-    eager ZO-SGD with that momentum) and the program gains get_momentum / set_momentum.
+    eager use of model and adapter is unaffected). The loss's kind decides the batch
+    (signature.py): n_choices is C (label words, or the most choices of an example), n_target
+    is L (the target positions of the choice and generation losses). With quantize="8da4w"
+    the export works on a deep copy, so the caller's model stays fp32. Raises ExportCheckError
+    (and writes nothing) if the lowered program and eager PyTorch differ beyond
+    TOLERANCE[quantize] (or `tolerance`, one value for every metric) in the forward outputs
+    (relative to max(1, |outputs|)), the loss, the loss differences behind g (2 eps g), theta
+    after one step, or the update the program's own g implies. With momentum > 0 the step keeps
+    a heavy-ball buffer (the same update as eager ZO-SGD with that momentum) and the program
+    gains get_momentum / set_momentum.
 
     Stages: check the options, build the methods, trace, lower, emit, check parity against
     eager, write the program and its metadata."""
     t_start = time.perf_counter()
     say = log or (lambda msg: None)
-    _check_options(adapter, loss, quantize, noise, momentum, q, b, seq_len, n_choices)
+    sig = _check_options(adapter, loss, quantize, noise, momentum, q, b, seq_len, n_choices, n_target)
     tol = TOLERANCE[quantize] if tolerance is None else {k: float(tolerance) for k in TOLERANCE[quantize]}
     out_path = Path(out_path)
     dtype = adapter.tensors()[0].dtype
@@ -173,7 +177,7 @@ def export_program(
     was_training = model.training
     model.eval()
     theta0 = theta_of(adapter)
-    opts = dict(q=q, b=b, seq_len=seq_len, n_choices=n_choices, eval_batch=eval_batch or b)
+    opts = dict(q=q, b=b, seq_len=seq_len, sig=sig, eval_batch=eval_batch or b)
     opts.update(dual=dual, noise=noise, momentum=momentum, check=(check_seed, check_lr, check_eps))
     plan = _Plan(model, adapter, loss, **opts)
     seconds = {}
@@ -218,21 +222,19 @@ def export_program(
 # -- the stages of export_program ----------------------------------------------------------------
 
 
-def _check_options(adapter, loss, quantize, noise, momentum, q, b, seq_len, n_choices) -> None:
+def _check_options(adapter, loss, quantize, noise, momentum, q, b, seq_len, n_choices, n_target):
     if quantize not in QUANTIZE:
         raise EngineError(f"quantize: expected one of {QUANTIZE}, got {quantize!r}")
-    check_options(adapter, loss, q, b, seq_len, n_choices, noise, momentum, "ExecuTorch")
+    return check_options(adapter, loss, q, b, seq_len, n_choices, n_target, noise, momentum, "ExecuTorch")
 
 
 class _Plan:
     """The methods to export, with the example inputs they are traced and checked with."""
 
-    def __init__(
-        self, model, adapter, loss, *, q, b, seq_len, n_choices, eval_batch, dual, noise, momentum, check
-    ):
+    def __init__(self, model, adapter, loss, *, q, b, seq_len, sig, eval_batch, dual, noise, momentum, check):
         check_seed, check_lr, check_eps = check
         self.model, self.adapter, self.loss = model, adapter, loss
-        self.q, self.b, self.seq_len, self.n_choices = q, b, seq_len, n_choices
+        self.q, self.b, self.seq_len, self.sig = q, b, seq_len, sig
         self.eval_batch, self.dual, self.noise, self.momentum = eval_batch, dual, noise, momentum
         self.check_seed = check_seed
         # The buffers every method shares: what no delegate may own, and what train_step updates.
@@ -240,8 +242,9 @@ class _Plan:
         if momentum:
             self.state_fqns.append(f"model.{VELOCITY}")
         vocab = model.get_input_embeddings().weight.shape[0]
-        self.batch = check_batch(vocab, b, seq_len, n_choices, seed=check_seed)
-        self.eval_in = check_batch(vocab, eval_batch, seq_len, n_choices, seed=check_seed + 1)[:4]
+        self.batch = sig.check_batch(vocab, b, seq_len, seed=check_seed)
+        n_eval = len(sig.forward_inputs)
+        self.eval_in = sig.check_batch(vocab, eval_batch, seq_len, seed=check_seed + 1)[:n_eval]
         self.seed_t = torch.tensor([check_seed], dtype=torch.int64)
         self.lr_t = torch.tensor([check_lr], dtype=torch.float32)
         self.eps_t = torch.tensor([check_eps], dtype=torch.float32)
@@ -340,7 +343,8 @@ def _metadata(
         "q": int(plan.q),
         "b": int(plan.b),
         "seq_len": int(plan.seq_len),
-        "n_choices": int(plan.n_choices),
+        "n_choices": int(plan.sig.n_choices),
+        "n_target": int(plan.sig.n_target),
         "eval_batch": int(plan.eval_batch),
         "numel": int(plan.adapter.numel),
         "noise": plan.noise,

@@ -14,11 +14,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from zotune.adapters.theta import ThetaLayout
+from zotune.engines.signature import KINDS, Signature
 from zotune.errors import ZotuneError
+from zotune.loss import score_outputs
 
 # The sidecar's format; its "layout" field is a ThetaLayout in its own versioned JSON form.
 FORMAT_VERSION = 2
@@ -57,29 +58,30 @@ def trained_to_buffers(adapter) -> list[str]:
     return adapter.layout.names
 
 
-class ChoiceForward(nn.Module):
-    """Choice logits with the current theta (the evaluation program). The adapted layers run in
-    replica mode with a single replica, so theta enters only through bmm (never as a linear
-    weight a backend could pack or quantize)."""
+class EvalForward(nn.Module):
+    """The evaluation method: what `loss.score_outputs` returns for a batch (signature.py), with
+    the current theta. The adapted layers run in replica mode with a single replica, so theta
+    enters only through bmm (never as a linear weight a backend could pack or quantize)."""
 
     def __init__(self, model, adapter, loss):
         super().__init__()
         self.model, self.adapter, self.loss = model, adapter, loss
 
-    def forward(self, input_ids, attention_mask, position_ids, choice_ids):
+    def forward(self, *batch):
         stacks = {}
         for name, layer in self.adapter.layers.items():
             a = layer.lora_A.unsqueeze(0) if self.adapter.train_a else None
             stacks[name] = (a, layer.lora_B.unsqueeze(0))
         self.adapter.set_replicas(stacks)
         try:
-            return self.loss.logits(self.model, input_ids, attention_mask, position_ids, choice_ids)
+            return score_outputs(self.loss, self.model, batch)
         finally:
             self.adapter.set_replicas(None)
 
 
-def check_options(adapter, loss, q, b, seq_len, n_choices, noise, momentum, what: str) -> None:
-    """What every exporter of the step supports, checked before any tracing."""
+def check_options(adapter, loss, q, b, seq_len, n_choices, n_target, noise, momentum, what: str) -> Signature:
+    """What every exporter of the step supports, checked before any tracing. -> the batch
+    signature of the program"""
     if noise not in ("normal", "rademacher"):
         raise EngineError(f"noise: expected 'normal' or 'rademacher', got {noise!r}")
     if not hasattr(adapter, "layers"):
@@ -87,15 +89,22 @@ def check_options(adapter, loss, q, b, seq_len, n_choices, noise, momentum, what
             f"the {what} engine exports LoRA / LoRA-FA adapters only "
             "(full-parameter training has no compact trained state)"
         )
-    if getattr(loss, "kind", None) != "classification" or getattr(loss, "via_head_module", False):
+    kind = getattr(loss, "kind", None)
+    if kind not in KINDS or (kind == "classification" and getattr(loss, "via_head_module", False)):
         raise EngineError(
-            f"the {what} engine exports the classification loss (label-word logits at the last position)"
+            f"the {what} engine exports the classification loss (label-word logits at the last "
+            "position), the multiple-choice loss and the completion-token loss"
         )
     if not 0.0 <= momentum < 1.0:
         raise EngineError(f"momentum: expected a value in [0, 1), got {momentum!r}")
-    for name, v in (("q", q), ("b", b), ("seq_len", seq_len), ("n_choices", n_choices)):
-        if int(v) < 1 or (name == "n_choices" and v < 2):
-            raise EngineError(f"{name} must be a positive integer (n_choices >= 2), got {v}")
+    for name, v in (("q", q), ("b", b), ("seq_len", seq_len)):
+        if int(v) < 1:
+            raise EngineError(f"{name} must be a positive integer, got {v}")
+    sig = Signature(kind, int(n_choices), int(n_target or 0))
+    problems = sig.problems(seq_len)
+    if problems:
+        raise EngineError("; ".join(problems))
+    return sig
 
 
 @dataclass
@@ -112,25 +121,6 @@ class ExportReport:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def check_batch(
-    vocab_size: int, b: int, seq_len: int, n_choices: int, seed: int = 0
-) -> tuple[torch.Tensor, ...]:
-    """A deterministic classification batch of the static shapes (left padding on some rows),
-    for tracing and for the parity check of a freshly lowered program."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab_size, (b, seq_len), generator=g, dtype=torch.int64)
-    am = torch.ones(b, seq_len, dtype=torch.int64)
-    for i in range(b):
-        am[i, : (i * 3) % max(1, seq_len // 2)] = 0  # left padding of different lengths
-    ids = ids.masked_fill(am == 0, 0)
-    pos = (am.cumsum(1) - 1).clamp_min(0)
-    choice = torch.stack([torch.randperm(vocab_size - 3, generator=g)[:n_choices] + 3 for _ in range(b)]).to(
-        torch.int64
-    )
-    labels = torch.randint(0, n_choices, (b,), generator=g, dtype=torch.int64)
-    return ids, am, pos, choice, labels
 
 
 def sha256_bytes(data: bytes) -> str:

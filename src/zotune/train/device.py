@@ -19,9 +19,10 @@ from safetensors.torch import load_file, save
 from zotune.adapters.peft_io import save_peft_described
 from zotune.config import Config
 from zotune.engines.eager import build_params
+from zotune.engines.signature import program_kind
 from zotune.errors import ZotuneError
 from zotune.io import atomic_write_bytes, atomic_write_text
-from zotune.loss import ClassificationLoss
+from zotune.loss import make_loss
 from zotune.models import load_tokenizer
 from zotune.replay import header_layout
 from zotune.train.loop import Trainer
@@ -59,28 +60,24 @@ def export(
             "(optim.estimator prge, adapter.kind lora-fa or lora)"
         )
     model, _, splits = prepare(cfg)
-    if splits.kind != "classification":
-        raise ZotuneError(
-            f"export: this is a {splits.kind} task; the exported step computes the "
-            "one-token classification loss only. Multiple choice with multi-token answers, "
-            "generation and chat train with `zotune train` (eager PyTorch)"
-        )
+    kind = program_kind(splits.kind)
     adapter = build_params(model, cfg)
     header = replay_header(cfg, adapter)
     frozen = {k: v for k, v in adapter.state().items() if k.endswith("lora_A")}
     report = export_program(
         model,
         adapter,
-        ClassificationLoss(),
+        make_loss(kind),
         cfg.optim.q,
         cfg.optim.batch_size,
         cfg.data.max_length,
-        splits.train.choice_ids.shape[1],
+        n_choices(splits),
         cfg.optim.dual,
         cfg.optim.noise,
         quantize,
         out,
         eval_batch=cfg.train.eval_batch_size,
+        n_target=0 if kind == "classification" else cfg.data.max_target_length,
         model_name=cfg.model.name,
         momentum=cfg.optim.momentum,
         log=lambda msg: print(msg, flush=True),
@@ -88,6 +85,16 @@ def export(
     )
     atomic_write_bytes(frozen_path(out), save(frozen, metadata={"replay_header": json.dumps(header)}))
     return report.as_dict()
+
+
+def n_choices(splits) -> int:
+    """C of the task's program: the label words, or the most choices of any example of any split
+    (splits with fewer are padded to it); 0 for generation and chat."""
+    if splits.kind == "classification":
+        return int(splits.train.choice_ids.shape[1])
+    if splits.kind == "choice":
+        return max(int(s.input_ids.shape[1]) for s in (splits.train, splits.dev, splits.test))
+    return 0
 
 
 def check_adapter(pte, layout, cfg: Config) -> None:
@@ -139,6 +146,8 @@ def device_train(
     layout = program_layout(pte, meta)
     check_adapter(pte, layout, cfg)
     start = {e.name: frozen.get(e.name, torch.zeros(e.shape)) for e in layout}
+    splits = encode_splits(cfg, load_tokenizer(cfg.model.name))
+    kind = program_kind(splits.kind)
     program = program_cls.load(
         pte,
         lora=start,
@@ -149,8 +158,14 @@ def device_train(
         dual=o.dual,
         momentum=float(o.momentum),
         model=cfg.model.name,
+        loss=kind,
+        n_target=None if kind == "classification" else cfg.data.max_target_length,
     )
-    splits = encode_splits(cfg, load_tokenizer(cfg.model.name))
+    if kind == "choice" and n_choices(splits) > program.n_choices:
+        raise ZotuneError(
+            f"{pte}: exported for at most {program.n_choices} choices per example, this task "
+            f"has examples with {n_choices(splits)}; re-export it"
+        )
     described = header_layout(header, frozen_path(pte)).adapter
 
     def save(state, folder):
