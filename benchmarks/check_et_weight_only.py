@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from zotune.config import Config  # noqa: E402
 from zotune.engines import et_lowering, executorch  # noqa: E402
 from zotune.engines.eager import build_params  # noqa: E402
+from zotune.engines.export_common import StepSpec  # noqa: E402
 from zotune.loss import ClassificationLoss  # noqa: E402
 from zotune.models.loader import load_tokenizer  # noqa: E402
 from zotune.models.tiny import make_tiny_model  # noqa: E402
@@ -58,11 +59,10 @@ def main() -> int:
         what = "XNNPACK" if xnnpack else "portable kernels"
         with TemporaryDirectory() as tmp:
             try:
-                report = executorch.export_program(
-                    model, adapter, ClassificationLoss(), 2, 2, 12, 2, quantize="8da4w",
-                    out_path=Path(tmp) / "w4.pte", eval_batch=2, xnnpack=xnnpack,
-                    group_size=args.group_size,
-                )  # fmt: skip
+                spec = StepSpec(2, 2, 12, 2, eval_batch=2, quantize="8da4w")
+                out = Path(tmp) / "w4.pte"
+                options = dict(xnnpack=xnnpack, group_size=args.group_size)
+                report = executorch.export_program(model, adapter, ClassificationLoss(), spec, out, **options)
                 print(f"{what}: passes the parity gate: {report.check}")
                 passed = True
             except Exception as e:  # the finding is the error itself

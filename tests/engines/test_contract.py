@@ -23,6 +23,7 @@ from zotune.adapters.peft_io import load_peft, save_peft
 from zotune.config import Config
 from zotune.engines.base import PARAM, PREFIXES, Engine, part
 from zotune.engines.eager import EagerEngine, build_params
+from zotune.engines.export_common import StepSpec
 from zotune.models.tiny import make_tiny_model
 from zotune.rng import step_seed
 from zotune.train.checkpoint import load_checkpoint, save_checkpoint
@@ -101,13 +102,8 @@ def _exported(tmp_path_factory, tokenizer):
         model,
         adapter,
         ClassificationLoss(),
-        Q,
-        B,
-        T,
-        C,
-        out_path=path,
-        eval_batch=B,
-        momentum=cfg.optim.momentum,
+        StepSpec(Q, B, T, C, eval_batch=B, momentum=cfg.optim.momentum),
+        path,
         xnnpack=False,
     )
     return path, adapter.state(), list(adapter.layers), cfg
@@ -138,13 +134,8 @@ def _exported_onnx(tmp_path_factory, tokenizer):
         model,
         adapter,
         ClassificationLoss(),
-        Q,
-        B,
-        T,
-        C,
-        out_path=path,
-        eval_batch=B,
-        momentum=cfg.optim.momentum,
+        StepSpec(Q, B, T, C, eval_batch=B, momentum=cfg.optim.momentum),
+        path,
         threads=1,
     )
     return path, adapter.state(), list(adapter.layers), cfg

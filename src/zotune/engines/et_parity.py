@@ -25,7 +25,7 @@ def parity_check(data: bytes, plan, theta0: torch.Tensor, dtype) -> dict:
     plan: the exporter's methods and check inputs (executorch._Plan). -> metric -> max abs diff"""
     from executorch.runtime import Runtime
 
-    theta, velocity = check_values(theta0, plan.momentum, plan.check_seed, dtype)
+    theta, velocity = check_values(theta0, plan.spec.momentum, plan.spec.check_seed, dtype)
     program = Runtime.get().load_program(data)
     methods = {name: program.load_method(name) for name in program.method_names}  # all first
     methods["set_lora"].execute([theta.clone()])

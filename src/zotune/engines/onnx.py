@@ -14,7 +14,7 @@ The batch is the loss's tensors (signature.py: classification, multiple choice, 
 tokens of generation and chat), with one symbolic length T (at least L + 1 with L target
 positions) unless dynamic_length is off.
 
-With quantize="int4" the frozen base linears of both graphs become ONNX Runtime `MatMulNBits`
+With spec.quantize "int4" the frozen base linears of both graphs become ONNX Runtime `MatMulNBits`
 (4-bit weight blocks, float activations; onnx_int4.py); theta, LoRA's A and the LM head stay
 fp32. Before anything is written both graphs run in ONNX Runtime next to eager PyTorch from the
 same (nonzero) theta; a difference above tolerance raises ExportCheckError and leaves no file.
@@ -35,13 +35,13 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-import zotune
 from zotune.adapters.theta import set_theta, theta_of
 from zotune.engines.export_common import (
     FORMAT_VERSION,
     EngineError,
     EvalForward,
     ExportReport,
+    StepSpec,
     _owner,
     check_options,
     sha256_bytes,
@@ -174,45 +174,30 @@ def export_program(
     model: nn.Module,
     adapter,
     loss,
-    q: int,
-    b: int,
-    seq_len: int,
-    n_choices: int,
-    dual: bool = True,
-    noise: str = "normal",
-    quantize: str | None = None,
+    spec: StepSpec,
     out_path: str | Path = "step.onnx",
     *,
-    eval_batch: int | None = None,
-    n_target: int = 0,
-    model_name: str | None = None,
-    momentum: float = 0.0,
     block_size: int = 32,
     dynamic_length: bool = True,
-    tolerance: float | None = None,
     threads: int | None = None,
-    check_seed: int = 12345,
-    check_lr: float = 1e-3,
-    check_eps: float = 1e-2,
     log=None,
 ) -> ExportReport:
     """Export the P-RGE training step of (model, adapter, loss) to an ONNX step program and an
     ONNX evaluation program (see the module docstring). Raises ExportCheckError (and writes
     nothing) if ONNX Runtime and eager PyTorch differ beyond TOLERANCE[quantize] (or
-    `tolerance`, one value for every metric). The caller's model and adapter keep their values
+    spec.tolerance, one value for every metric). The caller's model and adapter keep their values
     (the trained tensors become registered buffers, as for ExecuTorch)."""
     from zotune.engines.ort import OrtPair
 
     t_start = time.perf_counter()
     say = log or (lambda msg: None)
-    if quantize not in QUANTIZE:
-        raise EngineError(f"quantize: expected one of {QUANTIZE}, got {quantize!r}")
-    sig = check_options(adapter, loss, q, b, seq_len, n_choices, n_target, noise, momentum, "ONNX")
+    sig = check_options(adapter, loss, spec, "ONNX", QUANTIZE)
+    quantize = spec.quantize
+    seq_len, momentum = spec.seq_len, spec.momentum
     if quantize and block_size not in (16, 32, 64, 128, 256):
         raise EngineError(f"block size: expected 16, 32, 64, 128 or 256, got {block_size}")
-    eval_batch = eval_batch or b
     dynamic_length = bool(dynamic_length) and seq_len > sig.min_length
-    tol = TOLERANCE[quantize] if tolerance is None else {k: float(tolerance) for k in TOLERANCE[quantize]}
+    tol = spec.tolerances(TOLERANCE[quantize])
     out_path = Path(out_path)
     dtype = adapter.tensors()[0].dtype
     if dtype != torch.float32:
@@ -224,14 +209,9 @@ def export_program(
     theta0 = theta_of(adapter)
     vocab = model.get_input_embeddings().weight.shape[0]
     n_eval = len(sig.forward_inputs)
-    batch = sig.check_batch(vocab, b, seq_len, seed=check_seed)
-    eval_in = sig.check_batch(vocab, eval_batch, seq_len, seed=check_seed + 1)[:n_eval]
-    seed_t = torch.tensor([check_seed], dtype=torch.int64)
-    lr_t = torch.tensor([check_lr], dtype=torch.float32)
-    eps_t = torch.tensor([check_eps], dtype=torch.float32)
-    step = PRGEStep(
-        model, adapter, loss, q, dual=dual, noise=noise, momentum=momentum, fused_noise=True
-    )  # registers the model's VELOCITY buffer when momentum > 0
+    batch, eval_in = spec.check_inputs(sig, vocab)
+    seed_t, lr_t, eps_t = spec.scalars()
+    step = spec.step(model, adapter, loss)
     inputs, outputs = step_names(momentum, sig)
     eval_inputs, eval_outputs = eval_names(sig)
     state = (theta0, torch.zeros_like(theta0)) if momentum else (theta0,)
@@ -280,39 +260,22 @@ def export_program(
                 for fqn, w in dequantized_weights(protos["forward"], names).items():
                     ref_model.get_submodule(fqn).weight.copy_(w)
             trained_to_buffers(ref_adapter)
-            ref_step = PRGEStep(
-                ref_model, ref_adapter, loss, q, dual=dual, noise=noise, momentum=momentum, fused_noise=True
-            )
+            ref_step = spec.step(ref_model, ref_adapter, loss)
         data = {k: p.SerializeToString() for k, p in protos.items()}
         del protos
         say(f"ONNX: step {len(data['step']) / 2**20:.1f} MiB, forward {len(data['forward']) / 2**20:.1f} MiB")
 
         t0 = time.perf_counter()
-        theta_c, velocity_c = check_values(theta0, momentum, check_seed)
+        theta_c, velocity_c = check_values(theta0, momentum, spec.check_seed)
         pair = OrtPair(data["step"], data["forward"], momentum > 0, sig, threads)
         cases = [(batch, eval_in)]
         if dynamic_length:  # and at a shorter length, as device-train runs trimmed batches
-            short = max(sig.min_length, seq_len // 2)
-            cases.append(
-                (
-                    sig.check_batch(vocab, b, short, seed=check_seed + 2),
-                    sig.check_batch(vocab, eval_batch, short, seed=check_seed + 3)[:n_eval],
-                )
-            )
+            cases.append(spec.check_inputs(sig, vocab, max(sig.min_length, seq_len // 2), case=1))
+        ref = SimpleNamespace(step=ref_step, adapter=ref_adapter, loss=loss, model=ref_model)
+        ref.seed_t, ref.lr_t, ref.eps_t = seed_t, lr_t, eps_t
         check = {}
-        for case_batch, case_eval in cases:
-            got = pair.check_run(theta_c, velocity_c, seed_t, lr_t, eps_t, case_batch, case_eval)
-            ref = SimpleNamespace(
-                step=ref_step,
-                adapter=ref_adapter,
-                loss=loss,
-                model=ref_model,
-                seed_t=seed_t,
-                lr_t=lr_t,
-                eps_t=eps_t,
-                batch=case_batch,
-                eval_in=case_eval,
-            )
+        for ref.batch, ref.eval_in in cases:
+            got = pair.check_run(theta_c, velocity_c, seed_t, lr_t, eps_t, ref.batch, ref.eval_in)
             one = parity_metrics(got, ref, theta_c, velocity_c)
             check = {k: max(v, check.get(k, v)) for k, v in one.items()}
         del pair
@@ -337,29 +300,11 @@ def export_program(
                 "sha256": sha256_bytes(data["forward"]),
             },
         },
-        "q": int(q),
-        "b": int(b),
-        "seq_len": int(seq_len),
-        "n_choices": int(sig.n_choices),
-        "n_target": int(sig.n_target),
-        "eval_batch": int(eval_batch),
-        "numel": int(adapter.numel),
-        "noise": noise,
-        "dual": bool(dual),
-        "momentum": float(momentum),
-        "quantize": quantize,
+        **spec.meta(sig, model, adapter, loss, theta0),
         "block_size": block_size if quantize else None,
         "dynamic_length": dynamic_length,
         **info,
         "opset": OPSET,
-        "loss": loss.kind,
-        "dtype": str(dtype).replace("torch.", ""),
-        "model": (model_name or getattr(model.config, "_name_or_path", "") or model.config.model_type),
-        "model_type": model.config.model_type,
-        "layout": adapter.layout.to_json(),
-        "init": "zeros" if not theta0.any() else "given",
-        "zotune": zotune.__version__,
-        "torch": torch.__version__,
         "onnxruntime": _version("onnxruntime"),
         "onnx": _version("onnx"),
         "check": check,

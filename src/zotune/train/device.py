@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save
 from zotune.adapters.peft_io import save_peft_described
 from zotune.config import Config
 from zotune.engines.eager import build_params
+from zotune.engines.export_common import StepSpec
 from zotune.engines.signature import program_kind
 from zotune.errors import ZotuneError
 from zotune.io import atomic_write_bytes, atomic_write_text
@@ -68,18 +69,20 @@ def export(
         model,
         adapter,
         make_loss(kind),
-        cfg.optim.q,
-        cfg.optim.batch_size,
-        cfg.data.max_length,
-        n_choices(splits),
-        cfg.optim.dual,
-        cfg.optim.noise,
-        quantize,
+        StepSpec(
+            cfg.optim.q,
+            cfg.optim.batch_size,
+            cfg.data.max_length,
+            n_choices(splits),
+            dual=cfg.optim.dual,
+            noise=cfg.optim.noise,
+            quantize=quantize,
+            eval_batch=cfg.train.eval_batch_size,
+            n_target=0 if kind == "classification" else cfg.data.max_target_length,
+            model_name=cfg.model.name,
+            momentum=cfg.optim.momentum,
+        ),
         out,
-        eval_batch=cfg.train.eval_batch_size,
-        n_target=0 if kind == "classification" else cfg.data.max_target_length,
-        model_name=cfg.model.name,
-        momentum=cfg.optim.momentum,
         log=lambda msg: print(msg, flush=True),
         **options,
     )

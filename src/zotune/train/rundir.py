@@ -71,10 +71,8 @@ def stored_config(run: Path) -> dict:
     """The resolved config of the run in `run`: the checkpoint's, else the run's config.yaml."""
     meta_path = committed_dir(run / "checkpoint") / "meta.json"
     if not meta_path.is_file():
-        raise ZotuneError(
-            f"--resume: {run} holds no checkpoint ({run / 'checkpoint' / 'meta.json'}); "
-            "start the run without --resume"
-        )
+        where = run / "checkpoint" / "meta.json"
+        raise ZotuneError(f"--resume: {run} holds no checkpoint ({where}); start the run without --resume")
     try:
         meta = json.loads(meta_path.read_text())
         if isinstance(meta.get("config"), dict):
