@@ -25,7 +25,7 @@ assets: setup
 	$(PY) -m zotune.cli fetch
 
 demo: assets
-	$(PY) -m zotune.cli train --config configs/demo.yaml
+	$(PY) -m zotune.cli train --config configs/demo.yaml --overwrite
 
 test: assets lint
 	$(PY) -m pytest -q -x

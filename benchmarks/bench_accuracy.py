@@ -82,6 +82,7 @@ def run(name: str, extra: list[str], out: Path, threads: int, reuse: bool = Fals
         "-m",
         "zotune.cli",
         "train",
+        "--overwrite",
         "--config",
         str(ROOT / "configs/demo.yaml"),
         "--train.threads",

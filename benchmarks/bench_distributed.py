@@ -43,6 +43,7 @@ def run_one(q: int, b: int, procs: int, mode: str, steps: int, out: Path) -> dic
         "-m",
         "zotune.cli",
         "train",
+        "--overwrite",
         "--config",
         str(ROOT / "configs/demo.yaml"),
         "--optim.q",

@@ -41,6 +41,7 @@ def cmd_export(args) -> None:
 
     from zotune.adapters.lora import LoRAAdapter
     from zotune.engines.executorch import export_program
+    from zotune.engines.export_common import StepSpec
     from zotune.loss import ClassificationLoss
     from zotune.models import load_model
 
@@ -54,14 +55,10 @@ def cmd_export(args) -> None:
         model,
         adapter,
         ClassificationLoss(),
-        q=Q,
-        b=B,
-        seq_len=T,
-        n_choices=C,
-        quantize=quant,
-        out_path=out,
-        model_name=MODEL,
-        tolerance=args.tolerance,
+        StepSpec(
+            q=Q, b=B, seq_len=T, n_choices=C, quantize=quant, model_name=MODEL, tolerance=args.tolerance
+        ),
+        out,
         log=lambda m: print(f"[{time.perf_counter() - t0:7.1f}s] {m}", flush=True),
     )
     res = {

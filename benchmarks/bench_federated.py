@@ -54,6 +54,7 @@ def run_federated(cfg, name, out):
     return {
         "name": name,
         "mode": cfg.federated.mode,
+        "server_lr": cfg.federated.server_lr,
         "partition": cfg.federated.partition,
         "zero_shot": summary["zero_shot"]["test"]["accuracy"],
         "zero_shot_calibrated": summary["zero_shot"].get("test_calibrated", {}).get("accuracy"),
@@ -80,7 +81,7 @@ def run_central(cfg, out):
     cfg.train.checkpoint_every, cfg.train.track_test = per_round, True
     cfg.train.out_dir = str(out / "central")
     t0 = time.perf_counter()
-    summary = train(cfg)
+    summary = train(cfg, overwrite=True)
     metrics = [json.loads(x) for x in (out / "central" / "metrics.jsonl").read_text().splitlines()]
     curve = [
         [m["done"] // per_round, m["accuracy"]] for m in metrics if m.get("type") == "track" and m["done"] > 0
@@ -101,6 +102,19 @@ def run_central(cfg, out):
         "zero_shot": summary["zero_shot"]["test"]["accuracy"],
         "zero_shot_calibrated": summary["zero_shot"].get("test_calibrated", {}).get("accuracy"),
     }
+
+
+SETTINGS = ("clients", "rounds", "local_steps", "fraction", "alpha", "train_size", "dev_size", "test_size")
+
+
+def previous(path: Path, args) -> dict:
+    """The finished runs of an earlier invocation with the same settings, by name."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    if any(old["args"].get(k) != getattr(args, k) for k in SETTINGS):
+        return {}
+    return {r["name"]: r for r in old["results"]}
 
 
 def plot(results, path):
@@ -135,33 +149,48 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=400)
     p.add_argument("--dev-size", type=int, default=50)
     p.add_argument("--test-size", type=int, default=100)
-    p.add_argument("--only", default="zo-iid,zo-dirichlet,fedavg-iid,fedavg-dirichlet,central")
+    p.add_argument(
+        "--only",
+        default="zo-iid,zo-dirichlet,zo-iid-sum,zo-dirichlet-sum,fedavg-iid,fedavg-dirichlet,central",
+        help="runs: MODE-PARTITION[-sum] (sum: federated.server_lr = the clients of a round, so B "
+        "moves by their summed updates; otherwise 1, FedAvg) and central",
+    )
     p.add_argument("--out", default=str(HERE.parent / "runs" / "bench-federated"))
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take the runs results/federated.json already holds for the same settings",
+    )
     args = p.parse_args()
     out = Path(args.out)
     base = base_config(args)
+    res = HERE / "results"
+    kept = previous(res / "federated.json", args) if args.reuse else {}
     results, t0 = [], time.perf_counter()
     for name in args.only.split(","):
         cfg = copy.deepcopy(base)
-        if name == "central":
+        if name in kept:
+            results.append(kept[name])
+        elif name == "central":
             results.append(run_central(cfg, out))
         else:
-            mode, part = name.split("-")
+            mode, part, *how = name.split("-")
             cfg.federated.mode, cfg.federated.partition = mode, part
+            if how == ["sum"]:
+                cfg.federated.server_lr = float(max(1, round(cfg.federated.fraction * cfg.federated.clients)))
             results.append(run_federated(cfg, name, out))
         print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
-    total = time.perf_counter() - t0
-    res = HERE / "results"
+    total = time.perf_counter() - t0 + sum(r["wall_s"] for r in results if r["name"] in kept)
     (res / "federated.json").write_text(
         json.dumps({"args": vars(args), "results": results, "total_s": total}, indent=1)
     )
     plot(results, res / "federated.png")
     cmd = "python benchmarks/bench_federated.py " + " ".join(sys.argv[1:])
     rows = [
-        "| run | partition | test acc (last round) | test acc (dev-selected) | "
+        "| run | partition | server lr | test acc (last round) | test acc (dev-selected) | "
         "up B/client/round (mean, max) | down B/client/round (mean, max) | "
         "round wall s (median) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(v):
@@ -173,7 +202,8 @@ def main() -> None:
         down = "-" if central else f"{r['down_mean']:.0f}, {r['down_max']}"
         wall = "-" if r["round_s"] is None else f"{r['round_s']:.1f}"
         rows.append(
-            f"| {r['name']} | {r['partition']} | {fmt(r['test'])} | "
+            f"| {r['name']} | {r['partition']} | {r.get('server_lr', 1.0) if r['mode'] == 'zo' else '-'} | "
+            f"{fmt(r['test'])} | "
             f"{fmt(r['best_dev_test'])} | {up} | {down} | {wall} |"
         )
     a = args

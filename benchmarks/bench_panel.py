@@ -96,6 +96,7 @@ def run_cell(model: str, task: str, method: str, seed: int, tag: str, zo_extra: 
             "-m",
             "zotune.cli",
             "train",
+            "--overwrite",
             "--config",
             str(ROOT / "configs/demo.yaml"),
             "--model.name",

@@ -3,9 +3,11 @@ multiple choice (configs/tasks/choice.yaml), generation (generation.yaml) and ch
 
     python benchmarks/bench_tasks.py [--only choice,generation,chat] [--steps N]
 
-Writes runs/tasks/auto_categorization_chat.jsonl (BIG-bench auto_categorization as conversations),
-runs `zotune train` for each config, one at a time on one thread, and writes
-benchmarks/results/tasks.md with the commands and the zero-shot / trained test scores.
+Runs `zotune train` for each config, one at a time on one thread (--steps overrides
+train.steps), and writes benchmarks/results/tasks.md (generation and chat: the zero-shot /
+trained test scores of decoded text) and benchmarks/results/tasks-choice.md (multiple choice:
+zero-shot and trained dev / test accuracy, the dev curve). The chat run first writes
+runs/tasks/auto_categorization_chat.jsonl (BIG-bench auto_categorization as conversations).
 """
 
 import argparse
@@ -46,34 +48,99 @@ def write_chat_data(path: Path) -> None:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--only", default="generation,chat,choice")
-    p.add_argument("--timeout", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=None, help="train.steps of every run")
+    p.add_argument("--timeout", type=int, default=3000)
     args = p.parse_args()
-    write_chat_data(ROOT / "runs" / "tasks" / "auto_categorization_chat.jsonl")
-    for kind in args.only.split(","):
+    kinds = args.only.split(",")
+    if not set(kinds) <= set(KINDS):
+        raise SystemExit(f"--only: expected some of {','.join(KINDS)}, got {args.only}")
+    if "chat" in kinds:
+        write_chat_data(ROOT / "runs" / "tasks" / "auto_categorization_chat.jsonl")
+    for kind in kinds:
         cmd = [
             sys.executable,
             "-m",
             "zotune.cli",
             "train",
+            "--overwrite",
             "--config",
             f"configs/tasks/{kind}.yaml",
             "--train.progress",
             "false",
         ]
-        t0 = time.perf_counter()
+        if args.steps:
+            cmd += ["--train.steps", str(args.steps)]
+        t0, cpu0 = time.perf_counter(), _children_cpu()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"{kind}: exit {proc.returncode}")
         (ROOT / "runs" / "tasks" / kind / "wall_s.txt").write_text(f"{wall:.0f}\n")
-        print(f"{kind}: {wall:.0f} s", flush=True)
-        write_report()  # after every run, from every run folder that has a summary
+        (ROOT / "runs" / "tasks" / kind / "cpu_s.txt").write_text(f"{cpu:.0f}\n")
+        print(f"{kind}: {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
+        if kind == "choice":
+            write_choice_report(" ".join(["python benchmarks/bench_tasks.py", *sys.argv[1:]]))
+        else:
+            write_report()  # after every run, from every run folder that has a summary
+
+
+def _children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def write_choice_report(command: str) -> None:
+    """results/tasks-choice.md: zero-shot and trained accuracy on dev and test, the dev curve."""
+    run = ROOT / "runs" / "tasks" / "choice"
+    s = json.loads((run / "summary.json").read_text())
+    c, zs = s["config"], s["zero_shot"]
+    d, o = c["data"], c["optim"]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    curve = [r for r in records if r["type"] == "eval" and r["split"] == "dev"]
+    losses = [r["loss"] for r in records if r["type"] == "train"]
+    lrs = sorted(r["lr"] for r in records if r["type"] == "train")
+    cpu = float((run / "cpu_s.txt").read_text())
+    wall = float((run / "wall_s.txt").read_text())
+    out = [
+        "# Multiple choice on SmolLM2-135M: before/after a short P-RGE run",
+        "",
+        f"`OMP_NUM_THREADS=1 nice -n 10 {command}` (`zotune train --config configs/tasks/choice.yaml`,",
+        f"one torch thread). `{d['task']}`, template {d['template']!r}, train/dev/test "
+        f"{d['train_size']}/{d['dev_size']}/{d['test_size']}; each choice scored by the summed",
+        "log-probability of its tokens, loss = cross-entropy over the choices. LoRA-FA r=16 on all",
+        f"210 projections; P-RGE dual q={o['q']} b={o['batch_size']}, eps {o['eps']}, lr {o['lr']} "
+        f"(normalize {o['normalize']}), momentum {o['momentum']}, {o['schedule']} schedule, "
+        f"{s['steps']} steps; adapter selected on dev (step {s['selected_step']}), test evaluated "
+        "once on it.",
+        "",
+        "| | dev accuracy | test accuracy | dev loss | test loss |",
+        "|---|---|---|---|---|",
+        f"| zero-shot | {zs['dev']['accuracy']:.3f} | {zs['test']['accuracy']:.3f} | "
+        f"{zs['dev']['loss']:.3f} | {zs['test']['loss']:.3f} |",
+        f"| trained (selected at step {s['selected_step']}) | {s['dev']['accuracy']:.3f} | "
+        f"{s['test']['accuracy']:.3f} | {s['dev']['loss']:.3f} | {s['test']['loss']:.3f} |",
+        "",
+        "Dev by step: "
+        + ", ".join(f"{r['done']}: {r['accuracy']:.3f} (loss {r['loss']:.3f})" for r in curve),
+        "",
+        f"Training loss: first step {losses[0]:.3f}, mean of the last 10 steps "
+        f"{sum(losses[-10:]) / len(losses[-10:]):.3f}; the lr the steps applied (after the step "
+        f"scale): median {lrs[len(lrs) // 2]:.2g}, max {lrs[-1]:.2g}. "
+        f"Training loop {s['train_wall_s']:.0f} s wall "
+        f"(evaluations included); whole run {wall:.0f} s wall, {cpu / 60:.1f} CPU-minutes; "
+        f"peak RSS {s['peak_rss_mb']:.0f} MB.",
+    ]
+    path = ROOT / "benchmarks" / "results" / "tasks-choice.md"
+    path.write_text("\n".join(out) + "\n")
+    print(f"wrote {path}")
 
 
 def write_report() -> None:
     rows = []
-    for kind in KINDS:
+    for kind in ("generation", "chat"):
         run = ROOT / "runs" / "tasks" / kind
         if (run / "summary.json").is_file() and (run / "wall_s.txt").is_file():
             rows.append(

@@ -1,4 +1,8 @@
-"""Small builders shared by tests: a synthetic classification batch."""
+"""Small builders shared by tests: a synthetic classification batch, randomized tensors, a free
+port, command lines for a tiny run and the check that a command is refused with one error line."""
+
+import socket
+from pathlib import Path
 
 import torch
 
@@ -21,3 +25,48 @@ def randomize(tensors, std=0.1, seed=0):
     with torch.no_grad():
         for t in tensors:
             t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) * std)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def args_for(model: str, data: str, out: Path, **overrides) -> list[str]:
+    """`--section.key value` arguments of a seconds-long run (tiny model, JSONL task)."""
+    values = {
+        "model.name": model,
+        "data.task": f"jsonl:{data}",
+        "data.train_size": 40,
+        "data.dev_size": 16,
+        "data.test_size": 16,
+        "data.max_length": 16,
+        "adapter.rank": 4,
+        "adapter.alpha": 8,
+        "optim.q": 2,
+        "optim.batch_size": 2,
+        "optim.lr": 0.01,
+        "train.steps": 6,
+        "train.eval_every": 3,
+        "train.checkpoint_every": 2,
+        "train.eval_batch_size": 8,
+        "train.progress": "false",
+        "train.out_dir": str(out),
+        **overrides,
+    }
+    return [x for k, v in values.items() for x in (f"--{k}", str(v))]
+
+
+def refused(capsys, argv: list[str]) -> str:
+    """Runs the command in-process; asserts status 2, exactly one error line and no traceback.
+    -> that line."""
+    from zotune.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("zotune: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]

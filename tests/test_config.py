@@ -76,3 +76,71 @@ def test_default_targets_are_all_linear(tokenizer):
     llama = make_tiny_model("llama", tokenizer)
     seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert find_targets(llama, ["all-linear"]) == find_targets(llama, seven)
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["--optim.lr", "0"], "optim.lr: expected a positive number, got 0.0"),
+        (["--optim.lr", "nan"], "optim.lr: expected a finite number"),
+        (["--optim.lr", "-inf"], "optim.lr: expected a finite number"),
+        (["--optim.momentum", "1.5"], "optim.momentum: expected a number in [0, 1), got 1.5"),
+        (["--optim.warmup_steps", "-1"], "optim.warmup_steps: expected a non-negative integer"),
+        (["--train.time_limit_s", "-5"], "train.time_limit_s: expected a non-negative number"),
+        (["--train.threads", "-2"], "train.threads: expected a positive integer"),
+        (["--train.eval_every", "0"], "train.eval_every: expected a positive integer"),
+        (["--train.checkpoint_every", "0"], "train.checkpoint_every: expected a positive integer"),
+        (["--train.log_every", "0"], "train.log_every: expected a positive integer"),
+        (["--federated.fraction", "0"], "federated.fraction: expected a number in (0, 1]"),
+        (["--optim.schedule", "step"], "optim.schedule: expected one of"),
+    ],
+)
+def test_out_of_range_values_are_refused_naming_the_override(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert needle in str(e.value) and f"override {overrides[0]}" in str(e.value)
+
+
+def test_every_field_declares_what_it_accepts():
+    """Numbers name a range or are free (finite only); a choice's help lists its choices."""
+    import dataclasses
+
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory):
+            choices = f.metadata["choices"]
+            if choices is not None:
+                assert all(c in f.metadata["help"] for c in choices), f.name
+            default = getattr(getattr(Config(), section.name), f.name)
+            from zotune.config import check_field
+
+            check_field(f.name, default, f.metadata)  # the defaults are accepted
+
+
+def test_a_programmatic_config_is_checked_too():
+    from zotune.config import validate
+
+    cfg = Config()
+    cfg.optim.eps = float("inf")
+    with pytest.raises(ConfigError, match="optim.eps: expected a finite number"):
+        validate(cfg)
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    p = write(tmp_path, "optim:\n  q: 2\n  lr: 0.1\n  q: 8\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert f"{p}: line 4: key 'q' is given twice (first on line 2)" in str(e.value)
+    p = write(tmp_path, "optim:\n  q: 2\ntrain:\n  steps: 3\noptim:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="line 5: key 'optim' is given twice"):
+        load_config(p)
+
+
+@pytest.mark.parametrize(
+    "data", [b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", b"optim:\n  q: \xc3\x28\n", b"\x00\x01\x02"]
+)
+def test_a_binary_file_is_refused(tmp_path, data):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(data)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and "line" in str(e.value)

@@ -74,11 +74,18 @@ def load_config(config: str | Path | Config | dict | None = None, **overrides) -
     return cfg
 
 
-def train(config: str | Path | Config | dict | None = None, *, resume: bool = False, **overrides) -> dict:
-    """Train as `zotune train` does; -> the run summary (also in <out_dir>/summary.json)."""
+def train(
+    config: str | Path | Config | dict | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    **overrides,
+) -> dict:
+    """Train as `zotune train` does (resume / overwrite as --resume / --overwrite); -> the run
+    summary (also in <out_dir>/summary.json)."""
     from zotune.train.run import train as _train
 
-    return _train(load_config(config, **overrides), resume=resume)
+    return _train(load_config(config, **overrides), resume=resume, overwrite=overwrite)
 
 
 def evaluate(

@@ -37,7 +37,12 @@ def read_config(path: str | None, overrides: list[str]):
 
 
 def _config(args, rest):
-    return read_config(args.config, rest)
+    from zotune.config import check_field
+
+    cfg = read_config(args.config, rest)
+    if getattr(args, "stop_after", None) is not None:  # checked like a config field
+        check_field("--stop-after", args.stop_after, {"check": "positive"})
+    return cfg
 
 
 def cmd_models(args, rest):
@@ -89,15 +94,15 @@ def cmd_fetch(args, rest):
     from zotune.models import resolve
 
     print("model:", resolve("smollm2-135m").path)
-    print("bigbench:", bigbench_archive())
+    print("bigbench:", bigbench_archive(verify=True))
 
 
 def cmd_train(args, rest):
+    cfg = _config(args, rest)  # first: a bad config is refused before torch is imported
     from zotune.train.distributed import is_main
     from zotune.train.run import train
 
-    cfg = _config(args, rest)
-    summary = train(cfg, resume=args.resume, stop_after=args.stop_after)
+    summary = train(cfg, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
     if not is_main():  # under torchrun, rank 0 alone reports
         return
     if summary is None:
@@ -135,10 +140,12 @@ def cmd_export(args, rest):
 
 
 def cmd_device_train(args, rest):
+    cfg = _config(args, rest)
     from zotune.train.device import device_train
 
-    cfg = _config(args, rest)
-    summary = device_train(args.program, cfg, resume=args.resume, stop_after=args.stop_after)
+    summary = device_train(
+        args.program, cfg, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite
+    )
     if summary is None:
         print(f"stopped after {args.stop_after} steps; continue with --resume")
         return
@@ -146,9 +153,9 @@ def cmd_device_train(args, rest):
 
 
 def cmd_eval(args, rest):
+    cfg = _config(args, rest)
     from zotune.train.run import evaluate_adapter
 
-    cfg = _config(args, rest)
     if args.harness:  # lm-evaluation-harness tasks instead of the config's task
         from zotune.harness import run_harness
 
@@ -205,8 +212,15 @@ def _config_epilog() -> str:
     return "config fields (set in the YAML file or as --section.key value):\n" + fields_help()
 
 
+class _Parser(argparse.ArgumentParser):
+    """Command-line mistakes are errors like any other: one `zotune: error:` line, status 2."""
+
+    def error(self, message):
+        raise ZotuneError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zotune", description="Forward-only fine-tuning of LLMs.")
+    p = _Parser(prog="zotune", description="Forward-only fine-tuning of LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("models", help="list embedded models or describe one")
     s.add_argument("name", nargs="?")
@@ -231,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.choices[name].add_argument(
             "--stop-after", type=int, default=None, help="stop after this many steps (resume later)"
+        )
+        sub.choices[name].add_argument(
+            "--overwrite", action="store_true", help="replace the run in a non-empty train.out_dir"
         )
     sub.choices["export"].add_argument("--out", required=True, help="the .pte / .onnx to write")
     sub.choices["export"].add_argument("--engine", default="executorch", choices=["executorch", "onnx"])
@@ -285,9 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, rest = build_parser().parse_known_args(argv)
-    keep_heap()
     try:
+        args, rest = build_parser().parse_known_args(argv)
+        keep_heap()
         if rest and args.command in ("models", "fetch", "replay", "export-adapter"):
             raise ZotuneError(f"{args.command}: unexpected arguments {rest}")
         args.fn(args, rest)

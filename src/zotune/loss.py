@@ -137,6 +137,17 @@ def make_loss(kind: str, via_head_module: bool = False):
     raise ValueError(f"unknown task kind '{kind}'")
 
 
+def score_outputs(loss, model, batch) -> tuple[torch.Tensor, ...]:
+    """What evaluation reads from a batch (a loss's tensors; labels, if there, are not used):
+    classification: (choice logits [B, C],); choice: (choice scores [B, C],); generation and
+    chat: (nll sum [B], token count [B])."""
+    if loss.kind == "classification":
+        return (loss.logits(model, *batch[:4]),)
+    if loss.kind == "choice":
+        return (loss.scores(model, *batch[:5]),)
+    return tuple(loss.rows(model, *batch[:5]))
+
+
 def _inputs_class(kind: str) -> type:
     # chat is generation with the target mask on the assistant turns
     return {"classification": ClassificationInputs, "choice": ChoiceInputs}.get(kind, GenerationInputs)

@@ -12,13 +12,13 @@ import torch
 
 from zotune.adapters.lora import init_lora_a
 from zotune.adapters.theta import ThetaLayout
+from zotune.checks import all_finite
 from zotune.data.jsonl import get_field
 from zotune.errors import DataError, ZotuneError, reading
 from zotune.estimators.zo import momentum_buffers, update_from_seed
 from zotune.io import json_lines
 
 LOG = "a zotune replay log (a JSON header line, then one JSON object per step)"
-STEP_FIELDS = (("step", int), ("seed", int), ("lr", (int, float)), ("g", list))
 HEADER_FIELDS = (("model", str), ("estimator", str), ("adapter_kind", str), ("momentum", (int, float)))
 NOISE = ("normal", "rademacher")
 
@@ -40,11 +40,8 @@ def read_replay_log(path: str | Path) -> tuple[dict, list[dict]]:
                 if rec.get("noise") not in NOISE:
                     raise DataError(f"expected one of {list(NOISE)}", file=str(path), line=n, field="noise")
             elif rec.get("type") == "step":
-                for key, types in STEP_FIELDS:
-                    get_field(rec, key, types, path, n)
-                g = rec["g"]
-                if not g or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in g):
-                    raise DataError("expected a non-empty list of numbers", file=str(path), line=n, field="g")
+                get_field(rec, "step", int, path, n)
+                check_step_line(rec, f"{path}: line {n}", (header or {}).get("q"))
                 steps.append(rec)
     if header is None:
         raise ZotuneError(f"{path}: no header line (a replay log starts with the adapter layout)")
@@ -55,6 +52,22 @@ def read_replay_log(path: str | Path) -> tuple[dict, list[dict]]:
     if [s["step"] for s in steps] != expected:
         raise ZotuneError(f"{path}: step lines are not consecutive from 0")
     return header, steps
+
+
+def check_step_line(rec: dict, where: str, q=None) -> None:
+    """A step line's seed (an integer), lr (a finite number) and g (q finite numbers, q from the
+    header): a NaN or inf would spread through every later step of the rebuilt adapter."""
+    for key in ("seed", "g", "lr"):
+        if key not in rec:
+            raise ZotuneError(f"{where}: missing field '{key}'")
+    if not isinstance(rec["seed"], int) or isinstance(rec["seed"], bool):
+        raise ZotuneError(f"{where}: field 'seed': expected an integer, got {rec['seed']!r}")
+    if not all_finite(rec["lr"]):
+        raise ZotuneError(f"{where}: field 'lr': expected a finite number, got {rec['lr']!r}")
+    if not isinstance(rec["g"], list) or not rec["g"] or not all_finite(rec["g"]):
+        raise ZotuneError(f"{where}: field 'g': expected a list of finite numbers, got {rec['g']!r}")
+    if isinstance(q, int) and len(rec["g"]) != q:
+        raise ZotuneError(f"{where}: field 'g': expected q={q} numbers (the header's q), got {len(rec['g'])}")
 
 
 def header_layout(header: dict, path: str | Path = "replay log") -> ThetaLayout:

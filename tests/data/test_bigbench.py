@@ -1,8 +1,10 @@
+import hashlib
 import io
 import json
 import subprocess
 import tarfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -243,6 +245,9 @@ def test_download_is_atomic(tmp_path, monkeypatch, old_pip):
         else:
             assert "download" in cmd and "--no-deps" in cmd and "bigbench==1.0.0" in cmd
             toy_archive(f"{dest}/{ARCHIVE}")
+            # The download is checked against the pinned sha256: pin the toy's.
+            digest = hashlib.sha256(Path(f"{dest}/{ARCHIVE}").read_bytes()).hexdigest()
+            monkeypatch.setattr(bigbench, "ARCHIVE_SHA256", digest)
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(bigbench.subprocess, "run", fake_pip)

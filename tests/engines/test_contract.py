@@ -4,7 +4,10 @@ Each engine joins with one fixture that returns an `EngineCase`: how to make a f
 at its start value), its q, and optionally an eager engine it must agree with. Add the fixture's
 name to CASES (and to PARITY when it has a reference) and the whole suite runs on it: step,
 determinism, state keys, a bitwise resume through a real checkpoint, scores, PEFT naming of the
-adapter state, and parity with eager.
+adapter state, and parity with eager. The distributed path joins as one rank of a real gloo group
+(the equality of many ranks with one process is tests/train/test_distributed.py's); the federated
+path as a server whose global adapter moves only by the clients' (seed, g) replies, carried in
+Flower records and checked as the server checks them.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from helpers import synthetic_batch
+from helpers import free_port, synthetic_batch
 from zotune.adapters.peft_io import load_peft, save_peft
 from zotune.config import Config
 from zotune.engines.base import PARAM, PREFIXES, Engine, part
 from zotune.engines.eager import EagerEngine, build_params
+from zotune.engines.export_common import StepSpec
 from zotune.models.tiny import make_tiny_model
 from zotune.rng import step_seed
 from zotune.train.checkpoint import load_checkpoint, save_checkpoint
@@ -98,13 +102,8 @@ def _exported(tmp_path_factory, tokenizer):
         model,
         adapter,
         ClassificationLoss(),
-        Q,
-        B,
-        T,
-        C,
-        out_path=path,
-        eval_batch=B,
-        momentum=cfg.optim.momentum,
+        StepSpec(Q, B, T, C, eval_batch=B, momentum=cfg.optim.momentum),
+        path,
         xnnpack=False,
     )
     return path, adapter.state(), list(adapter.layers), cfg
@@ -135,13 +134,8 @@ def _exported_onnx(tmp_path_factory, tokenizer):
         model,
         adapter,
         ClassificationLoss(),
-        Q,
-        B,
-        T,
-        C,
-        out_path=path,
-        eval_batch=B,
-        momentum=cfg.optim.momentum,
+        StepSpec(Q, B, T, C, eval_batch=B, momentum=cfg.optim.momentum),
+        path,
         threads=1,
     )
     return path, adapter.state(), list(adapter.layers), cfg
@@ -160,8 +154,104 @@ def onnx_program(_exported_onnx, tokenizer):
     return EngineCase(make, Q, layers, reference=eager(tokenizer, cfg))
 
 
-CASES = ["eager_prge", "eager_rge", "eager_fo", "executorch_program", "onnx_program"]
-PARITY = ["eager_rge", "executorch_program", "onnx_program"]
+@pytest.fixture(scope="module")
+def _ranks():
+    """A one-rank gloo group on 127.0.0.1, as torchrun would set it up."""
+    import os
+
+    import torch.distributed as dist
+
+    from zotune.train.distributed import Ranks
+
+    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    cfg = config("prge")
+    cfg.train.parallel = "query"
+    ranks = Ranks(cfg)
+    yield ranks
+    ranks.close()
+    assert not dist.is_initialized()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def distributed_rank(_ranks, tokenizer):
+    from zotune.train.distributed import ShardedEngine
+
+    cfg = config("prge")
+
+    def make():
+        model = make_tiny_model("llama", tokenizer, seed=0)
+        return ShardedEngine(EagerEngine(model, cfg, "classification", _ranks.step_options()), _ranks)
+
+    return EngineCase(make, Q, _layers(eager(tokenizer, cfg)), reference=eager(tokenizer, cfg))
+
+
+class FederatedServer:
+    """The federated path as an engine: a client's eager engine takes the step; its reply (seed, g,
+    count) goes through Flower's record encoding and the server's reply check, and the server moves
+    its own global adapter by update_from_seed, as its aggregation of one client does. State,
+    scores and the adapter are the server's."""
+
+    name = "federated"
+    kind = "classification"
+
+    def __init__(self, make_engine, cfg: Config):
+        self.client, self.server, self.cfg = make_engine(), make_engine(), cfg
+
+    def step(self, batch, seed: int, lr: float, eps: float):
+        from flwr.app import RecordDict
+        from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+        from zotune.estimators.zo import update_from_seed
+        from zotune.federated import protocol as P
+
+        loss, g = self.client.step(batch, seed, lr, eps)
+        sent = RecordDict({"reply": P.config(status="ok", seeds=[seed], g=[float(x) for x in g], count=B)})
+        got = recorddict_from_proto(recorddict_to_proto(sent)).config_records["reply"]
+        (g_steps,), _ = P.check_zo_reply(got, [seed], Q, max_abs_g=1e6, max_count=B)
+        o, params, velocity = self.cfg.optim, self.server.params, self.server.velocity
+        seed_t = torch.tensor([seed], dtype=torch.int64)
+        g_t = torch.tensor(g_steps, dtype=torch.float32)
+        update_from_seed(params.layout, params.tensors(), seed_t, g_t, lr, o.noise, o.momentum, velocity)
+        return loss, g_t
+
+    def scores(self, batch):
+        return self.server.scores(batch)
+
+    def state(self):
+        return self.server.state()
+
+    def load_state(self, tensors):
+        self.server.load_state(tensors)
+        self.client.load_state(tensors)  # a client catching up holds the global state
+
+    def adapter_state(self):
+        return self.server.adapter_state()
+
+
+@pytest.fixture
+def federated_server(tokenizer):
+    cfg = config("prge")
+    make = eager(tokenizer, cfg)
+    return EngineCase(lambda: FederatedServer(make, cfg), Q, _layers(make), reference=make)
+
+
+CASES = [
+    "eager_prge",
+    "eager_rge",
+    "eager_fo",
+    "executorch_program",
+    "onnx_program",
+    "distributed_rank",
+    "federated_server",
+]
+PARITY = ["eager_rge", "executorch_program", "onnx_program", "distributed_rank", "federated_server"]
 
 
 @pytest.fixture(params=CASES)

@@ -23,7 +23,7 @@ from zotune.engines.executorch import (  # noqa: E402
     PteProgram,
     export_program,
 )
-from zotune.engines.export_common import sidecar_path  # noqa: E402
+from zotune.engines.export_common import StepSpec, sidecar_path  # noqa: E402
 from zotune.estimators.prge import PRGEStep  # noqa: E402
 from zotune.loss import ClassificationLoss  # noqa: E402
 from zotune.models.tiny import make_tiny_model  # noqa: E402
@@ -70,14 +70,8 @@ def _export(tmp_path_factory, tokenizer, family, q, b, dual, kind, targets, name
         model,
         adapter,
         loss,
-        q=q,
-        b=b,
-        seq_len=T,
-        n_choices=C,
-        dual=dual,
-        noise=kind,
-        out_path=path,
-        model_name=f"tiny-{family}",
+        StepSpec(q=q, b=b, seq_len=T, n_choices=C, dual=dual, noise=kind, model_name=f"tiny-{family}"),
+        path,
     )
     return Exported(path, model, adapter, loss, report, q, b, dual, kind)
 
@@ -335,13 +329,9 @@ def test_failed_parity_check_writes_nothing(tokenizer, tmp_path):
             model,
             adapter,
             ClassificationLoss(),
-            q=1,
-            b=1,
-            seq_len=8,
-            n_choices=2,
-            out_path=out,
+            StepSpec(q=1, b=1, seq_len=8, n_choices=2, tolerance=-1.0),
+            out,
             xnnpack=False,
-            tolerance=-1.0,
         )
     assert list(tmp_path.iterdir()) == []
 
@@ -351,15 +341,15 @@ def test_unsupported_options_are_refused(tokenizer, tmp_path):
     adapter = LoRAAdapter(model, rank=2, alpha=4, targets=["q_proj"])
     with pytest.raises(EngineError, match="quantize"):
         export_program(
-            model, adapter, ClassificationLoss(), 1, 1, 8, 2, quantize="int3", out_path=tmp_path / "x.pte"
+            model, adapter, ClassificationLoss(), StepSpec(1, 1, 8, 2, quantize="int3"), tmp_path / "x.pte"
         )
     with pytest.raises(EngineError, match="classification"):
         export_program(
-            model, adapter, ClassificationLoss(via_head_module=True), 1, 1, 8, 2, out_path=tmp_path / "x.pte"
+            model, adapter, ClassificationLoss(via_head_module=True), StepSpec(1, 1, 8, 2), tmp_path / "x.pte"
         )
     with pytest.raises(EngineError, match="momentum"):
         export_program(
-            model, adapter, ClassificationLoss(), 1, 1, 8, 2, momentum=1.0, out_path=tmp_path / "x.pte"
+            model, adapter, ClassificationLoss(), StepSpec(1, 1, 8, 2, momentum=1.0), tmp_path / "x.pte"
         )
     assert list(tmp_path.iterdir()) == []
 
@@ -372,12 +362,8 @@ def test_8da4w_matches_quantized_eager(tokenizer, tmp_path):
         model,
         adapter,
         ClassificationLoss(),
-        q=2,
-        b=2,
-        seq_len=T,
-        n_choices=C,
-        quantize="8da4w",
-        out_path=tmp_path / "q.pte",
+        StepSpec(q=2, b=2, seq_len=T, n_choices=C, quantize="8da4w"),
+        tmp_path / "q.pte",
     )
     assert rep.meta["quantize"] == "8da4w"
     assert all(v <= TOLERANCE["8da4w"][k] for k, v in rep.check.items() if k in TOLERANCE["8da4w"]), rep.check

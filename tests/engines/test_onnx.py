@@ -24,6 +24,7 @@ from zotune.engines.export_common import (  # noqa: E402
     EngineError,
     ExportCheckError,
     ProgramFileError,
+    StepSpec,
     sidecar_path,
     trained_to_buffers,
 )
@@ -76,16 +77,18 @@ def _export(
         model,
         adapter,
         loss,
-        q=q,
-        b=b,
-        seq_len=T,
-        n_choices=C,
-        dual=dual,
-        noise=kind,
-        out_path=path,
-        model_name=f"tiny-{family}",
-        momentum=momentum,
-        quantize=quantize,
+        StepSpec(
+            q=q,
+            b=b,
+            seq_len=T,
+            n_choices=C,
+            dual=dual,
+            noise=kind,
+            model_name=f"tiny-{family}",
+            momentum=momentum,
+            quantize=quantize,
+        ),
+        path,
         threads=1,
         dynamic_length=dynamic_length,
     )
@@ -401,22 +404,18 @@ def test_failed_parity_check_writes_nothing(tokenizer, tmp_path):
             model,
             adapter,
             ClassificationLoss(),
-            q=1,
-            b=1,
-            seq_len=8,
-            n_choices=2,
-            out_path=out,
-            tolerance=-1.0,
+            StepSpec(q=1, b=1, seq_len=8, n_choices=2, tolerance=-1.0),
+            out,
         )
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(EngineError, match="quantize"):
-        export_program(model, adapter, ClassificationLoss(), 1, 1, 8, 2, quantize="8da4w", out_path=out)
+        export_program(model, adapter, ClassificationLoss(), StepSpec(1, 1, 8, 2, quantize="8da4w"), out)
     with pytest.raises(EngineError, match="block size"):
         export_program(
-            model, adapter, ClassificationLoss(), 1, 1, 8, 2, quantize="int4", block_size=48, out_path=out
+            model, adapter, ClassificationLoss(), StepSpec(1, 1, 8, 2, quantize="int4"), out, block_size=48
         )
     with pytest.raises(EngineError, match="classification"):
-        export_program(model, adapter, ClassificationLoss(via_head_module=True), 1, 1, 8, 2, out_path=out)
+        export_program(model, adapter, ClassificationLoss(via_head_module=True), StepSpec(1, 1, 8, 2), out)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -432,13 +431,9 @@ def test_int4_base_with_fp32_adapter(tokenizer, tmp_path):
         model,
         adapter,
         ClassificationLoss(),
-        q=2,
-        b=2,
-        seq_len=T,
-        n_choices=C,
-        quantize="int4",
+        StepSpec(q=2, b=2, seq_len=T, n_choices=C, quantize="int4"),
+        path,
         block_size=32,
-        out_path=path,
         threads=1,
     )
     assert all(v <= TOLERANCE["int4"][k] for k, v in rep.check.items()), rep.check

@@ -18,17 +18,12 @@ from pathlib import Path
 import torch
 import yaml
 
+from helpers import free_port
 from zotune.adapters.peft_io import load_peft
 from zotune.train.run import replay
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float) -> None:

@@ -73,9 +73,18 @@ def test_rounds_replay_exactly_and_clients_hold_the_global_state(tmp_path, tiny_
     assert summary["bytes_up_per_client_round"] < 1024 and summary["test"]["accuracy"] >= 0
 
 
-def test_weighted_records_equal_fedavg_of_client_deltas(tmp_path, tiny_folder, cls_jsonl):
+@pytest.mark.parametrize("server_lr", [1.0, 3.0])
+def test_weighted_records_equal_fedavg_of_client_deltas(tmp_path, tiny_folder, cls_jsonl, server_lr):
+    """server_lr 1 is FedAvg; 3 (the clients of the round) moves B by the clients' summed deltas."""
     cfg = fed_config(
-        tiny_folder, cls_jsonl, tmp_path / "run", rounds=1, clients=3, partition="dirichlet", alpha=1.0
+        tiny_folder,
+        cls_jsonl,
+        tmp_path / "run",
+        rounds=1,
+        clients=3,
+        partition="dirichlet",
+        alpha=1.0,
+        server_lr=server_lr,
     )
     app = client_app(cfg)
     local = {}
@@ -94,7 +103,7 @@ def test_weighted_records_equal_fedavg_of_client_deltas(tmp_path, tiny_folder, c
     assert len(set(counts)) > 1  # unequal shards: the weights matter
     total = sum(counts)
     fedavg = sum((c / total) * theta for theta, c in local.values())  # every client began at 0
-    assert torch.allclose(global_theta(cfg), fedavg, atol=1e-7, rtol=1e-5)
+    assert torch.allclose(global_theta(cfg), server_lr * fedavg, atol=1e-7, rtol=1e-5)
     assert float(fedavg.abs().max()) > 1e-4
 
 

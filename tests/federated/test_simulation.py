@@ -52,4 +52,4 @@ def test_federate_bad_config_is_one_line(tmp_path, capsys):
     path.write_text("federated: {partition: random}\n")
     assert main(["federate", "--config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("zotune: error: federated.partition") and err.count("\n") == 1
+    assert err.startswith(f"zotune: error: {path}: federated.partition") and err.count("\n") == 1

@@ -4,7 +4,6 @@ a run on one process of the same global batch."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import free_port
 from zotune.config import load_config
 from zotune.train.logs import TIMING_FIELDS
 from zotune.train.run import replay, train
@@ -23,12 +23,6 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 TIMEOUT = 180  # seconds for any one job: a hang fails the test instead of stalling the suite
 STEPS = 20  # of the query-parallel runs
 WORKER = Path(__file__).with_name("nan_step_worker.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launcher(nproc: int = 2, port: int | None = None, extra=()) -> list[str]:

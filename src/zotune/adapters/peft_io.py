@@ -1,5 +1,9 @@
 """Adapters in PEFT's format (adapter_config.json + adapter_model.safetensors), which PEFT, vLLM,
-llama.cpp's converter and ExecuTorch's LoRA loader read. LoRA-FA saves its frozen A too."""
+llama.cpp's converter and ExecuTorch's LoRA loader read. LoRA-FA saves its frozen A too.
+
+adapter_config.json is PEFT's own LoraConfig, written as PEFT writes it (so it holds PEFT's keys
+only); what zotune adds (its version, the adapter kind, the estimator) is in the safetensors
+metadata under "zotune"."""
 
 from __future__ import annotations
 
@@ -31,33 +35,47 @@ def save_peft(
     dropout: float = 0.0,
     extra: dict | None = None,
 ) -> Path:
-    """state maps '<layer>.lora_A' / '<layer>.lora_B' to tensors. Written atomically."""
+    """state maps '<layer>.lora_A' / '<layer>.lora_B' to tensors; base_model is a zotune model name
+    (model.name), written as the folder or hub id PEFT loads it from. Written atomically."""
+    from peft import LoraConfig  # imported when an adapter is written: it takes seconds
+
     folder = Path(folder)
     tensors = {}
     for layer in layers:
         for kind in ("lora_A", "lora_B"):
             tensors[peft_key(layer, kind)] = state[f"{layer}.{kind}"].detach().contiguous()
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": rank,
-        "lora_alpha": alpha,
-        "lora_dropout": dropout,
-        "target_modules": sorted({layer.rsplit(".", 1)[-1] for layer in layers}),
-        "bias": "none",
-        "fan_in_fan_out": fan_in_fan_out,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "use_rslora": False,
-        "modules_to_save": None,
-    }
-    if extra:
-        config["zotune"] = extra
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_path(base_model),
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=sorted({layer.rsplit(".", 1)[-1] for layer in layers}),
+        bias="none",
+        fan_in_fan_out=fan_in_fan_out,
+        inference_mode=True,
+        init_lora_weights=True,
+        use_rslora=False,
+    ).to_dict()
+    # As LoraConfig.save_pretrained writes it, with its sets sorted (the same bytes every time).
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    metadata = {"format": "pt", "zotune": json.dumps({"model": base_model, **(extra or {})})}
     with atomic_dir(folder) as tmp:
-        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+        save_file(tensors, tmp / WEIGHTS, metadata=metadata)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     return folder
+
+
+def base_model_path(name: str) -> str:
+    """The base as PEFT and transformers load it: the model's folder as an absolute path (for an
+    embedded model or a GGUF file, the safetensors folder it was converted to), or the hub id."""
+    from zotune.models import resolve
+
+    try:
+        source = resolve(name)
+    except ZotuneError:  # a model that is gone: its name is all there is
+        return name
+    return source.path if source.kind == "hub" else str(Path(source.path).resolve())
 
 
 def save_peft_described(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import gzip
+import hashlib
 import importlib.util
 import json
 import os
@@ -36,6 +37,8 @@ from zotune.paths import cache_dir
 
 VERSION = "1.0.0"
 ARCHIVE = f"bigbench-{VERSION}.tar.gz"
+# sha256 of the sdist on PyPI: a download (and `zotune fetch`, on the cached copy) is checked against it.
+ARCHIVE_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 ROOT = f"bigbench-{VERSION}/bigbench/benchmark_tasks/"  # task folders inside the archive
 INDEX_FORMAT = 1
 OLD_PIP = "25.3"  # see _pip_rejects_bigbench
@@ -74,12 +77,28 @@ def _pip_rejects_bigbench() -> bool:
         return False
 
 
-def bigbench_archive() -> Path:
-    """Path of bigbench-1.0.0.tar.gz, downloaded with pip the first time (into a temp dir, then renamed,
-    so an interrupted download never leaves a partial archive behind)."""
+def check_archive(path: Path) -> None:
+    """The archive is the pinned sdist (ARCHIVE_SHA256)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    if h.hexdigest() != ARCHIVE_SHA256:
+        raise DataError(
+            f"{path}: sha256 {h.hexdigest()}, expected {ARCHIVE_SHA256} (bigbench=={VERSION} from PyPI); "
+            "delete it and run `zotune fetch` again"
+        )
+
+
+def bigbench_archive(verify: bool = False) -> Path:
+    """Path of bigbench-1.0.0.tar.gz, downloaded with pip the first time (into a temp dir, checked
+    against its pinned sha256, then renamed, so an interrupted or altered download never leaves an
+    archive behind). verify: check a cached archive's hash too (`zotune fetch`)."""
     root = bigbench_dir()
     path = root / ARCHIVE
     if path.is_file():
+        if verify:
+            check_archive(path)
         return path
     tmp = Path(tempfile.mkdtemp(prefix=".download.", dir=root))
     try:
@@ -100,6 +119,7 @@ def bigbench_archive() -> Path:
         )
         if not (tmp / ARCHIVE).is_file():
             raise DataError(f"pip reported success but {ARCHIVE} is not in {tmp}")
+        check_archive(tmp / ARCHIVE)
         os.replace(tmp / ARCHIVE, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

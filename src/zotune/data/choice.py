@@ -124,3 +124,21 @@ def encode_choice(examples: Sequence, tokenizer, T: int, L: int, length_normaliz
         target_ids=input_ids[..., T - L :].clone(),
         target_mask=target_mask,
     )
+
+
+def pad_choices(tensors: Sequence[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """A choice batch's tensors (input_ids, attention_mask, position_ids, target_ids,
+    target_mask[, labels]) with the choice axis filled up to n the way encode_choice fills an
+    example's spare rows: copies of the first choice with an all-zero target mask (score -inf,
+    so the cross-entropy over the choices is unchanged). Static-shape programs take one C; the
+    splits of a task may each have a different most-choices count."""
+    ids, am, pos, target_ids, target_mask, *rest = tensors
+    have = ids.shape[1]
+    if have >= n:
+        return list(tensors)
+
+    def fill(t: torch.Tensor, zero: bool = False) -> torch.Tensor:
+        extra = t[:, :1].expand(t.shape[0], n - have, *t.shape[2:])
+        return torch.cat([t, torch.zeros_like(extra) if zero else extra], 1)
+
+    return [fill(ids), fill(am), fill(pos), fill(target_ids), fill(target_mask, zero=True), *rest]

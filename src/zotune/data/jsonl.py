@@ -222,6 +222,13 @@ def jsonl_examples(paths: Sequence[str | Path], cfg: DataConfig) -> tuple[str, l
                 continue  # filtered out by data.labels
             examples.append(Example(prompt=prompt, choices=choices, label=labels.index(label)))
         out.append(examples)
+    seen = sorted({labels[ex.label] for examples in out for ex in examples})
+    if len(seen) == 1:  # nothing to tell apart: every split would be one class
+        raise DataError(
+            f"every example has label {seen[0]!r}; a classification task needs at least two labels",
+            file=", ".join(str(p) for p in paths),
+            field="label",
+        )
     return "classification", out
 
 

@@ -12,7 +12,7 @@ from zotune.engines.base import MOMENTUM, OPT, PARAM, part, prefixed
 from zotune.estimators.fo import FirstOrder
 from zotune.estimators.prge import PRGEStep
 from zotune.estimators.rge import RGE
-from zotune.loss import loss_inputs, make_loss, trim_left_padding
+from zotune.loss import loss_inputs, make_loss, score_outputs, trim_left_padding
 
 
 def build_params(model, cfg: Config):
@@ -86,12 +86,7 @@ class EagerEngine:
     def scores(self, batch) -> tuple[torch.Tensor, ...]:
         """Classification: choice logits [B, C]. Choice: choice scores [B, C]. Generation and
         chat: (nll sum [B], token count [B])."""
-        batch = self._trim(batch)
-        if self.kind == "classification":
-            return (self.loss.logits(self.model, *batch[:4]),)
-        if self.kind == "choice":
-            return (self.loss.scores(self.model, *batch[:5]),)
-        return self.loss.rows(self.model, *batch)
+        return score_outputs(self.loss, self.model, self._trim(batch))
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         if isinstance(self.params, FullParams):

@@ -7,46 +7,49 @@ import torch
 import torch.nn as nn
 
 
-def quantize_8da4w(model: nn.Module, adapter, group_size: int) -> list[str]:
-    """torchao 8da4w on the frozen base linears of the decoder only: not LoRA A/B, not the
-    embedding / LM head (whose rows score the label words)."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-    from torchao.quantization.granularity import PerGroup
-
+def base_linears(model: nn.Module, group_size: int) -> list[str]:
+    """The frozen base linears a 4-bit recipe quantizes: the decoder's nn.Linear modules whose
+    input width the group size divides; not the embedding / LM head (whose rows score the label
+    words). LoRA A/B are plain tensors of LoRALinear, never nn.Linear modules."""
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
     tied = {id(m.weight) for m in (head, emb) if m is not None}
-    chosen = []
+    return [
+        fqn
+        for fqn, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and module is not head
+        and id(module.weight) not in tied
+        and module.in_features % group_size == 0
+    ]
 
-    def keep(module, fqn):
-        # LoRA A/B are plain tensors of LoRALinear, never nn.Linear modules: only base linears
-        # (and the head, excluded here) can match.
-        ok = (
-            isinstance(module, nn.Linear)
-            and module is not head
-            and id(module.weight) not in tied
-            and module.in_features % group_size == 0
-        )
-        if ok:
-            chosen.append(fqn)
-        return ok
 
+def quantize_8da4w(model: nn.Module, adapter, group_size: int) -> list[str]:
+    """torchao 8da4w (int8 dynamic activations, int4 grouped weights) on `base_linears`."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    chosen = base_linears(model, group_size)
     quantize_(
         model,
         Int8DynamicActivationIntxWeightConfig(
             weight_dtype=torch.int4, weight_granularity=PerGroup(group_size)
         ),
-        filter_fn=keep,
+        filter_fn=lambda module, fqn: fqn in chosen,
     )
-    # XNNPACK's blockwise int4 GEMM keeps the group scales in bfloat16. Rounding them here makes
-    # the eager quantized model compute what the lowered program computes (one linear: 5e-2 ->
-    # 1.5e-5 max difference on outputs of 20), so the parity check compares arithmetic, not
-    # scale storage. The lowered program is unchanged (bf16 of a bf16-exact value).
+    bf16_scales(model, chosen)
+    return chosen
+
+
+def bf16_scales(model: nn.Module, fqns: list[str]) -> None:
+    """XNNPACK's blockwise int4 GEMM keeps the group scales in bfloat16. Rounding them here makes
+    the eager quantized model compute what the lowered program computes (one linear: 5e-2 ->
+    1.5e-5 max difference on outputs of 20), so the parity check compares arithmetic, not scale
+    storage. The lowered program is unchanged (bf16 of a bf16-exact value)."""
     modules = dict(model.named_modules())
-    for fqn in chosen:
+    for fqn in fqns:
         scale = modules[fqn].weight.scale
         scale.copy_(scale.to(torch.bfloat16).to(scale.dtype))
-    return chosen
 
 
 class KeepStatePartitioner:

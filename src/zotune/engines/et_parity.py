@@ -25,7 +25,7 @@ def parity_check(data: bytes, plan, theta0: torch.Tensor, dtype) -> dict:
     plan: the exporter's methods and check inputs (executorch._Plan). -> metric -> max abs diff"""
     from executorch.runtime import Runtime
 
-    theta, velocity = check_values(theta0, plan.momentum, plan.check_seed, dtype)
+    theta, velocity = check_values(theta0, plan.spec.momentum, plan.spec.check_seed, dtype)
     program = Runtime.get().load_program(data)
     methods = {name: program.load_method(name) for name in program.method_names}  # all first
     methods["set_lora"].execute([theta.clone()])
@@ -33,7 +33,7 @@ def parity_check(data: bytes, plan, theta0: torch.Tensor, dtype) -> dict:
         methods["set_momentum"].execute([velocity.clone()])
     got = {
         "get": methods["get_lora"].execute([])[0],
-        "logits": methods["forward"].execute(list(plan.eval_in))[0],
+        "logits": tuple(methods["forward"].execute(list(plan.eval_in))),
     }
     got["loss"], got["g"] = methods["train_step"].execute([plan.seed_t, plan.lr_t, plan.eps_t, *plan.batch])
     got["theta"] = methods["get_lora"].execute([])[0]

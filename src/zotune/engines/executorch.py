@@ -2,12 +2,13 @@
 
 `export_program` traces the same `PRGEStep` that eager training runs (fused noise: z for all layers
 drawn in one hash call), lowers it with XNNPACK, and writes a program with four methods that share
-one copy of the trained tensors (theta, N values):
+one copy of the trained tensors (theta, N values); the batch is the loss's tensors
+(signature.py: classification, multiple choice, or the completion tokens of generation and chat):
 
-    train_step(seed[1] i64, lr[1] f32, eps[1] f32, input_ids[b,T], attention_mask[b,T],
-               position_ids[b,T], choice_ids[b,C], labels[b]) -> (loss [], g [q])
-    forward(input_ids[be,T], attention_mask[be,T], position_ids[be,T], choice_ids[be,C])
-               -> choice logits [be, C]      (with the current theta; be = eval batch size)
+    train_step(seed[1] i64, lr[1] f32, eps[1] f32, *batch) -> (loss [], g [q])
+    forward(*batch without labels) -> choice logits [be, C] (classification), choice scores
+               [be, C] (choice), or nll sum and token count [be] (generation), with the
+               current theta; be = eval batch size
     get_lora() -> theta [N]
     set_lora(theta [N]) -> ()
     get_momentum() -> velocity [N], set_momentum(velocity [N]) -> ()   (only with momentum > 0:
@@ -38,7 +39,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-import zotune
 from zotune.adapters.theta import set_theta, theta_of
 from zotune.engines._graph_passes import PASSES
 from zotune.engines.et_lowering import (
@@ -51,12 +51,12 @@ from zotune.engines.et_lowering import (
 from zotune.engines.et_parity import TOLERANCE, parity_check
 from zotune.engines.export_common import (
     FORMAT_VERSION,
-    ChoiceForward,
     EngineError,
+    EvalForward,
     ExportCheckError,
     ExportReport,
     ProgramFileError,
-    check_batch,
+    StepSpec,
     check_options,
     sha256_bytes,
     sidecar_path,
@@ -64,7 +64,7 @@ from zotune.engines.export_common import (
 )
 from zotune.engines.parity import gate
 from zotune.engines.pte import ENGINE, METHODS, ExecuTorchEngine, PteProgram
-from zotune.estimators.prge import VELOCITY, PRGEStep
+from zotune.estimators.prge import VELOCITY
 from zotune.io import atomic_write_bytes, atomic_write_text
 
 QUANTIZE = (None, "8da4w")
@@ -75,7 +75,7 @@ QUANTIZE = (None, "8da4w")
 # model under the same attribute name ("model"), so a trained buffer has the same fully qualified
 # name in every method: that is what share_mutable_buffers keys on.
 
-_Forward = ChoiceForward  # the evaluation method, shared with the ONNX exporter
+_Forward = EvalForward  # the evaluation method, shared with the ONNX exporter
 
 
 class _GetLora(nn.Module):
@@ -123,44 +123,34 @@ def export_program(
     model: nn.Module,
     adapter,
     loss,
-    q: int,
-    b: int,
-    seq_len: int,
-    n_choices: int,
-    dual: bool = True,
-    noise: str = "normal",
-    quantize: str | None = None,
+    spec: StepSpec,
     out_path: str | Path = "model.pte",
     *,
-    eval_batch: int | None = None,
-    model_name: str | None = None,
-    momentum: float = 0.0,
     xnnpack: bool = True,
     group_size: int = 32,
-    tolerance: float | None = None,
-    check_seed: int = 12345,
-    check_lr: float = 1e-3,
-    check_eps: float = 1e-2,
     attention: str | None = "eager",
     log=None,
 ) -> ExportReport:
     """Export the P-RGE training step of (model, adapter, loss) to one ExecuTorch program.
 
     The adapter's trained tensors become registered buffers of `model` (in place, values kept;
-    eager use of model and adapter is unaffected). With quantize="8da4w" the export works on a
-    deep copy, so the caller's model stays fp32. Raises ExportCheckError (and writes nothing) if
-    the lowered program and eager PyTorch differ beyond TOLERANCE[quantize] (or `tolerance`, one
-    value for every metric) in the forward logits (relative to max(1, |logits|)), the loss, the
-    loss differences behind g (2 eps g), theta after one step, or the update the program's own g
-    implies. With momentum > 0 the step keeps a heavy-ball buffer (the same update as
-    eager ZO-SGD with that momentum) and the program gains get_momentum / set_momentum.
+    eager use of model and adapter is unaffected). The loss's kind decides the batch
+    (signature.py) of the shapes `spec` gives. With spec.quantize
+    "8da4w" the export works on a deep copy, so the caller's model stays fp32. Raises ExportCheckError
+    (and writes nothing) if the lowered program and eager PyTorch differ beyond
+    TOLERANCE[quantize] (or spec.tolerance, one value for every metric) in the forward outputs
+    (relative to max(1, |outputs|)), the loss, the loss differences behind g (2 eps g), theta
+    after one step, or the update the program's own g implies. With momentum > 0 the step keeps
+    a heavy-ball buffer (the same update as eager ZO-SGD with that momentum) and the program
+    gains get_momentum / set_momentum.
 
     Stages: check the options, build the methods, trace, lower, emit, check parity against
     eager, write the program and its metadata."""
     t_start = time.perf_counter()
     say = log or (lambda msg: None)
-    _check_options(adapter, loss, quantize, noise, momentum, q, b, seq_len, n_choices)
-    tol = TOLERANCE[quantize] if tolerance is None else {k: float(tolerance) for k in TOLERANCE[quantize]}
+    sig = check_options(adapter, loss, spec, "ExecuTorch", QUANTIZE)
+    quantize = spec.quantize
+    tol = spec.tolerances(TOLERANCE[quantize])
     out_path = Path(out_path)
     dtype = adapter.tensors()[0].dtype
 
@@ -173,9 +163,7 @@ def export_program(
     was_training = model.training
     model.eval()
     theta0 = theta_of(adapter)
-    opts = dict(q=q, b=b, seq_len=seq_len, n_choices=n_choices, eval_batch=eval_batch or b)
-    opts.update(dual=dual, noise=noise, momentum=momentum, check=(check_seed, check_lr, check_eps))
-    plan = _Plan(model, adapter, loss, **opts)
+    plan = _Plan(model, adapter, loss, spec, sig)
     seconds = {}
     try:
         with _timed(seconds, "export"):
@@ -198,7 +186,7 @@ def export_program(
     say(f"parity vs eager: {check}")
     gate(check, tol, "lowered ExecuTorch program", out_path)
 
-    meta = _metadata(plan, data, dtype, theta0, quantize, group_size, xnnpack, model_name, check, tol)
+    meta = _metadata(plan, data, theta0, group_size, xnnpack, check, tol)
     atomic_write_bytes(out_path, data)
     atomic_write_text(sidecar_path(out_path), json.dumps(meta, indent=1))
     seconds["total"] = time.perf_counter() - t_start
@@ -218,36 +206,20 @@ def export_program(
 # -- the stages of export_program ----------------------------------------------------------------
 
 
-def _check_options(adapter, loss, quantize, noise, momentum, q, b, seq_len, n_choices) -> None:
-    if quantize not in QUANTIZE:
-        raise EngineError(f"quantize: expected one of {QUANTIZE}, got {quantize!r}")
-    check_options(adapter, loss, q, b, seq_len, n_choices, noise, momentum, "ExecuTorch")
-
-
 class _Plan:
     """The methods to export, with the example inputs they are traced and checked with."""
 
-    def __init__(
-        self, model, adapter, loss, *, q, b, seq_len, n_choices, eval_batch, dual, noise, momentum, check
-    ):
-        check_seed, check_lr, check_eps = check
+    def __init__(self, model, adapter, loss, spec: StepSpec, sig):
         self.model, self.adapter, self.loss = model, adapter, loss
-        self.q, self.b, self.seq_len, self.n_choices = q, b, seq_len, n_choices
-        self.eval_batch, self.dual, self.noise, self.momentum = eval_batch, dual, noise, momentum
-        self.check_seed = check_seed
+        self.spec, self.sig = spec, sig
         # The buffers every method shares: what no delegate may own, and what train_step updates.
         self.state_fqns = [f"model.{name}" for name in adapter.layout.names]
-        if momentum:
+        if spec.momentum:
             self.state_fqns.append(f"model.{VELOCITY}")
         vocab = model.get_input_embeddings().weight.shape[0]
-        self.batch = check_batch(vocab, b, seq_len, n_choices, seed=check_seed)
-        self.eval_in = check_batch(vocab, eval_batch, seq_len, n_choices, seed=check_seed + 1)[:4]
-        self.seed_t = torch.tensor([check_seed], dtype=torch.int64)
-        self.lr_t = torch.tensor([check_lr], dtype=torch.float32)
-        self.eps_t = torch.tensor([check_eps], dtype=torch.float32)
-        self.step = PRGEStep(
-            model, adapter, loss, q, dual=dual, noise=noise, momentum=momentum, fused_noise=True
-        )  # registers the model's VELOCITY buffer
+        self.batch, self.eval_in = spec.check_inputs(sig, vocab)
+        self.seed_t, self.lr_t, self.eps_t = spec.scalars()
+        self.step = spec.step(model, adapter, loss)
         theta = torch.zeros(adapter.numel, dtype=adapter.tensors()[0].dtype)
         self.modules = {
             "train_step": (self.step, (self.seed_t, self.lr_t, self.eps_t, *self.batch)),
@@ -255,7 +227,7 @@ class _Plan:
             "get_lora": (_GetLora(model, adapter), ()),
             "set_lora": (_SetLora(model, adapter), (theta,)),
         }
-        if momentum:
+        if spec.momentum:
             self.modules["get_momentum"] = (_GetMomentum(model), ())
             self.modules["set_momentum"] = (_SetMomentum(model), (torch.zeros_like(theta),))
         self.methods = list(self.modules)
@@ -328,35 +300,15 @@ def _emit(edge) -> bytes:
     return et.buffer
 
 
-def _metadata(
-    plan: _Plan, data: bytes, dtype, theta0, quantize, group_size, xnnpack, model_name, check, tol
-) -> dict:
+def _metadata(plan: _Plan, data: bytes, theta0, group_size, xnnpack, check, tol) -> dict:
     """The sidecar: shapes, options, theta's layout, versions, the check and the file's hash."""
-    model = plan.model
     return {
         "format": FORMAT_VERSION,
         "engine": ENGINE,
         "methods": plan.methods,
-        "q": int(plan.q),
-        "b": int(plan.b),
-        "seq_len": int(plan.seq_len),
-        "n_choices": int(plan.n_choices),
-        "eval_batch": int(plan.eval_batch),
-        "numel": int(plan.adapter.numel),
-        "noise": plan.noise,
-        "dual": bool(plan.dual),
-        "momentum": float(plan.momentum),
-        "quantize": quantize,
-        "group_size": group_size if quantize else None,
+        **plan.spec.meta(plan.sig, plan.model, plan.adapter, plan.loss, theta0),
+        "group_size": group_size if plan.spec.quantize else None,
         "xnnpack": bool(xnnpack),
-        "loss": plan.loss.kind,
-        "dtype": str(dtype).replace("torch.", ""),
-        "model": (model_name or getattr(model.config, "_name_or_path", "") or model.config.model_type),
-        "model_type": model.config.model_type,
-        "layout": plan.adapter.layout.to_json(),
-        "init": "zeros" if not theta0.any() else "given",
-        "zotune": zotune.__version__,
-        "torch": torch.__version__,
         "executorch": _et_version(),
         "check": check,
         "tolerance": tol,

@@ -19,7 +19,9 @@ import torch.nn as nn
 
 from zotune.adapters.theta import ThetaLayout
 from zotune.data.jsonl import get_field
+from zotune.engines.signature import KINDS, Signature
 from zotune.errors import FormatError, ZotuneError, reading
+from zotune.loss import score_outputs
 
 # The sidecar's format; its "layout" field is a ThetaLayout in its own versioned JSON form.
 FORMAT_VERSION = 2
@@ -65,45 +67,137 @@ def trained_to_buffers(adapter) -> list[str]:
     return adapter.layout.names
 
 
-class ChoiceForward(nn.Module):
-    """Choice logits with the current theta (the evaluation program). The adapted layers run in
-    replica mode with a single replica, so theta enters only through bmm (never as a linear
-    weight a backend could pack or quantize)."""
+class EvalForward(nn.Module):
+    """The evaluation method: what `loss.score_outputs` returns for a batch (signature.py), with
+    the current theta. The adapted layers run in replica mode with a single replica, so theta
+    enters only through bmm (never as a linear weight a backend could pack or quantize)."""
 
     def __init__(self, model, adapter, loss):
         super().__init__()
         self.model, self.adapter, self.loss = model, adapter, loss
 
-    def forward(self, input_ids, attention_mask, position_ids, choice_ids):
+    def forward(self, *batch):
         stacks = {}
         for name, layer in self.adapter.layers.items():
             a = layer.lora_A.unsqueeze(0) if self.adapter.train_a else None
             stacks[name] = (a, layer.lora_B.unsqueeze(0))
         self.adapter.set_replicas(stacks)
         try:
-            return self.loss.logits(self.model, input_ids, attention_mask, position_ids, choice_ids)
+            return score_outputs(self.loss, self.model, batch)
         finally:
             self.adapter.set_replicas(None)
 
 
-def check_options(adapter, loss, q, b, seq_len, n_choices, noise, momentum, what: str) -> None:
-    """What every exporter of the step supports, checked before any tracing."""
-    if noise not in ("normal", "rademacher"):
-        raise EngineError(f"noise: expected 'normal' or 'rademacher', got {noise!r}")
+@dataclass(frozen=True)
+class StepSpec:
+    """What an exported step is specialised to (its shapes and options: one program per spec),
+    and the inputs of the parity check that gates it. Both exporters take one."""
+
+    q: int  # query directions
+    b: int  # rows of a training batch
+    seq_len: int  # T: the (largest) sequence length
+    n_choices: int  # C: label words, or the most choices of an example
+    n_target: int = 0  # L: target positions of the choice and generation losses
+    eval_batch: int | None = None  # rows of the evaluation program (None: b)
+    dual: bool = True
+    noise: str = "normal"
+    momentum: float = 0.0
+    quantize: str | None = None  # the frozen base's quantization (each engine names its own)
+    model_name: str | None = None  # what the sidecar calls the model (None: its config's name)
+    tolerance: float | None = None  # one bound for every metric instead of the engine's table
+    check_seed: int = 12345
+    check_lr: float = 1e-3
+    check_eps: float = 1e-2
+
+    @property
+    def eval_rows(self) -> int:
+        return self.eval_batch or self.b
+
+    def tolerances(self, table: dict[str, float]) -> dict[str, float]:
+        return dict(table) if self.tolerance is None else {k: float(self.tolerance) for k in table}
+
+    def step(self, model, adapter, loss):
+        """The P-RGE step the program runs (fused noise: z for all layers in one hash call);
+        registers the model's VELOCITY buffer when momentum > 0."""
+        from zotune.estimators.prge import PRGEStep
+
+        options = dict(dual=self.dual, noise=self.noise, momentum=self.momentum)
+        return PRGEStep(model, adapter, loss, self.q, **options, fused_noise=True)
+
+    def meta(self, sig: Signature, model, adapter, loss, theta0: torch.Tensor) -> dict:
+        """What every sidecar records of the program: shapes and options (what device-train
+        checks), the loss, the model, theta's layout and start, and the versions."""
+        import zotune
+
+        dtype = str(adapter.tensors()[0].dtype).replace("torch.", "")
+        return {
+            "q": int(self.q),
+            "b": int(self.b),
+            "seq_len": int(self.seq_len),
+            "n_choices": int(sig.n_choices),
+            "n_target": int(sig.n_target),
+            "eval_batch": int(self.eval_rows),
+            "noise": self.noise,
+            "dual": bool(self.dual),
+            "momentum": float(self.momentum),
+            "numel": int(adapter.numel),
+            "loss": loss.kind,
+            "dtype": dtype,
+            "quantize": self.quantize,
+            "model": self.model_name or getattr(model.config, "_name_or_path", "") or model.config.model_type,
+            "model_type": model.config.model_type,
+            "layout": adapter.layout.to_json(),
+            "init": "zeros" if not theta0.any() else "given",
+            "zotune": zotune.__version__,
+            "torch": torch.__version__,
+        }
+
+    def scalars(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The check step's seed [1] i64, lr [1] f32 and eps [1] f32."""
+        return (
+            torch.tensor([self.check_seed], dtype=torch.int64),
+            torch.tensor([self.check_lr], dtype=torch.float32),
+            torch.tensor([self.check_eps], dtype=torch.float32),
+        )
+
+    def check_inputs(self, sig: Signature, vocab: int, length: int | None = None, case: int = 0):
+        """A synthetic training batch and evaluation batch of the program's signature, at
+        `length` (default seq_len); `case` picks another pair of seeds."""
+        length = length or self.seq_len
+        seed = self.check_seed + 2 * case
+        batch = sig.check_batch(vocab, self.b, length, seed=seed)
+        eval_in = sig.check_batch(vocab, self.eval_rows, length, seed=seed + 1)[: len(sig.forward_inputs)]
+        return batch, eval_in
+
+
+def check_options(adapter, loss, spec: StepSpec, what: str, quantize: tuple) -> Signature:
+    """What every exporter of the step supports (and the quantizations this one offers),
+    checked before any tracing. -> the batch signature of the program"""
+    if spec.quantize not in quantize:
+        raise EngineError(f"quantize: expected one of {quantize}, got {spec.quantize!r}")
+    if spec.noise not in ("normal", "rademacher"):
+        raise EngineError(f"noise: expected 'normal' or 'rademacher', got {spec.noise!r}")
     if not hasattr(adapter, "layers"):
         raise EngineError(
             f"the {what} engine exports LoRA / LoRA-FA adapters only "
             "(full-parameter training has no compact trained state)"
         )
-    if getattr(loss, "kind", None) != "classification" or getattr(loss, "via_head_module", False):
+    kind = getattr(loss, "kind", None)
+    if kind not in KINDS or (kind == "classification" and getattr(loss, "via_head_module", False)):
         raise EngineError(
-            f"the {what} engine exports the classification loss (label-word logits at the last position)"
+            f"the {what} engine exports the classification loss (label-word logits at the last "
+            "position), the multiple-choice loss and the completion-token loss"
         )
-    if not 0.0 <= momentum < 1.0:
-        raise EngineError(f"momentum: expected a value in [0, 1), got {momentum!r}")
-    for name, v in (("q", q), ("b", b), ("seq_len", seq_len), ("n_choices", n_choices)):
-        if int(v) < 1 or (name == "n_choices" and v < 2):
-            raise EngineError(f"{name} must be a positive integer (n_choices >= 2), got {v}")
+    if not 0.0 <= spec.momentum < 1.0:
+        raise EngineError(f"momentum: expected a value in [0, 1), got {spec.momentum!r}")
+    for name in ("q", "b", "seq_len"):
+        if int(getattr(spec, name)) < 1:
+            raise EngineError(f"{name} must be a positive integer, got {getattr(spec, name)}")
+    sig = Signature(kind, int(spec.n_choices), int(spec.n_target or 0))
+    problems = sig.problems(spec.seq_len)
+    if problems:
+        raise EngineError("; ".join(problems))
+    return sig
 
 
 @dataclass
@@ -120,25 +214,6 @@ class ExportReport:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def check_batch(
-    vocab_size: int, b: int, seq_len: int, n_choices: int, seed: int = 0
-) -> tuple[torch.Tensor, ...]:
-    """A deterministic classification batch of the static shapes (left padding on some rows),
-    for tracing and for the parity check of a freshly lowered program."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab_size, (b, seq_len), generator=g, dtype=torch.int64)
-    am = torch.ones(b, seq_len, dtype=torch.int64)
-    for i in range(b):
-        am[i, : (i * 3) % max(1, seq_len // 2)] = 0  # left padding of different lengths
-    ids = ids.masked_fill(am == 0, 0)
-    pos = (am.cumsum(1) - 1).clamp_min(0)
-    choice = torch.stack([torch.randperm(vocab_size - 3, generator=g)[:n_choices] + 3 for _ in range(b)]).to(
-        torch.int64
-    )
-    labels = torch.randint(0, n_choices, (b,), generator=g, dtype=torch.int64)
-    return ids, am, pos, choice, labels
 
 
 def sha256_bytes(data: bytes) -> str:

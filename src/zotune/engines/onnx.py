@@ -6,13 +6,15 @@ no mutable state, so theta [N] (and the momentum buffer [N]) are inputs and thei
 outputs; the host keeps them inside ONNX Runtime between steps (engines/ort.py). Two files:
 
     <out>            step(theta[N] f32, [velocity[N] f32,] seed[1] i64, lr[1] f32, eps[1] f32,
-                          input_ids[b,T], attention_mask[b,T], position_ids[b,T],
-                          choice_ids[b,C], labels[b])
-                          -> (new_theta[N], [new_velocity[N],] loss[], g[q])
-    <out>.eval.onnx  forward(theta[N], input_ids[be,T], attention_mask[be,T], position_ids[be,T],
-                             choice_ids[be,C]) -> choice logits [be, C]
+                          *batch) -> (new_theta[N], [new_velocity[N],] loss[], g[q])
+    <out>.eval.onnx  forward(theta[N], *batch without labels) -> logits [be, C] (classification
+                             logits or choice scores), or nll [be], count [be] (generation)
 
-With quantize="int4" the frozen base linears of both graphs become ONNX Runtime `MatMulNBits`
+The batch is the loss's tensors (signature.py: classification, multiple choice, or the completion
+tokens of generation and chat), with one symbolic length T (at least L + 1 with L target
+positions) unless dynamic_length is off.
+
+With spec.quantize "int4" the frozen base linears of both graphs become ONNX Runtime `MatMulNBits`
 (4-bit weight blocks, float activations; onnx_int4.py); theta, LoRA's A and the LM head stay
 fp32. Before anything is written both graphs run in ONNX Runtime next to eager PyTorch from the
 same (nonzero) theta; a difference above tolerance raises ExportCheckError and leaves no file.
@@ -33,21 +35,21 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-import zotune
 from zotune.adapters.theta import set_theta, theta_of
 from zotune.engines.export_common import (
     FORMAT_VERSION,
-    ChoiceForward,
     EngineError,
+    EvalForward,
     ExportReport,
+    StepSpec,
     _owner,
-    check_batch,
     check_options,
     sha256_bytes,
     sidecar_path,
     trained_to_buffers,
 )
 from zotune.engines.parity import EXACT, FP32, check_values, gate, parity_metrics
+from zotune.engines.signature import Signature
 from zotune.estimators.prge import VELOCITY, PRGEStep
 from zotune.io import atomic_write_bytes, atomic_write_text
 
@@ -55,7 +57,6 @@ ENGINE = "onnx"
 OPSET = 20
 # int4: symmetric 4-bit blocks (one scale each); int4-zp: a scale and a 4-bit zero point each.
 QUANTIZE = (None, "int4", "int4-zp")
-BATCH = ("input_ids", "attention_mask", "position_ids", "choice_ids", "labels")
 # int4: eager runs on ONNX Runtime's own dequantized weights, so the same fp32 bounds hold except
 # for summation order inside MatMulNBits (blockwise dequantize-and-accumulate); the update its
 # own g implies is exact either way.
@@ -67,14 +68,16 @@ def eval_path(path: str | Path) -> Path:
     return Path(str(path) + ".eval.onnx")
 
 
-def step_names(momentum: float) -> tuple[list[str], list[str]]:
+def step_names(momentum: float, sig: Signature) -> tuple[list[str], list[str]]:
     """Input and output names of the step graph."""
     state = ["theta", "velocity"] if momentum else ["theta"]
     outs = ["new_theta", "new_velocity"] if momentum else ["new_theta"]
-    return state + ["seed", "lr", "eps", *BATCH], outs + ["loss", "g"]
+    return state + ["seed", "lr", "eps", *sig.step_inputs], outs + ["loss", "g"]
 
 
-EVAL_INPUTS, EVAL_OUTPUTS = ["theta", *BATCH[:4]], ["logits"]
+def eval_names(sig: Signature) -> tuple[list[str], list[str]]:
+    """Input and output names of the evaluation graph."""
+    return ["theta", *sig.forward_inputs], list(sig.forward_outputs)
 
 
 @contextlib.contextmanager
@@ -120,15 +123,15 @@ class StatelessStep(nn.Module):
 
 
 class StatelessForward(nn.Module):
-    """ChoiceForward with theta as an input: (theta, *batch[:4]) -> choice logits [be, C]."""
+    """EvalForward with theta as an input: (theta, *batch) -> its outputs."""
 
-    def __init__(self, forward: ChoiceForward):
+    def __init__(self, forward: EvalForward):
         super().__init__()
         self.inner = forward
 
-    def forward(self, theta, input_ids, attention_mask, position_ids, choice_ids):
+    def forward(self, theta, *batch):
         with bound(self.inner.adapter, self.inner.model, theta, None, writable=False):
-            return self.inner(input_ids, attention_mask, position_ids, choice_ids)
+            return self.inner(*batch)
 
 
 def _to_onnx(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], dynamic_shapes=None):
@@ -171,44 +174,30 @@ def export_program(
     model: nn.Module,
     adapter,
     loss,
-    q: int,
-    b: int,
-    seq_len: int,
-    n_choices: int,
-    dual: bool = True,
-    noise: str = "normal",
-    quantize: str | None = None,
+    spec: StepSpec,
     out_path: str | Path = "step.onnx",
     *,
-    eval_batch: int | None = None,
-    model_name: str | None = None,
-    momentum: float = 0.0,
     block_size: int = 32,
     dynamic_length: bool = True,
-    tolerance: float | None = None,
     threads: int | None = None,
-    check_seed: int = 12345,
-    check_lr: float = 1e-3,
-    check_eps: float = 1e-2,
     log=None,
 ) -> ExportReport:
     """Export the P-RGE training step of (model, adapter, loss) to an ONNX step program and an
     ONNX evaluation program (see the module docstring). Raises ExportCheckError (and writes
     nothing) if ONNX Runtime and eager PyTorch differ beyond TOLERANCE[quantize] (or
-    `tolerance`, one value for every metric). The caller's model and adapter keep their values
+    spec.tolerance, one value for every metric). The caller's model and adapter keep their values
     (the trained tensors become registered buffers, as for ExecuTorch)."""
     from zotune.engines.ort import OrtPair
 
     t_start = time.perf_counter()
     say = log or (lambda msg: None)
-    if quantize not in QUANTIZE:
-        raise EngineError(f"quantize: expected one of {QUANTIZE}, got {quantize!r}")
-    check_options(adapter, loss, q, b, seq_len, n_choices, noise, momentum, "ONNX")
+    sig = check_options(adapter, loss, spec, "ONNX", QUANTIZE)
+    quantize = spec.quantize
+    seq_len, momentum = spec.seq_len, spec.momentum
     if quantize and block_size not in (16, 32, 64, 128, 256):
         raise EngineError(f"block size: expected 16, 32, 64, 128 or 256, got {block_size}")
-    eval_batch = eval_batch or b
-    dynamic_length = bool(dynamic_length) and seq_len >= 2
-    tol = TOLERANCE[quantize] if tolerance is None else {k: float(tolerance) for k in TOLERANCE[quantize]}
+    dynamic_length = bool(dynamic_length) and seq_len > sig.min_length
+    tol = spec.tolerances(TOLERANCE[quantize])
     out_path = Path(out_path)
     dtype = adapter.tensors()[0].dtype
     if dtype != torch.float32:
@@ -219,35 +208,30 @@ def export_program(
     model.eval()
     theta0 = theta_of(adapter)
     vocab = model.get_input_embeddings().weight.shape[0]
-    batch = check_batch(vocab, b, seq_len, n_choices, seed=check_seed)
-    eval_in = check_batch(vocab, eval_batch, seq_len, n_choices, seed=check_seed + 1)[:4]
-    seed_t = torch.tensor([check_seed], dtype=torch.int64)
-    lr_t = torch.tensor([check_lr], dtype=torch.float32)
-    eps_t = torch.tensor([check_eps], dtype=torch.float32)
-    step = PRGEStep(
-        model, adapter, loss, q, dual=dual, noise=noise, momentum=momentum, fused_noise=True
-    )  # registers the model's VELOCITY buffer when momentum > 0
-    inputs, outputs = step_names(momentum)
+    n_eval = len(sig.forward_inputs)
+    batch, eval_in = spec.check_inputs(sig, vocab)
+    seed_t, lr_t, eps_t = spec.scalars()
+    step = spec.step(model, adapter, loss)
+    inputs, outputs = step_names(momentum, sig)
+    eval_inputs, eval_outputs = eval_names(sig)
     state = (theta0, torch.zeros_like(theta0)) if momentum else (theta0,)
     seconds, info = {}, {}
     try:
         t0 = time.perf_counter()
         shapes = {"step": None, "forward": None}
         if dynamic_length:  # one symbolic length T <= seq_len for the batch of both graphs
-            t_dim = {1: torch.export.Dim("T", min=2, max=int(seq_len))}
-            shapes = {
-                "step": (None, (None,) * (len(state) - 1 + 3) + (t_dim,) * 3 + (None, None)),
-                "forward": (None, t_dim, t_dim, t_dim, None),
-            }
+            t_dim = {sig.length_dim: torch.export.Dim("T", min=sig.min_length, max=int(seq_len))}
+            rest = (t_dim,) * 3 + (None,) * (len(sig.step_inputs) - 3)
+            shapes = {"step": (None, (None,) * (len(state) - 1 + 3) + rest), "forward": (None, rest[:n_eval])}
         protos = {
             "step": _to_onnx(
                 StatelessStep(step), (*state, seed_t, lr_t, eps_t, *batch), inputs, outputs, shapes["step"]
             ),
             "forward": _to_onnx(
-                StatelessForward(ChoiceForward(model, adapter, loss)),
+                StatelessForward(EvalForward(model, adapter, loss)),
                 (theta0, *eval_in),
-                EVAL_INPUTS,
-                EVAL_OUTPUTS,
+                eval_inputs,
+                eval_outputs,
                 shapes["forward"],
             ),
         }
@@ -276,39 +260,22 @@ def export_program(
                 for fqn, w in dequantized_weights(protos["forward"], names).items():
                     ref_model.get_submodule(fqn).weight.copy_(w)
             trained_to_buffers(ref_adapter)
-            ref_step = PRGEStep(
-                ref_model, ref_adapter, loss, q, dual=dual, noise=noise, momentum=momentum, fused_noise=True
-            )
+            ref_step = spec.step(ref_model, ref_adapter, loss)
         data = {k: p.SerializeToString() for k, p in protos.items()}
         del protos
         say(f"ONNX: step {len(data['step']) / 2**20:.1f} MiB, forward {len(data['forward']) / 2**20:.1f} MiB")
 
         t0 = time.perf_counter()
-        theta_c, velocity_c = check_values(theta0, momentum, check_seed)
-        pair = OrtPair(data["step"], data["forward"], momentum > 0, threads)
+        theta_c, velocity_c = check_values(theta0, momentum, spec.check_seed)
+        pair = OrtPair(data["step"], data["forward"], momentum > 0, sig, threads)
         cases = [(batch, eval_in)]
         if dynamic_length:  # and at a shorter length, as device-train runs trimmed batches
-            short = max(2, seq_len // 2)
-            cases.append(
-                (
-                    check_batch(vocab, b, short, n_choices, seed=check_seed + 2),
-                    check_batch(vocab, eval_batch, short, n_choices, seed=check_seed + 3)[:4],
-                )
-            )
+            cases.append(spec.check_inputs(sig, vocab, max(sig.min_length, seq_len // 2), case=1))
+        ref = SimpleNamespace(step=ref_step, adapter=ref_adapter, loss=loss, model=ref_model)
+        ref.seed_t, ref.lr_t, ref.eps_t = seed_t, lr_t, eps_t
         check = {}
-        for case_batch, case_eval in cases:
-            got = pair.check_run(theta_c, velocity_c, seed_t, lr_t, eps_t, case_batch, case_eval)
-            ref = SimpleNamespace(
-                step=ref_step,
-                adapter=ref_adapter,
-                loss=loss,
-                model=ref_model,
-                seed_t=seed_t,
-                lr_t=lr_t,
-                eps_t=eps_t,
-                batch=case_batch,
-                eval_in=case_eval,
-            )
+        for ref.batch, ref.eval_in in cases:
+            got = pair.check_run(theta_c, velocity_c, seed_t, lr_t, eps_t, ref.batch, ref.eval_in)
             one = parity_metrics(got, ref, theta_c, velocity_c)
             check = {k: max(v, check.get(k, v)) for k, v in one.items()}
         del pair
@@ -326,35 +293,18 @@ def export_program(
         "graphs": {
             "step": {"inputs": inputs, "outputs": outputs},
             "forward": {
-                "inputs": EVAL_INPUTS,
-                "outputs": EVAL_OUTPUTS,
+                "inputs": eval_inputs,
+                "outputs": eval_outputs,
                 "file": eval_path(out_path).name,
                 "size": len(data["forward"]),
                 "sha256": sha256_bytes(data["forward"]),
             },
         },
-        "q": int(q),
-        "b": int(b),
-        "seq_len": int(seq_len),
-        "n_choices": int(n_choices),
-        "eval_batch": int(eval_batch),
-        "numel": int(adapter.numel),
-        "noise": noise,
-        "dual": bool(dual),
-        "momentum": float(momentum),
-        "quantize": quantize,
+        **spec.meta(sig, model, adapter, loss, theta0),
         "block_size": block_size if quantize else None,
         "dynamic_length": dynamic_length,
         **info,
         "opset": OPSET,
-        "loss": loss.kind,
-        "dtype": str(dtype).replace("torch.", ""),
-        "model": (model_name or getattr(model.config, "_name_or_path", "") or model.config.model_type),
-        "model_type": model.config.model_type,
-        "layout": adapter.layout.to_json(),
-        "init": "zeros" if not theta0.any() else "given",
-        "zotune": zotune.__version__,
-        "torch": torch.__version__,
         "onnxruntime": _version("onnxruntime"),
         "onnx": _version("onnx"),
         "check": check,
@@ -389,4 +339,4 @@ def _version(package: str) -> str:
         return "unknown"
 
 
-__all__ = ["export_program", "eval_path", "step_names", "ENGINE", "TOLERANCE", "QUANTIZE"]
+__all__ = ["export_program", "eval_path", "eval_names", "step_names", "ENGINE", "TOLERANCE", "QUANTIZE"]

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from zotune.engines.export_common import EngineError, ProgramFileError, verify_file
-from zotune.engines.onnx import BATCH, ENGINE, EVAL_INPUTS, eval_path, step_names
+from zotune.engines.onnx import ENGINE, eval_names, eval_path, step_names
 from zotune.engines.program import TrainingProgram
+from zotune.engines.signature import Signature
 
 _THREADS: dict[str, int | None] = {"intra": None}
 
@@ -52,13 +53,23 @@ def _ortvalue(shape: list[int]):
 class OrtPair:
     """Step and forward InferenceSessions with theta (and velocity) double-buffered in ONNX Runtime."""
 
-    def __init__(self, step_source, forward_source, momentum: bool, threads: int | None = None, check=None):
+    def __init__(
+        self,
+        step_source,
+        forward_source,
+        momentum: bool,
+        sig: Signature,
+        threads: int | None = None,
+        check=None,
+    ):
         self.step = inference_session(step_source, threads)
         self.fwd = inference_session(forward_source, threads)
         if check is not None:  # before binding: a graph of another shape must fail clearly
             check(self.step, self.fwd)
         self.momentum = momentum
-        self.inputs, self.outputs = step_names(1.0 if momentum else 0.0)
+        self.inputs, self.outputs = step_names(1.0 if momentum else 0.0, sig)
+        self.batch_names = sig.step_inputs
+        self.eval_inputs, self.eval_outputs = eval_names(sig)
         n = self.step.get_inputs()[0].shape[0]
         q = self.step.get_outputs()[-1].shape[0]
         if not isinstance(n, int) or not isinstance(q, int):
@@ -87,21 +98,22 @@ class OrtPair:
         arrays = [
             np.ascontiguousarray(torch.as_tensor(t).numpy()) for t in (seed, lr, eps, *batch)
         ]  # alive until the run returns
-        for name, arr in zip(("seed", "lr", "eps", *BATCH), arrays):
+        for name, arr in zip(("seed", "lr", "eps", *self.batch_names), arrays):
             io.bind_cpu_input(name, arr)
         self.step.run_with_iobinding(io)
         self.cur = 1 - self.cur
         return float(self.loss.numpy()), torch.from_numpy(np.array(self.g.numpy()))
 
-    def run_forward(self, batch) -> torch.Tensor:
+    def run_forward(self, batch) -> tuple[torch.Tensor, ...]:
         io = self.fwd.io_binding()
         io.bind_ortvalue_input("theta", self.theta[self.cur])
         arrays = [np.ascontiguousarray(torch.as_tensor(t).numpy()) for t in batch]
-        for name, arr in zip(EVAL_INPUTS[1:], arrays):
+        for name, arr in zip(self.eval_inputs[1:], arrays):
             io.bind_cpu_input(name, arr)
-        io.bind_output("logits", "cpu")
+        for name in self.eval_outputs:
+            io.bind_output(name, "cpu")
         self.fwd.run_with_iobinding(io)
-        return torch.from_numpy(np.array(io.get_outputs()[0].numpy()))
+        return tuple(torch.from_numpy(np.array(v.numpy())) for v in io.get_outputs())
 
     def get_theta(self) -> torch.Tensor:
         return torch.from_numpy(np.array(self.theta[self.cur].numpy()))
@@ -150,7 +162,7 @@ class OrtProgram(TrainingProgram):
             verify_file(fwd, graph)
         self = cls(path, meta, None)
         try:
-            self.pair = OrtPair(path, fwd, bool(self.momentum), check=self._check_shapes)
+            self.pair = OrtPair(path, fwd, bool(self.momentum), self.sig, check=self._check_shapes)
         except ProgramFileError:
             raise
         except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf / ...
@@ -162,11 +174,11 @@ class OrtProgram(TrainingProgram):
 
     def _check_shapes(self, step, fwd) -> None:
         n, shapes = self.numel, self.input_shapes()
-        inputs, _ = step_names(self.momentum)
+        inputs, _ = step_names(self.momentum, self.sig)
         state = [[n], [n]] if self.momentum else [[n]]
         want = {
             "step": (step, inputs, state + [[1], [1], [1]] + shapes["step"]),
-            "forward": (fwd, EVAL_INPUTS, [[n]] + shapes["forward"]),
+            "forward": (fwd, eval_names(self.sig)[0], [[n]] + shapes["forward"]),
         }
         for graph, (sess, names, dims) in want.items():
             have = [(i.name, list(i.shape)) for i in sess.get_inputs()]

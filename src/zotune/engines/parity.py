@@ -9,6 +9,7 @@ import torch
 from zotune.adapters.theta import set_theta, theta_of
 from zotune.engines.export_common import ExportCheckError
 from zotune.estimators.prge import VELOCITY, flat_update
+from zotune.loss import score_outputs
 from zotune.rng import noise as rng_noise
 
 # Metrics every program is held to exactly (1e-5), whatever its arithmetic: set/get of theta,
@@ -19,8 +20,17 @@ FP32 = {**EXACT, "forward": 1e-5, "loss": 1e-5, "loss_diff": 1e-5, "theta": 1e-5
 
 
 def max_diff(a, b) -> float:
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
-    return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
+    """Max abs difference; equal values (both -inf: a choice score's spare row) differ by 0."""
+    a, b = torch.as_tensor(a).detach().double(), torch.as_tensor(b).detach().double()
+    if not a.numel():
+        return 0.0
+    return float(torch.where(a == b, 0.0, (a - b).abs()).max())
+
+
+def _flat(outputs) -> torch.Tensor:
+    """An evaluation method's outputs (a tensor or a tuple of them) as one vector."""
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    return torch.cat([torch.as_tensor(t).detach().double().reshape(-1) for t in outputs])
 
 
 def check_values(theta0: torch.Tensor, momentum: float, seed: int, dtype=None) -> tuple:
@@ -41,7 +51,8 @@ def parity_metrics(program: dict, plan, theta: torch.Tensor, velocity) -> dict:
     """Max abs differences between what a program computed from (theta, velocity) and eager
     PyTorch from the same state.
 
-    program: {"get": theta read back after setting it, "logits": forward on plan.eval_in, "loss",
+    program: {"get": theta read back after setting it, "logits": the outputs of the evaluation
+    method on plan.eval_in (signature.py), "loss",
     "g": one train step on plan.batch, "theta" and (with momentum) "velocity": the state after
     it}. plan: the exporter's check inputs (step: the eager PRGEStep with fused noise, adapter,
     loss, model, seed_t, lr_t, eps_t, batch, eval_in). Moves the adapter's theta (and the model's
@@ -51,7 +62,9 @@ def parity_metrics(program: dict, plan, theta: torch.Tensor, velocity) -> dict:
     set_theta(adapter, theta)
     if velocity is not None:
         getattr(model, VELOCITY).copy_(velocity)
-    logits_eager = loss.logits(model, *plan.eval_in)
+    logits_eager = _flat(score_outputs(loss, model, plan.eval_in))
+    finite = logits_eager[torch.isfinite(logits_eager)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
     loss_eager, g_eager = step(seed_t, lr_t, eps_t, *plan.batch)
     theta_eager = theta_of(adapter)
 
@@ -67,8 +80,8 @@ def parity_metrics(program: dict, plan, theta: torch.Tensor, velocity) -> dict:
         momentum["momentum"] = max_diff(program["velocity"], v_expected)
     return {
         "set_get": max_diff(program["get"], theta),
-        # Logits are compared relative to their scale (real LMs give logits of 10-30).
-        "forward": max_diff(program["logits"], logits_eager) / max(1.0, float(logits_eager.abs().max())),
+        # Logits and scores are compared relative to their scale (real LMs give logits of 10-30).
+        "forward": max_diff(_flat(program["logits"]), logits_eager) / max(1.0, scale),
         "loss": max_diff(torch.as_tensor(program["loss"]).reshape(()), loss_eager),
         # g = (l+ - l-) / (2 eps): compare the loss differences it comes from.
         "loss_diff": max_diff(g_p * 2 * eps_t, g_eager * 2 * eps_t),

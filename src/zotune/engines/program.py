@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from zotune.adapters.theta import LayoutError
+from zotune.data.choice import pad_choices
 from zotune.engines.base import MOMENTUM, PARAM, part, prefixed
 from zotune.engines.export_common import (
     EngineError,
@@ -29,6 +30,7 @@ from zotune.engines.export_common import (
     read_sidecar,
     verify_file,
 )
+from zotune.engines.signature import Signature
 from zotune.loss import trim_left_padding
 
 EXPECTABLE = {
@@ -36,6 +38,7 @@ EXPECTABLE = {
     "b",
     "seq_len",
     "n_choices",
+    "n_target",
     "eval_batch",
     "numel",
     "noise",
@@ -60,6 +63,7 @@ class TrainingProgram:
         self.path, self.meta = path, meta
         self.q, self.b, self.seq_len = meta["q"], meta["b"], meta["seq_len"]
         self.n_choices, self.eval_batch, self.numel = (meta["n_choices"], meta["eval_batch"], meta["numel"])
+        self.sig = Signature.of_meta(meta)  # the loss it computes and its batch (signature.py)
         self.layout = program_layout(path, meta)
         self.dtype = DTYPES.get(meta.get("dtype", "float32"), torch.float32)
         self.momentum = float(meta["momentum"])
@@ -78,7 +82,7 @@ class TrainingProgram:
     ) -> tuple[float, torch.Tensor]:
         raise NotImplementedError
 
-    def _forward(self, batch: list[torch.Tensor]) -> torch.Tensor:
+    def _forward(self, batch: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
     def get_lora_flat(self) -> torch.Tensor:
@@ -129,37 +133,38 @@ class TrainingProgram:
             self.set_momentum(torch.zeros(self.numel, dtype=self.dtype))
         return self
 
-    def input_shapes(self) -> dict[str, list[list[int]]]:
+    def input_shapes(self) -> dict[str, list[list]]:
         """The batch inputs of the step and the forward, as the metadata implies them."""
-        b, be, c = self.b, self.eval_batch, self.n_choices
         t = "T" if self.dynamic_length else self.seq_len
-        return {"step": [[b, t]] * 3 + [[b, c], [b]], "forward": [[be, t]] * 3 + [[be, c]]}
+        return {
+            "step": [list(s) for s in self.sig.shapes(self.b, t)],
+            "forward": [list(s) for s in self.sig.shapes(self.eval_batch, t, forward=True)],
+        }
 
     # -- the program -----------------------------------------------------------------------
 
-    def _check_batch(self, batch, rows: int, n: int, what: str) -> list[torch.Tensor]:
-        if len(batch) != n:
+    def _check_batch(self, batch, rows: int, forward: bool, what: str) -> list[torch.Tensor]:
+        names = self.sig.forward_inputs if forward else self.sig.step_inputs
+        if len(batch) != len(names):
             raise EngineError(
-                f"{what}: expected {n} batch tensors (input_ids, attention_mask, "
-                f"position_ids, choice_ids{', labels' if n == 5 else ''}), "
-                f"got {len(batch)}"
+                f"{what}: expected {len(names)} batch tensors ({', '.join(names)}), got {len(batch)}"
             )
-        first = torch.as_tensor(batch[0]) if len(batch) else torch.zeros(0)
-        length = first.shape[-1] if first.dim() == 2 else self.seq_len
-        if not (self.dynamic_length and 2 <= length <= self.seq_len):
+        tensors = [torch.as_tensor(t) for t in batch]
+        if self.sig.kind == "choice":  # examples with fewer choices: masked spare rows
+            tensors = pad_choices(tensors, self.sig.n_choices)
+        length = tensors[0].shape[-1] if tensors[0].dim() == self.sig.length_dim + 1 else self.seq_len
+        if not (self.dynamic_length and self.sig.min_length <= length <= self.seq_len):
             length = self.seq_len
-        shapes = [(rows, length)] * 3 + [(rows, self.n_choices), (rows,)]
         out = []
-        for i, (t, shape) in enumerate(zip(batch, shapes)):
-            t = torch.as_tensor(t)
+        for i, (name, t, shape) in enumerate(zip(names, tensors, self.sig.shapes(rows, length, forward))):
             if tuple(t.shape) != shape:
                 raise EngineError(
-                    f"{what}: batch tensor {i} has shape {tuple(t.shape)}, this "
+                    f"{what}: batch tensor {i} ({name}) has shape {tuple(t.shape)}, this "
                     f"program was exported for {shape} (q={self.q}, b={self.b}, "
-                    f"T={self.seq_len}, C={self.n_choices}, eval batch "
+                    f"T={self.seq_len}, C={self.n_choices}, L={self.sig.n_target}, eval batch "
                     f"{self.eval_batch}); pad the batch or re-export"
                 )
-            out.append(t.to(torch.int64).contiguous())
+            out.append(t.to(self.sig.dtype(name)).contiguous())
         return out
 
     def train_step(self, seed: int, lr: float, eps: float, batch) -> tuple[float, torch.Tensor]:
@@ -168,30 +173,37 @@ class TrainingProgram:
             torch.tensor([int(seed)], dtype=torch.int64),
             torch.tensor([float(lr)], dtype=torch.float32),
             torch.tensor([float(eps)], dtype=torch.float32),
-            self._check_batch(batch, self.b, 5, "train_step"),
+            self._check_batch(batch, self.b, False, "train_step"),
         )
 
-    def forward(self, input_ids, attention_mask, position_ids, choice_ids) -> torch.Tensor:
-        """Choice logits [eval_batch, C] with the current theta."""
-        return self._forward(
-            self._check_batch(
-                (input_ids, attention_mask, position_ids, choice_ids), self.eval_batch, 4, "forward"
-            )
-        )
+    def forward(self, *batch):
+        """The evaluation method on eval_batch rows with the current theta: choice logits
+        (classification) or choice scores (choice) [eval_batch, C]; generation programs return
+        (nll sum, token count), [eval_batch] each."""
+        return _one(self._forward(self._check_batch(batch, self.eval_batch, True, "forward")))
 
-    def scores(self, input_ids, attention_mask, position_ids, choice_ids) -> torch.Tensor:
-        """Choice logits for any number of rows: chunks of the static eval batch, the last one
-        padded with copies of its first row (rows are independent, padding is discarded)."""
-        tensors = [torch.as_tensor(t) for t in (input_ids, attention_mask, position_ids, choice_ids)]
+    def score_rows(self, *batch) -> tuple[torch.Tensor, ...]:
+        """The evaluation method's outputs for any number of rows: chunks of the static eval
+        batch, the last one padded with copies of its first row (rows are independent, padding
+        is discarded)."""
+        tensors = [torch.as_tensor(t) for t in batch]
         rows, be = tensors[0].shape[0], self.eval_batch
-        out = []
+        parts = []
         for start in range(0, rows, be):
             chunk = [t[start : start + be] for t in tensors]
             n = chunk[0].shape[0]
             if n < be:
                 chunk = [torch.cat([c, c[:1].expand(be - n, *c.shape[1:])]) for c in chunk]
-            out.append(self.forward(*chunk)[:n])
-        return torch.cat(out) if out else torch.zeros(0, self.n_choices)
+            out = self._forward(self._check_batch(chunk, be, True, "forward"))
+            parts.append([o[:n] for o in out])
+        if not parts:
+            width = () if self.sig.kind == "generation" else (self.n_choices,)
+            return tuple(torch.zeros(0, *width) for _ in self.sig.forward_outputs)
+        return tuple(torch.cat(p) for p in zip(*parts))
+
+    def scores(self, *batch):
+        """score_rows, unpacked like `forward`."""
+        return _one(self.score_rows(*batch))
 
     def get_lora(self) -> dict[str, torch.Tensor]:
         """The trained tensors, unflattened with the program's layout."""
@@ -240,18 +252,20 @@ class ProgramEngine:
     def __init__(self, program: TrainingProgram, frozen: dict[str, torch.Tensor] | None = None):
         self.program, self.frozen = program, dict(frozen or {})
         self.name = program.ENGINE
-        self.kind = "classification"
+        self.kind = program.sig.kind
 
     def _trim(self, batch):
         # A program of symbolic length runs each batch without its all-padding columns, as the
-        # eager engine does (exact under the attention mask); its length is at least 2.
-        return trim_left_padding(tuple(batch), keep=2) if self.program.dynamic_length else batch
+        # eager engine does (exact under the attention mask); its length is at least 2, and
+        # more than the target positions.
+        sig = self.program.sig
+        return trim_left_padding(tuple(batch), keep=sig.min_length) if self.program.dynamic_length else batch
 
     def step(self, batch, seed: int, lr: float, eps: float):
         return self.program.train_step(seed, lr, eps, self._trim(batch))
 
     def scores(self, batch) -> tuple[torch.Tensor, ...]:
-        return (self.program.scores(*self._trim(batch)[:4]),)
+        return self.program.score_rows(*self._trim(batch)[: len(self.program.sig.forward_inputs)])
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         out = {k: v.clone() for k, v in self.frozen.items()}
@@ -268,6 +282,10 @@ class ProgramEngine:
         self.program.set_lora(part(tensors, PARAM))
         if self.program.momentum:
             self.program.set_momentum(part(tensors, MOMENTUM))
+
+
+def _one(outputs: tuple):
+    return outputs[0] if len(outputs) == 1 else outputs
 
 
 def runtime(engine: str):

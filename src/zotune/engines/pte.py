@@ -101,7 +101,7 @@ class PteProgram(TrainingProgram):
         return float(loss), g
 
     def _forward(self, batch):
-        return self._methods["forward"].execute(batch)[0]
+        return tuple(self._methods["forward"].execute(batch))
 
     def get_lora_flat(self) -> torch.Tensor:
         return self._methods["get_lora"].execute([])[0]

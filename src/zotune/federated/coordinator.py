@@ -4,12 +4,14 @@ client is sent, and how valid replies change the global adapter.
 Global state: the trained tensors B (in an eval engine), the momentum velocity, the step scale
 (optim.normalize), the replay log of every applied record, and what each client holds.
 
-zo aggregation: client c with n_c examples gets weight w_c = n_c / sum n. Each of its records
-(seed, g, lr) is applied to the global B as (seed, w_c * g, lr) with the same update rule replay
-uses, and appended to the global log. A client's local delta from the round's start is
+zo aggregation: client c with n_c examples gets weight w_c = eta_s * n_c / sum n, with eta_s the
+server learning rate (federated.server_lr, 1 by default). Each of its records (seed, g, lr) is
+applied to the global B as (seed, w_c * g, lr) with the same update rule replay uses, and
+appended to the global log. A client's local delta from the round's start is
 -sum_t lr_t * mean_i g_ti z_ti, linear in g, so applying every client's scaled records equals the
 weighted average of the clients' deltas from the same start: FedAvg (exactly with momentum 0; with
-momentum the velocity runs over the scaled records of the round, a server-side momentum). The lr
+momentum the velocity runs over the scaled records of the round, a server-side momentum), moved
+eta_s times as far (FedOpt's server step). The lr
 of each record is recomputed here from the round's schedule and step scale and the client's own
 g, so a client cannot choose its step size.
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 from flwr.app import RecordDict
 
+from zotune.checks import all_finite
 from zotune.config import Config
 from zotune.estimators.zo import update_from_seed
 from zotune.federated import protocol as P
@@ -235,7 +238,7 @@ class Coordinator:
         else:
             payload, count = P.check_theta(content, self.ws.layout.numel, f.max_count)
         loss = reply.get("loss")
-        if not isinstance(loss, float) or not math.isfinite(loss):
+        if not isinstance(loss, float) or not all_finite(loss):
             raise P.Rejected(f"loss {loss!r} is not a finite number")
         return payload, count, loss
 
@@ -244,7 +247,7 @@ class Coordinator:
         start = self.scale.state()
         n = 0
         for s, g_steps, count, _ in valid:
-            w = count / total
+            w = self.cfg.federated.server_lr * count / total
             local = StepScale(self.scale.kind, self.scale.decay)  # the client's lr rule
             local.load_state(start)
             for t, (seed, g) in enumerate(zip(s.seeds, g_steps)):

@@ -13,13 +13,12 @@ envelope and gRPC framing come on top, a few dozen bytes)."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
+from zotune.checks import all_finite
 from zotune.rng import step_seed
 
 
@@ -90,9 +89,9 @@ def check_zo_reply(
     g = list(reply.get("g", []))
     if len(g) != len(seeds) * q or not all(isinstance(x, float) for x in g):
         raise Rejected(f"{len(g)} values of g, expected {len(seeds)} steps x q={q} floats")
+    if not all_finite(g):
+        raise Rejected("g is not finite")
     for x in g:
-        if not math.isfinite(x):
-            raise Rejected("g is not finite")
         if abs(x) > max_abs_g:
             raise Rejected(f"|g| = {abs(x):.3g} exceeds federated.max_abs_g = {max_abs_g:g}")
     count = check_count(reply, max_count)
@@ -109,6 +108,6 @@ def check_theta(content: RecordDict, numel: int, max_count: int) -> tuple[torch.
     theta = tensor(content.array_records["theta"], "theta")
     if theta.shape != (numel,) or theta.dtype != torch.float32:
         raise Rejected(f"theta of shape {tuple(theta.shape)} {theta.dtype}, expected ({numel},) float32")
-    if not bool(torch.isfinite(theta).all()):
+    if not all_finite(theta):
         raise Rejected("theta is not finite")
     return theta, check_count(reply, max_count)

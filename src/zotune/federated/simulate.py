@@ -23,7 +23,7 @@ def federate(cfg: Config, resume: bool = False, stop_after: int | None = None) -
     run_dir = Path(cfg.train.out_dir)
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
-        summary_path.unlink()  # a summary left by an earlier run must not pass for this one's
+        summary_path.unlink()  # a summary left by a previous run must not pass for this one's
     # Ray workers import zotune by name: make the importing tree's source visible to them.
     src = str(Path(__file__).resolve().parents[2])
     os.environ["PYTHONPATH"] = os.pathsep.join(

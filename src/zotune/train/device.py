@@ -22,14 +22,16 @@ from zotune.adapters.peft_io import save_peft_described
 from zotune.config import Config
 from zotune.data.jsonl import get_field
 from zotune.engines.eager import build_params
-from zotune.engines.export_common import ProgramFormatError
+from zotune.engines.export_common import ProgramFormatError, StepSpec
+from zotune.engines.signature import program_kind
 from zotune.errors import ZotuneError, reading
 from zotune.io import atomic_write_bytes, atomic_write_text
-from zotune.loss import ClassificationLoss
+from zotune.loss import make_loss
 from zotune.models import load_tokenizer
 from zotune.replay import header_layout
 from zotune.train.loop import Trainer
 from zotune.train.run import encode_splits, prepare, replay_header
+from zotune.train.rundir import check_run_dir
 
 
 def frozen_path(pte: str | Path) -> Path:
@@ -93,30 +95,28 @@ def export(
             "(optim.estimator prge, adapter.kind lora-fa or lora)"
         )
     model, _, splits = prepare(cfg)
-    if splits.kind != "classification":
-        raise ZotuneError(
-            f"export: this is a {splits.kind} task; the exported step computes the "
-            "one-token classification loss only. Multiple choice with multi-token answers, "
-            "generation and chat train with `zotune train` (eager PyTorch)"
-        )
+    kind = program_kind(splits.kind)
     adapter = build_params(model, cfg)
     header = replay_header(cfg, adapter)
     frozen = {k: v for k, v in adapter.state().items() if k.endswith("lora_A")}
     report = export_program(
         model,
         adapter,
-        ClassificationLoss(),
-        cfg.optim.q,
-        cfg.optim.batch_size,
-        cfg.data.max_length,
-        splits.train.choice_ids.shape[1],
-        cfg.optim.dual,
-        cfg.optim.noise,
-        quantize,
+        make_loss(kind),
+        StepSpec(
+            cfg.optim.q,
+            cfg.optim.batch_size,
+            cfg.data.max_length,
+            n_choices(splits),
+            dual=cfg.optim.dual,
+            noise=cfg.optim.noise,
+            quantize=quantize,
+            eval_batch=cfg.train.eval_batch_size,
+            n_target=0 if kind == "classification" else cfg.data.max_target_length,
+            model_name=cfg.model.name,
+            momentum=cfg.optim.momentum,
+        ),
         out,
-        eval_batch=cfg.train.eval_batch_size,
-        model_name=cfg.model.name,
-        momentum=cfg.optim.momentum,
         log=lambda msg: print(msg, flush=True),
         **options,
     )
@@ -124,6 +124,16 @@ def export(
     metadata = {"replay_header": text, "sha256": _frozen_digest(frozen, text)}
     atomic_write_bytes(frozen_path(out), save(frozen, metadata=metadata))
     return report.as_dict()
+
+
+def n_choices(splits) -> int:
+    """C of the task's program: the label words, or the most choices of any example of any split
+    (splits with fewer are padded to it); 0 for generation and chat."""
+    if splits.kind == "classification":
+        return int(splits.train.choice_ids.shape[1])
+    if splits.kind == "choice":
+        return max(int(s.input_ids.shape[1]) for s in (splits.train, splits.dev, splits.test))
+    return 0
 
 
 def check_adapter(pte, layout, cfg: Config) -> None:
@@ -140,10 +150,13 @@ def check_adapter(pte, layout, cfg: Config) -> None:
         raise ZotuneError(f"{pte}: exported for another adapter (" + "; ".join(wrong) + "); re-export it")
 
 
-def device_train(pte: str, cfg: Config, resume: bool = False, stop_after: int | None = None) -> dict | None:
+def device_train(
+    pte: str, cfg: Config, resume: bool = False, stop_after: int | None = None, overwrite: bool = False
+) -> dict | None:
     from zotune.engines.export_common import program_layout, read_engine, read_sidecar
     from zotune.engines.program import ProgramEngine, runtime
 
+    check_run_dir(cfg, resume, overwrite)
     engine_name = read_engine(pte)  # the runtime is the one the program's metadata names
     meta = read_sidecar(pte, engine_name)
     if not frozen_path(pte).is_file():
@@ -163,6 +176,8 @@ def device_train(pte: str, cfg: Config, resume: bool = False, stop_after: int | 
     layout = program_layout(pte, meta)
     check_adapter(pte, layout, cfg)
     start = {e.name: frozen.get(e.name, torch.zeros(e.shape)) for e in layout}
+    splits = encode_splits(cfg, load_tokenizer(cfg.model.name))
+    kind = program_kind(splits.kind)
     program = program_cls.load(
         pte,
         lora=start,
@@ -173,8 +188,14 @@ def device_train(pte: str, cfg: Config, resume: bool = False, stop_after: int | 
         dual=o.dual,
         momentum=float(o.momentum),
         model=cfg.model.name,
+        loss=kind,
+        n_target=None if kind == "classification" else cfg.data.max_target_length,
     )
-    splits = encode_splits(cfg, load_tokenizer(cfg.model.name))
+    if kind == "choice" and n_choices(splits) > program.n_choices:
+        raise ZotuneError(
+            f"{pte}: exported for at most {program.n_choices} choices per example, this task "
+            f"has examples with {n_choices(splits)}; re-export it"
+        )
     described = header_layout(header, frozen_path(pte)).adapter
 
     def save(state, folder):

@@ -368,12 +368,14 @@ class ShardedEngine:
         return self.ranks.score_chunks(self.engine, batch, chunks, kind)
 
 
-def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> dict | None:
+def train(
+    cfg: Config, resume: bool = False, stop_after: int | None = None, overwrite: bool = False
+) -> dict | None:
     """`zotune train` on one rank of a torchrun job."""
     # torchrun stops the other workers with SIGTERM when one fails: each says so in one line.
     signal.signal(signal.SIGTERM, _stopped)
     try:
-        summary = _train(cfg, resume, stop_after)
+        summary = _train(cfg, resume, stop_after, overwrite)
     except ZotuneError:
         # This rank exits with its own error: a SIGTERM now would only replace its status 2.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -382,15 +384,18 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
     return summary
 
 
-def _train(cfg: Config, resume: bool, stop_after: int | None) -> dict | None:
+def _train(cfg: Config, resume: bool, stop_after: int | None, overwrite: bool) -> dict | None:
     from zotune.engines.eager import EagerEngine
     from zotune.train.loop import Trainer
     from zotune.train.run import adapter_saver, generation_judge, prepare, replay_header
+    from zotune.train.rundir import check_run_dir
 
     check_split(cfg, world_size())  # before any model loads
     ranks = Ranks(cfg)
     try:
         ranks.check_config(cfg)
+        # Rank 0 writes the run folder: it checks it, and every rank raises its error.
+        ranks.from_main(lambda: (check_run_dir(cfg, resume, overwrite),))
         model, tokenizer, splits = prepare(cfg)
         ranks.check_model(model)
         engine = EagerEngine(model, cfg, splits.kind, ranks.step_options())

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
+from zotune.checks import all_finite
 from zotune.config import Config
 from zotune.engines.base import Engine
 from zotune.errors import ZotuneError
@@ -25,6 +26,7 @@ from zotune.rng import step_seed
 from zotune.train.checkpoint import load_checkpoint, save_checkpoint
 from zotune.train.logs import JsonlLog
 from zotune.train.plot import plot_run
+from zotune.train.rundir import clear_stale_outputs
 from zotune.train.scale import StepScale
 from zotune.train.schedule import lr_at
 
@@ -148,22 +150,24 @@ class Trainer:
         zo = cfg.optim.estimator != "fo"
         self.scale = StepScale(cfg.optim.normalize if zo else "none", cfg.optim.rms_decay)
 
-    def _eval(self, split: str, done: int, kind: str = "eval") -> dict:
+    def _eval(self, split: str, done: int, kind: str | None = "eval") -> dict:
+        """kind None: not logged."""
         t = self.cfg.train
         batch = getattr(self.splits, split)
         result = evaluate(self.engine, batch, self.splits.kind, t.eval_batch_size)
         if self.judge is not None:
             result.update(self.judge(split))
-        self.metrics.write({"type": kind, "split": split, "done": done, **_public(result)})
+        if kind is not None:
+            self.metrics.write({"type": kind, "split": split, "done": done, **_public(result)})
         return result
 
     def _checkpoint(self, done: int, best: dict) -> None:
         # Every rank computed the same g, so every rank's scale is the same: checked with the state.
         self.procs.check_state(self.engine, self.scale.state())
         if self.main:
-            save_checkpoint(
-                self.ckpt_dir, self.engine.state(), {"done": done, "best": best, "scale": self.scale.state()}
-            )
+            # The resolved config travels with the state: --resume checks it (train/rundir.py).
+            meta = {"done": done, "best": best, "scale": self.scale.state(), "config": self.cfg.to_dict()}
+            save_checkpoint(self.ckpt_dir, self.engine.state(), meta)
 
     def _select(self, done: int) -> None:
         """The engine's state becomes the best (dev-selected) state."""
@@ -173,10 +177,19 @@ class Trainer:
             save_checkpoint(self.best_dir, self.best_state, {"done": done})
 
     def _read_start(self):
-        """-> (checkpoint tensors, its meta, best tensors, zero-shot results) of a run to resume."""
+        """-> (checkpoint tensors, its meta, best tensors, zero-shot results or None when
+        zero_shot.json is missing or unreadable) of a run to resume."""
         tensors, meta = load_checkpoint(self.ckpt_dir)
         best, _ = load_checkpoint(self.best_dir)
-        return tensors, meta, best, json.loads((self.run_dir / "zero_shot.json").read_text())
+        try:
+            zero_shot = json.loads((self.run_dir / "zero_shot.json").read_text())
+        except (OSError, ValueError):
+            zero_shot = None
+        if not (
+            isinstance(zero_shot, dict) and all(isinstance(zero_shot.get(s), dict) for s in ("dev", "test"))
+        ):
+            zero_shot = None
+        return tensors, meta, best, zero_shot
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict | None:
         """Train to cfg.train.steps (or stop after `stop_after` updates, as if killed right after
@@ -231,6 +244,8 @@ class Trainer:
         if resume:
             # Read by the main process and handed to every other (the scale is in the meta).
             tensors, meta, self.best_state, zero_shot = self.procs.from_main(self._read_start)
+            if zero_shot is None:  # measured again: the engine still holds the starting state
+                zero_shot = self._zero_shot(log=False)
             self.engine.load_state(tensors)
             start, best = meta["done"], meta["best"]
             if "scale" in meta:
@@ -239,6 +254,8 @@ class Trainer:
             self.replay.truncate(start)
             self.procs.check_state(self.engine, self.scale.state())
             return start, best, zero_shot
+        if self.main:
+            clear_stale_outputs(self.run_dir)
         self.metrics.reset()
         self.replay.reset()
         if self.replay_header is not None:
@@ -257,10 +274,20 @@ class Trainer:
         lr_schedule = lr_at(step, t.steps, o.lr, o.schedule, o.warmup_steps, o.min_lr_ratio)
         lr = self.scale.lr(lr_schedule)
         seed = step_seed(t.seed, step)
+        # Numbers are checked where they are made: nothing non-finite reaches the engine, a
+        # checkpoint or the replay log.
+        if not all_finite(lr):
+            raise ZotuneError(
+                f"step {step + 1}: the learning rate is {lr} (schedule {lr_schedule}, step scale "
+                f"optim.normalize={o.normalize}); it must be a finite number"
+            )
         loss, g = self.engine.step(batch, seed, lr, o.eps)
-        if loss != loss or not bool(torch.isfinite(torch.as_tensor(g)).all()):
-            # Stop before it reaches a checkpoint or the replay log.
-            raise ZotuneError(f"step {step + 1}: the loss or g is not finite; lower optim.lr or optim.eps")
+        bad = [what for what, x in (("the loss", loss), ("g", g)) if not all_finite(x)]
+        if bad:
+            verb = "are" if len(bad) == 2 else "is"
+            raise ZotuneError(
+                f"step {step + 1}: {' and '.join(bad)} {verb} not finite; lower optim.lr or optim.eps"
+            )
         self.scale.update(g)
         replicas = 1 if o.estimator == "fo" else 2 * o.q
         return _StepResult(loss, g, seed, lr, lr_schedule, int(batch.attention_mask.sum()) * replicas)
@@ -317,8 +344,11 @@ class Trainer:
             post["dev"] = f"{_score(last_eval):.3f}"
         return post
 
-    def _zero_shot(self) -> dict:
-        dev, test = self._eval("dev", 0), self._eval("test", 0)
+    def _zero_shot(self, log: bool = True) -> dict:
+        """The starting state on dev and test, written to zero_shot.json (and, with log, to the
+        metrics)."""
+        kind = "eval" if log else None
+        dev, test = self._eval("dev", 0, kind), self._eval("test", 0, kind)
         out = {"dev": _public(dev), "test": _public(test)}
         if self.splits.kind == "classification" and dev["logits"].shape[1] == 2:
             threshold, acc = calibrated_accuracy(

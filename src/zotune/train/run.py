@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from zotune import __version__
 from zotune.adapters.full import FullParams
 from zotune.adapters.peft_io import load_peft, save_peft, save_peft_described
+from zotune.checks import all_finite
 from zotune.config import Config
 from zotune.data import load_task
 from zotune.data.choice import resolve_kind
@@ -21,6 +23,7 @@ from zotune.models import load_model
 from zotune.replay import header_layout, read_replay_log, replay_lora, replay_steps
 from zotune.train import distributed
 from zotune.train.loop import Splits, Trainer
+from zotune.train.rundir import check_run_dir
 
 
 def set_threads(cfg: Config) -> None:
@@ -115,9 +118,13 @@ def generation_judge(cfg: Config, model, tokenizer, splits: Splits):
     return judge
 
 
-def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> dict | None:
+def train(
+    cfg: Config, resume: bool = False, stop_after: int | None = None, overwrite: bool = False
+) -> dict | None:
+    """resume: continue the run in train.out_dir; overwrite: replace it (train/rundir.py)."""
     if distributed.world_size() > 1:  # one rank of a torchrun job
-        return distributed.train(cfg, resume, stop_after)
+        return distributed.train(cfg, resume, stop_after, overwrite)
+    check_run_dir(cfg, resume, overwrite)  # before any model or data loads
     model, tokenizer, splits = prepare(cfg)
     engine = EagerEngine(model, cfg, splits.kind)
     trainer = Trainer(
@@ -132,20 +139,40 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
     return trainer.run(resume=resume, stop_after=stop_after)
 
 
+def adapter_shape(cfg: Config, config: dict, adapter_dir: str) -> Config:
+    """cfg with the adapter's own rank and lora_alpha (its adapter_config.json): the scale
+    alpha / r an adapter was trained with is part of its weights' meaning."""
+    where = f"{Path(adapter_dir) / 'adapter_config.json'}"
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ZotuneError(f"{where}: field 'r': expected a positive integer, got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not all_finite(alpha) or alpha <= 0:
+        raise ZotuneError(f"{where}: field 'lora_alpha': expected a positive number, got {alpha!r}")
+    if config.get("use_rslora"):
+        raise ZotuneError(f"{where}: field 'use_rslora': rank-stabilised scaling is not supported")
+    return dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, rank=r, alpha=float(alpha)))
+
+
 def evaluate_adapter(cfg: Config, adapter_dir: str | None, split: str = "test") -> dict:
+    """The config's model, with the adapter in adapter_dir (its own rank and alpha), on a split."""
+    if adapter_dir:
+        config, state = load_peft(adapter_dir)  # before the model loads: a bad folder fails fast
+        cfg = adapter_shape(cfg, config, adapter_dir)
     model, tokenizer, splits = prepare(cfg)
     engine = EagerEngine(model, cfg, splits.kind)
     if adapter_dir:
-        config, state = load_peft(adapter_dir)
-        if config.get("r") != cfg.adapter.rank:
-            raise ZotuneError(
-                f"{adapter_dir}: rank {config.get('r')} differs from adapter.rank {cfg.adapter.rank}"
-            )
-        missing = sorted(set(engine.params.state()) - set(state))
+        want = engine.params.state()
+        missing = sorted(set(want) - set(state))
         if missing:
             raise ZotuneError(
                 f"{adapter_dir}: no tensor for layer {missing[0]} "
                 f"(was it trained with other adapter.targets?)"
+            )
+        wrong = [k for k in sorted(want) if state[k].shape != want[k].shape]
+        if wrong:
+            raise ZotuneError(
+                f"{adapter_dir}: tensor {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, the model "
+                f"and r={cfg.adapter.rank} need {tuple(want[wrong[0]].shape)}"
             )
         engine.params.load_state(state)
     result = evaluate(engine, getattr(splits, split), splits.kind, cfg.train.eval_batch_size)
