@@ -157,7 +157,8 @@ def program(tmp_path, tiny_folder, cls_jsonl):
         meta = {
             "format": FORMAT_VERSION,
             "engine": engine,
-            **{"q": o.q, "b": o.batch_size, "seq_len": cfg.data.max_length, "n_choices": 2},
+            **{"q": o.q, "b": o.batch_size, "seq_len": cfg.data.max_length, "n_choices": 2, "n_target": 0},
+            "loss": "classification",
             **{"eval_batch": cfg.train.eval_batch_size, "numel": adapter.layout.numel},
             **{"noise": o.noise, "dual": o.dual, "momentum": o.momentum, "model": cfg.model.name},
             "layout": adapter.layout.to_json(),

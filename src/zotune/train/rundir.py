@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from zotune.config import Config
-from zotune.errors import ConfigError, ZotuneError
+from zotune.errors import ConfigError, ZotuneError, reading
 from zotune.io import committed_dir
 
 # What a finished run leaves that a new run in the same folder does not rewrite before it ends.
@@ -73,15 +73,16 @@ def stored_config(run: Path) -> dict:
     if not meta_path.is_file():
         where = run / "checkpoint" / "meta.json"
         raise ZotuneError(f"--resume: {run} holds no checkpoint ({where}); start the run without --resume")
-    try:
+    with reading(meta_path, "a zotune checkpoint's meta.json (a JSON object)"):
         meta = json.loads(meta_path.read_text())
-        if isinstance(meta.get("config"), dict):
-            return meta["config"]
-        return yaml.safe_load((run / "config.yaml").read_text())
-    except (OSError, ValueError, yaml.YAMLError, AttributeError) as e:
-        raise ZotuneError(
-            f"--resume: the run's checkpoint meta.json or config.yaml in {run} is unreadable ({e})"
-        ) from None
+    if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+        return meta["config"]
+    config_path = run / "config.yaml"
+    with reading(config_path, "the run's resolved config (a YAML mapping)"):
+        stored = yaml.safe_load(config_path.read_text())
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{config_path}: expected the run's resolved config (a YAML mapping)")
+    return stored
 
 
 def trajectory_changes(stored: dict, cfg: Config) -> list[str]:
