@@ -2,14 +2,20 @@
 that `zotune export-adapter --format gguf` writes, loaded by llama.cpp on the base GGUF, moves the
 next-token logits as zotune's eager model with the same adapter does.
 
-    pip install -c constraints.txt llama-cpp-python==<version>   # builds llama.cpp (minutes)
-    python benchmarks/check_llamacpp.py RUN/adapter [--tol 0.05]
+    pip install --target DIR --no-deps llama-cpp-python==0.3.36 diskcache   # builds llama.cpp
+    PYTHONPATH=DIR python benchmarks/check_llamacpp.py RUN/adapter [--min-corr 0.9]
 
-The base is the embedded SmolLM2-135M GGUF (Q4_1). llama.cpp computes with the quantized weights and
-zotune with their dequantised values, so the logits themselves differ by the kernels' rounding; the
-check compares the adapter's effect, logits(base + adapter) - logits(base), per position, and the
-top-1 token with the adapter. Exit status 0 when the largest difference of effects is within --tol
-and every top-1 token agrees.
+(On a virtual machine whose CPU flags promise more than it runs, build with
+CMAKE_ARGS="-DGGML_NATIVE=OFF": a native build can crash in its first decode.)
+
+The base is the embedded SmolLM2-135M GGUF (Q4_1), which is also zotune's embedded model (its
+dequantized weights). llama.cpp's Q4_1 kernels quantize the activations to 8 bits, so the base
+logits of the two already differ (printed); the check compares the adapter's effect,
+logits(base + adapter) - logits(base), over every position and token: its correlation, its
+relative L2 difference and the ratio of its mean magnitudes, and the top-1 token with the
+adapter. Exit status 0 when the correlation is at least --min-corr, the magnitudes agree within
+--max-ratio-error and every top-1 token agrees: a wrong tensor name, transposition, q/k row order
+or alpha shows as an uncorrelated or rescaled effect.
 """
 
 import argparse
@@ -44,7 +50,8 @@ def llama_logits(gguf_path: str, ids: list[int], lora: str | None) -> np.ndarray
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("adapter")
-    p.add_argument("--tol", type=float, default=0.05)
+    p.add_argument("--min-corr", type=float, default=0.9)
+    p.add_argument("--max-ratio-error", type=float, default=0.1)
     args = p.parse_args()
     config, state = load_peft(args.adapter)
     model, tokenizer, _ = load_model("smollm2-135m")
@@ -62,15 +69,20 @@ def main():
         lora = str(export_gguf(args.adapter, Path(tmp) / "adapter.gguf", "smollm2-135m"))
         cpp_base = llama_logits(gguf_base, ids, None)
         cpp_tuned = llama_logits(gguf_base, ids, lora)
-    effect_zotune, effect_cpp = tuned - base, cpp_tuned - cpp_base
-    diff = float(np.abs(effect_zotune - effect_cpp).max())
+    effect_zotune, effect_cpp = tuned - base, cpp_tuned - cpp_base  # [T, V]
+    corr = float(np.corrcoef(effect_zotune.ravel(), effect_cpp.ravel())[0, 1])
+    rel = float(np.linalg.norm(effect_zotune - effect_cpp) / np.linalg.norm(effect_zotune))
+    ratio = float(np.abs(effect_cpp).mean() / np.abs(effect_zotune).mean())
     top1 = bool((tuned.argmax(-1) == cpp_tuned.argmax(-1)).all())
     print(
-        f"adapter effect on the logits: zotune max |d| {np.abs(effect_zotune).max():.4f}, "
-        f"llama.cpp {np.abs(effect_cpp).max():.4f}; max difference {diff:.4f} (tol {args.tol}); "
-        f"top-1 agrees at every position: {top1}"
+        f"base logits, llama.cpp against zotune: max |d| {np.abs(cpp_base - base).max():.3f}, "
+        f"mean {np.abs(cpp_base - base).mean():.3f}\n"
+        f"adapter effect: mean |d| zotune {np.abs(effect_zotune).mean():.4f}, llama.cpp "
+        f"{np.abs(effect_cpp).mean():.4f} (ratio {ratio:.3f}); correlation {corr:.3f}; relative "
+        f"L2 difference {rel:.3f}; top-1 agrees at all {len(ids)} positions: {top1}"
     )
-    return 0 if diff <= args.tol and top1 else 1
+    ok = corr >= args.min_corr and abs(ratio - 1) <= args.max_ratio_error and top1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
