@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -28,9 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def export(
-    cfg_path: str, out: Path, threads: int, quantize: str | None, block: int, overrides: list[str]
-) -> dict:
+def export(cfg_path: str, out: Path, threads: int, quantize, block: int, overrides: list[str], layers=None):
     cmd = [
         sys.executable,
         "-m",
@@ -48,6 +47,7 @@ def export(
     ]
     if quantize:
         cmd += ["--quantize", quantize, "--block-size", str(block)]
+        cmd += ["--int4-layers", layers] if layers else []
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -80,11 +80,15 @@ def main() -> None:
     p.add_argument("--quantize", default="int4", choices=["int4", "int4-zp"])
     p.add_argument("--dir", default=str(ROOT / ".cache" / "onnx-int4"))
     p.add_argument("--reuse", action="store_true", help="keep programs already exported")
+    p.add_argument("--int4-layers", default=None, help="quantize only the base linears matching this regex")
     p.add_argument(
         "--out", default=None, help="results file stem (default benchmarks/results/onnx-<quantize>-b<block>)"
     )
     args = p.parse_args()
-    args.out = args.out or str(ROOT / "benchmarks" / "results" / f"onnx-{args.quantize}-b{args.block_size}")
+    tag = f"{args.quantize}-b{args.block_size}"
+    if args.int4_layers:  # the layer choice in the file names, word characters only
+        tag += "-" + re.sub(r"\W+", "", args.int4_layers)
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / f"onnx-{tag}")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
     import torch
@@ -103,7 +107,7 @@ def main() -> None:
     cfg = load_config(args.config, overrides)
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"fp32": folder / "fp32.onnx", "int4": folder / f"{args.quantize}-b{args.block_size}.onnx"}
+    paths = {"fp32": folder / "fp32.onnx", "int4": folder / f"{tag}.onnx"}
     exports = {}
     for name, path in paths.items():
         if args.reuse and path.is_file():
@@ -116,6 +120,7 @@ def main() -> None:
             args.quantize if name == "int4" else None,
             args.block_size,
             overrides,
+            args.int4_layers if name == "int4" else None,
         )
         print(f"  {exports[name]['wall_s']:.1f} s, {exports[name]['size_mb']:.0f} MB", flush=True)
 

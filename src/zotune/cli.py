@@ -135,7 +135,7 @@ def cmd_export(args, rest):
         raise ZotuneError(
             f"--quantize {quantize}: the {args.engine} engine offers {[q or 'none' for q in allowed]}"
         )
-    report = export(cfg, args.out, args.engine, quantize, args.block_size)
+    report = export(cfg, args.out, args.engine, quantize, args.block_size, args.int4_layers)
     print(json.dumps(report, indent=1))
 
 
@@ -259,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.choices["export"].add_argument(
         "--block-size", type=int, default=None, help="weights per 4-bit block / group (default 32)"
+    )
+    sub.choices["export"].add_argument(
+        "--int4-layers",
+        metavar="REGEX",
+        default=None,
+        help="int4 (ONNX): quantize only the base linears whose name matches, e.g. 'mlp'",
     )
     sub.choices["eval"].add_argument("--adapter", help="PEFT adapter folder")
     sub.choices["eval"].add_argument("--split", default="test", choices=["train", "dev", "test"])

@@ -416,7 +416,28 @@ def test_failed_parity_check_writes_nothing(tokenizer, tmp_path):
         )
     with pytest.raises(EngineError, match="classification"):
         export_program(model, adapter, ClassificationLoss(via_head_module=True), StepSpec(1, 1, 8, 2), out)
+    with pytest.raises(EngineError, match="int4 layers"):
+        export_program(model, adapter, ClassificationLoss(), StepSpec(1, 1, 8, 2), out, int4_layers="mlp")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_int4_on_chosen_layers_only(tokenizer, tmp_path):
+    """int4_layers: only the base linears whose name matches become MatMulNBits; the others stay
+    fp32 MatMuls, and the program still matches eager on the dequantized weights."""
+    model = make_tiny_model("llama", tokenizer, seed=0)
+    adapter = LoRAAdapter(model, rank=4, alpha=8, targets=["q_proj", "down_proj"])
+    spec = StepSpec(q=2, b=2, seq_len=T, n_choices=C, quantize="int4")
+    path = tmp_path / "mlp.onnx"
+    rep = export_program(model, adapter, ClassificationLoss(), spec, path, int4_layers=r"\.mlp\.", threads=1)
+    assert all(v <= TOLERANCE["int4"][k] for k, v in rep.check.items()), rep.check
+    chosen = sorted(fqn for fqn, _ in rep.meta["quantized"].values())
+    assert chosen == sorted(f for f in base_linears(model, adapter) if ".mlp." in f) and len(chosen) == 2 * 3
+    assert rep.meta["int4_layers"] == r"\.mlp\."
+    nbits = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == len(chosen)
+    with pytest.raises(EngineError, match="matches no base linear"):
+        export_program(model, adapter, ClassificationLoss(), spec, tmp_path / "x.onnx", int4_layers="nope")
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_int4_base_with_fp32_adapter(tokenizer, tmp_path):

@@ -178,6 +178,7 @@ def export_program(
     out_path: str | Path = "step.onnx",
     *,
     block_size: int = 32,
+    int4_layers: str | None = None,
     dynamic_length: bool = True,
     threads: int | None = None,
     log=None,
@@ -194,6 +195,8 @@ def export_program(
     sig = check_options(adapter, loss, spec, "ONNX", QUANTIZE)
     quantize = spec.quantize
     seq_len, momentum = spec.seq_len, spec.momentum
+    if int4_layers is not None and not quantize:
+        raise EngineError("int4 layers: a choice of layers to quantize needs quantize int4 or int4-zp")
     if quantize and block_size not in (16, 32, 64, 128, 256):
         raise EngineError(f"block size: expected 16, 32, 64, 128 or 256, got {block_size}")
     dynamic_length = bool(dynamic_length) and seq_len > sig.min_length
@@ -245,10 +248,11 @@ def export_program(
             names = None
             for key in ("step", "forward"):
                 protos[key], names = quantize_int4(
-                    protos[key], model, adapter, block_size, symmetric=quantize == "int4"
+                    protos[key], model, adapter, block_size, quantize == "int4", int4_layers
                 )
             # Which MatMul is which base linear: what a reader needs to dequantize the program.
             info["quantized"] = {node: list(v) for node, v in names.items()}
+            info["int4_layers"] = int4_layers
             seconds["quantize"] = time.perf_counter() - t0
             say(
                 f"int4: {len(names)} base linears as MatMulNBits (block {block_size}), "

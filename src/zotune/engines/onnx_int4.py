@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 
 import numpy as np
 import torch
@@ -70,12 +71,17 @@ def match_base_matmuls(proto, model, adapter) -> dict[str, tuple[str, bool]]:
     return found
 
 
-def quantize_int4(proto, model, adapter, block_size: int, symmetric: bool = True):
-    """-> (quantized ModelProto, {MatMulNBits node name: (fqn, transposed)})."""
+def quantize_int4(proto, model, adapter, block_size: int, symmetric: bool = True, layers: str | None = None):
+    """-> (quantized ModelProto, {MatMulNBits node name: (fqn, transposed)}). layers: a regular
+    expression; only base linears whose name it matches (re.search) are quantized."""
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     nodes = match_base_matmuls(proto, model, adapter)
+    if layers is not None:
+        nodes = {name: v for name, v in nodes.items() if re.search(layers, v[0])}
+        if not nodes:
+            raise EngineError(f"--int4-layers {layers!r} matches no base linear of the model")
     if not nodes:
         raise EngineError(
             "int4: no base linear of the model was found as a MatMul with a "

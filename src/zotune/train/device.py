@@ -78,16 +78,19 @@ def export(
     engine: str = "executorch",
     quantize: str | None = None,
     block_size: int | None = None,
+    int4_layers: str | None = None,
 ) -> dict:
     if engine not in ENGINES:
         raise ZotuneError(f"--engine: expected one of {list(ENGINES)}, got '{engine}'")
     if engine == "onnx":
         from zotune.engines.onnx import export_program
 
-        options = {"block_size": block_size or 32, "threads": cfg.train.threads}
+        options = {"block_size": block_size or 32, "int4_layers": int4_layers, "threads": cfg.train.threads}
     else:
         from zotune.engines.executorch import export_program
 
+        if int4_layers is not None:
+            raise ZotuneError("--int4-layers: the ExecuTorch engine quantizes every base linear (8da4w)")
         options = {"group_size": block_size or 32}
     if cfg.optim.estimator != "prge" or cfg.adapter.kind == "full":
         raise ZotuneError(
