@@ -30,8 +30,10 @@ from zotune.engines.export_common import (  # noqa: E402
 )
 from zotune.engines.onnx import TOLERANCE, eval_path, export_program  # noqa: E402
 from zotune.engines.onnx_int4 import base_linears, dequantized_weights  # noqa: E402
+from zotune.engines.onnx_weights import MIN_BYTES, load_graph, load_weights, weights_path  # noqa: E402
 from zotune.engines.ort import OrtProgram, inference_session  # noqa: E402
 from zotune.engines.program import ProgramEngine, load_program  # noqa: E402
+from zotune.errors import ZotuneError  # noqa: E402
 from zotune.estimators.prge import VELOCITY, PRGEStep  # noqa: E402
 from zotune.loss import ClassificationLoss  # noqa: E402
 from zotune.models.tiny import make_tiny_model  # noqa: E402
@@ -175,6 +177,18 @@ def test_export_report_and_metadata(which, request):
     assert [o.name for o in proto.graph.output][-2:] == ["loss", "g"]
     inits = {i.name for i in proto.graph.initializer}
     assert not any("lora_B" in name for name in inits)
+    # The base weights are inputs of both graphs, held once in the weights file.
+    assert meta["weights"]["file"] == weights_path(ex.path).name
+    assert meta["weights"]["size"] == weights_path(ex.path).stat().st_size
+    held = load_weights(weights_path(ex.path))
+    base = sum(p.numel() * 4 for p in ex.model.parameters())  # tied embedding: counted once
+    assert sum(a.nbytes for a in held.values()) <= base
+    for graph in (ex.path, eval_path(ex.path)):
+        g = onnx.load(str(graph)).graph
+        lifted = [i.name for i in g.input if i.name.startswith("w.")]
+        assert lifted and set(lifted) <= set(held)
+        assert all(len(i.raw_data) < MIN_BYTES for i in g.initializer)
+        assert graph.stat().st_size < base / 4
     # The caller's model keeps its values; the trained tensors are buffers (as for ExecuTorch).
     assert torch.equal(theta_of(ex.adapter), torch.cat([v.reshape(-1) for v in ex.start().values()]))
     assert not hasattr(ex.model, VELOCITY)
@@ -328,10 +342,11 @@ def test_missing_corrupted_and_mismatched_programs(llama, qwen, tmp_path):
 
     def copy_program(src, name):
         dst = tmp_path / name
-        for a, b in ((src, dst), (sidecar_path(src), sidecar_path(dst)), (eval_path(src), eval_path(dst))):
-            shutil.copy(a, b)
+        for path_of in (lambda x: x, sidecar_path, eval_path, weights_path):
+            shutil.copy(path_of(src), path_of(dst))
         meta = json.loads(sidecar_path(dst).read_text())
         meta["graphs"]["forward"]["file"] = eval_path(dst).name
+        meta["weights"]["file"] = weights_path(dst).name
         sidecar_path(dst).write_text(json.dumps(meta))
         return dst
 
@@ -365,12 +380,28 @@ def test_missing_corrupted_and_mismatched_programs(llama, qwen, tmp_path):
     with pytest.raises(ProgramFileError, match="truncated"):
         OrtProgram.load(p)
 
+    # The base weights both graphs take: missing, truncated, not safetensors, another program's.
+    p = copy_program(llama.path, "no_weights.onnx")
+    weights_path(p).unlink()
+    with pytest.raises(ProgramFileError, match="weights file no_weights.onnx.weights.safetensors is missing"):
+        OrtProgram.load(p)
+    p = copy_program(llama.path, "bad_weights.onnx")
+    weights_path(p).write_bytes(weights_path(p).read_bytes()[:1000])
+    with pytest.raises(ProgramFileError, match="truncated"):
+        OrtProgram.load(p)
+    with pytest.raises(ZotuneError, match="expected a safetensors weights file"):
+        OrtProgram.load(p, verify=False)
+    shutil.copy(weights_path(qwen.path), weights_path(p))
+    with pytest.raises(ProgramFileError, match="does not hold"):
+        OrtProgram.load(p, verify=False)
+
     # A program next to the metadata of another one.
     p = copy_program(llama.path, "swapped.onnx")
     shutil.copy(sidecar_path(qwen.path), sidecar_path(p))
     with pytest.raises(ProgramFileError, match="sha256|bytes"):
         OrtProgram.load(p)
     shutil.copy(eval_path(qwen.path), eval_path(p))
+    shutil.copy(weights_path(qwen.path), weights_path(p))
     with pytest.raises(ProgramFileError, match="belong together"):
         OrtProgram.load(p, verify=False)
 
@@ -477,7 +508,7 @@ def test_int4_base_with_fp32_adapter(tokenizer, tmp_path):
     ref, ref_adapter = copy.deepcopy((model, adapter))
     trained_to_buffers(ref_adapter)
     names = {node: tuple(v) for node, v in rep.meta["quantized"].items()}
-    deq = dequantized_weights(onnx.load(str(path)), names)
+    deq = dequantized_weights(load_graph(path), names)
     assert sorted(fqn for fqn, _ in names.values()) == sorted(base_linears(model, adapter))
     with torch.no_grad():
         for fqn, wq in deq.items():

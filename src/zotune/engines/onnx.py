@@ -9,6 +9,8 @@ outputs; the host keeps them inside ONNX Runtime between steps (engines/ort.py).
                           *batch) -> (new_theta[N], [new_velocity[N],] loss[], g[q])
     <out>.eval.onnx  forward(theta[N], *batch without labels) -> logits [be, C] (classification
                              logits or choice scores), or nll [be], count [be] (generation)
+    <out>.weights.safetensors  the base weights both graphs take as inputs, each tensor once
+                               (onnx_weights.py: one copy in memory for both sessions)
 
 The batch is the loss's tensors (signature.py: classification, multiple choice, or the completion
 tokens of generation and chat), with one symbolic length T (at least L + 1 with L target
@@ -48,6 +50,7 @@ from zotune.engines.export_common import (
     sidecar_path,
     trained_to_buffers,
 )
+from zotune.engines.onnx_weights import lift_weights, save_weights, weights_path
 from zotune.engines.parity import EXACT, FP32, check_values, gate, parity_metrics
 from zotune.engines.signature import Signature
 from zotune.estimators.prge import VELOCITY, PRGEStep
@@ -64,8 +67,17 @@ _INT4 = {**EXACT, "forward": 1e-4, "loss": 1e-4, "loss_diff": 1e-4, "theta": 1e-
 TOLERANCE = {None: FP32, "int4": _INT4, "int4-zp": _INT4}
 
 
+EVAL_SUFFIX = ".eval.onnx"
+
+
 def eval_path(path: str | Path) -> Path:
-    return Path(str(path) + ".eval.onnx")
+    return Path(str(path) + EVAL_SUFFIX)
+
+
+def program_of(path: str | Path) -> Path:
+    """The step file of a program, given either of its graph files."""
+    s = str(path)
+    return Path(s[: -len(EVAL_SUFFIX)] if s.endswith(EVAL_SUFFIX) else s)
 
 
 def step_names(momentum: float, sig: Signature) -> tuple[list[str], list[str]]:
@@ -265,13 +277,18 @@ def export_program(
                     ref_model.get_submodule(fqn).weight.copy_(w)
             trained_to_buffers(ref_adapter)
             ref_step = spec.step(ref_model, ref_adapter, loss)
+        tensors = lift_weights(protos)
         data = {k: p.SerializeToString() for k, p in protos.items()}
         del protos
-        say(f"ONNX: step {len(data['step']) / 2**20:.1f} MiB, forward {len(data['forward']) / 2**20:.1f} MiB")
+        data["weights"] = save_weights(tensors)
+        say(
+            f"ONNX: step {len(data['step']) / 2**20:.1f} MiB, forward {len(data['forward']) / 2**20:.1f} "
+            f"MiB, weights {len(data['weights']) / 2**20:.1f} MiB ({len(tensors)} tensors)"
+        )
 
         t0 = time.perf_counter()
         theta_c, velocity_c = check_values(theta0, momentum, spec.check_seed)
-        pair = OrtPair(data["step"], data["forward"], momentum > 0, sig, threads)
+        pair = OrtPair(data["step"], data["forward"], momentum > 0, sig, threads, weights=tensors)
         cases = [(batch, eval_in)]
         if dynamic_length:  # and at a shorter length, as device-train runs trimmed batches
             cases.append(spec.check_inputs(sig, vocab, max(sig.min_length, seq_len // 2), case=1))
@@ -282,7 +299,7 @@ def export_program(
             got = pair.check_run(theta_c, velocity_c, seed_t, lr_t, eps_t, ref.batch, ref.eval_in)
             one = parity_metrics(got, ref, theta_c, velocity_c)
             check = {k: max(v, check.get(k, v)) for k, v in one.items()}
-        del pair
+        del pair, tensors
         seconds["check"] = time.perf_counter() - t0
     finally:
         set_theta(adapter, theta0)  # the eager check moved theta: give the caller its own back
@@ -304,6 +321,11 @@ def export_program(
                 "sha256": sha256_bytes(data["forward"]),
             },
         },
+        "weights": {
+            "file": weights_path(out_path).name,
+            "size": len(data["weights"]),
+            "sha256": sha256_bytes(data["weights"]),
+        },
         **spec.meta(sig, model, adapter, loss, theta0),
         "block_size": block_size if quantize else None,
         "dynamic_length": dynamic_length,
@@ -316,7 +338,8 @@ def export_program(
         "size": len(data["step"]),
         "sha256": sha256_bytes(data["step"]),
     }
-    # The eval graph first: the step file and its sidecar are what a reader opens.
+    # The weights and the eval graph first: the step file and its sidecar are what a reader opens.
+    atomic_write_bytes(weights_path(out_path), data["weights"])
     atomic_write_bytes(eval_path(out_path), data["forward"])
     atomic_write_bytes(out_path, data["step"])
     atomic_write_text(sidecar_path(out_path), json.dumps(meta, indent=1))
@@ -343,4 +366,13 @@ def _version(package: str) -> str:
         return "unknown"
 
 
-__all__ = ["export_program", "eval_path", "eval_names", "step_names", "ENGINE", "TOLERANCE", "QUANTIZE"]
+__all__ = [
+    "export_program",
+    "eval_path",
+    "program_of",
+    "eval_names",
+    "step_names",
+    "ENGINE",
+    "TOLERANCE",
+    "QUANTIZE",
+]

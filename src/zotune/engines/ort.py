@@ -7,6 +7,8 @@ ONNX Runtime-owned buffers (OrtValues) bound with I/O binding: step k reads buff
 writes buffer (k + 1) % 2, so the N values never pass through numpy or torch; only the seed,
 lr, eps, the batch, the loss and g[q] cross the boundary. The evaluation InferenceSession binds whichever
 buffer is current as its theta input. The momentum buffer is double-buffered the same way.
+The base weights are inputs of both graphs too (onnx_weights.py): one copy, read from the
+program's weights file once and bound to both sessions.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from zotune.engines.export_common import EngineError, ProgramFileError, verify_file
 from zotune.engines.onnx import ENGINE, eval_names, eval_path, step_names
+from zotune.engines.onnx_weights import PREFIX, bound_values, load_weights, weights_path
 from zotune.engines.program import TrainingProgram
 from zotune.engines.signature import Signature
 
@@ -61,11 +64,14 @@ class OrtPair:
         sig: Signature,
         threads: int | None = None,
         check=None,
+        weights: dict[str, np.ndarray] | None = None,
     ):
         self.step = inference_session(step_source, threads)
         self.fwd = inference_session(forward_source, threads)
         if check is not None:  # before binding: a graph of another shape must fail clearly
             check(self.step, self.fwd)
+        self._arrays = weights or {}  # the memory behind the bound weights: kept alive here
+        self.weights = bound_values(self._arrays)
         self.momentum = momentum
         self.inputs, self.outputs = step_names(1.0 if momentum else 0.0, sig)
         self.batch_names = sig.step_inputs
@@ -90,7 +96,13 @@ class OrtPair:
             io.bind_ortvalue_output("new_velocity", self.velocity[1 - k])
         io.bind_ortvalue_output("loss", self.loss)
         io.bind_ortvalue_output("g", self.g)
+        self._bind_weights(io, self.step)
         return io
+
+    def _bind_weights(self, io, sess) -> None:
+        for i in sess.get_inputs():
+            if i.name.startswith(PREFIX):
+                io.bind_ortvalue_input(i.name, self.weights[i.name])
 
     def run_step(self, seed, lr, eps, batch) -> tuple[float, torch.Tensor]:
         """One step from the current buffers into the others, which then become current."""
@@ -107,6 +119,7 @@ class OrtPair:
     def run_forward(self, batch) -> tuple[torch.Tensor, ...]:
         io = self.fwd.io_binding()
         io.bind_ortvalue_input("theta", self.theta[self.cur])
+        self._bind_weights(io, self.fwd)
         arrays = [np.ascontiguousarray(torch.as_tensor(t).numpy()) for t in batch]
         for name, arr in zip(self.eval_inputs[1:], arrays):
             io.bind_cpu_input(name, arr)
@@ -161,8 +174,11 @@ class OrtProgram(TrainingProgram):
         if verify:
             verify_file(fwd, graph)
         self = cls(path, meta, None)
+        self._weights = _read_weights(path, meta, verify)
         try:
-            self.pair = OrtPair(path, fwd, bool(self.momentum), self.sig, check=self._check_shapes)
+            self.pair = OrtPair(
+                path, fwd, bool(self.momentum), self.sig, check=self._check_shapes, weights=self._weights
+            )
         except ProgramFileError:
             raise
         except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf / ...
@@ -182,12 +198,21 @@ class OrtProgram(TrainingProgram):
         }
         for graph, (sess, names, dims) in want.items():
             have = [(i.name, list(i.shape)) for i in sess.get_inputs()]
+            lifted = [(a, b) for a, b in have if a.startswith(PREFIX)]
+            have = [(a, b) for a, b in have if not a.startswith(PREFIX)]
             if have != [(a, list(b)) for a, b in zip(names, dims)]:
                 raise ProgramFileError(
                     f"{self.path}: the {graph} graph takes inputs {have}, its "
                     f"metadata implies {list(zip(names, dims))}: program and "
                     "metadata do not belong together; re-export it"
                 )
+            for name, shape in lifted:
+                a = self._weights.get(name)
+                if a is None or list(a.shape) != shape:
+                    raise ProgramFileError(
+                        f"{self.path}: the {graph} graph takes weight {name}{shape}, which its weights "
+                        f"file {weights_path(self.path).name} does not hold; re-export it"
+                    )
         g = list(step.get_outputs()[-1].shape)
         if g != [self.q]:
             raise ProgramFileError(
@@ -217,3 +242,19 @@ class OrtProgram(TrainingProgram):
         if flat.dtype != torch.float32:
             raise EngineError("set_momentum: the ONNX program holds float32 values")
         self.pair.set_velocity(flat)
+
+
+def _read_weights(path: Path, meta: dict, verify: bool) -> dict[str, np.ndarray]:
+    """The program's lifted base weights (none for a program whose graphs hold their own)."""
+    info = meta.get("weights")
+    if info is None:
+        return {}
+    file = weights_path(path)
+    if not file.is_file():
+        raise ProgramFileError(f"{path}: its weights file {file.name} is missing (export writes it)")
+    if verify:
+        verify_file(file, info)
+    from zotune.errors import reading
+
+    with reading(file, "a safetensors weights file"):
+        return load_weights(file)
