@@ -11,6 +11,7 @@ export to ops that have no ExecuTorch kernel.
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -59,12 +60,29 @@ def noise(
 ) -> torch.Tensor:
     """z[start : start + n] of the stream named by seed (an int64 tensor of shape [] or [1]),
     made on `device`."""
+    if torch.compiler.is_compiling() and _TRACED["noise"] is not None:  # an exporter's own op
+        return _TRACED["noise"](seed, start, n, kind, dtype)
     if _numpy_path(kind, dtype, torch.device(device)):
         # Eager CPU: counters made per chunk, never an [n] int64 array (320 MB at q=16 on
         # SmolLM2).
         return _noise_np(int(seed.reshape(-1)[0]), kind, dtype, start=start, n=n)
     index = torch.arange(start, start + n, dtype=torch.int64, device=device)
     return noise_at(seed, index, kind, dtype)
+
+
+# While an exporter traces: a function (seed, start, n, kind, dtype) -> z that emits the same bits
+# in the target's own ops (engines/onnx_rng.py); None: the int64 op chain below.
+_TRACED = {"noise": None}
+
+
+@contextlib.contextmanager
+def traced_noise(fn):
+    """Route noise() to fn while tracing (the ONNX exporter's uint32 op)."""
+    saved, _TRACED["noise"] = _TRACED["noise"], fn
+    try:
+        yield
+    finally:
+        _TRACED["noise"] = saved
 
 
 def _numpy_path(kind: str, dtype: torch.dtype, device: torch.device) -> bool:

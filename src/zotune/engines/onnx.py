@@ -37,6 +37,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
+from zotune import rng
 from zotune.adapters.theta import set_theta, theta_of
 from zotune.engines.export_common import (
     FORMAT_VERSION,
@@ -147,7 +148,8 @@ class StatelessForward(nn.Module):
 
 
 def _to_onnx(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], dynamic_shapes=None):
-    """torch.onnx.export (dynamo) -> onnx.ModelProto with constants folded.
+    """torch.onnx.export (dynamo) -> onnx.ModelProto with constants folded, the noise as uint32
+    ops (onnx_rng.py).
 
     Only constant folding runs, not the exporter's full optimizer: its pattern rewriter cost
     about half of the export time of a tiny model and grows with the graph, and ONNX Runtime
@@ -159,8 +161,10 @@ def _to_onnx(module: nn.Module, args: tuple, inputs: list[str], outputs: list[st
     import onnx_ir.passes.common as common
     from onnxscript import optimizer
 
+    from zotune.engines.onnx_rng import TRANSLATION, traced
+
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), rng.traced_noise(traced):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module,
@@ -173,6 +177,7 @@ def _to_onnx(module: nn.Module, args: tuple, inputs: list[str], outputs: list[st
             report=False,
             optimize=False,
             dynamic_shapes=dynamic_shapes,
+            custom_translation_table=TRANSLATION,  # the noise in uint32 ops (onnx_rng.py)
         )
     model = program.model  # onnx_ir.Model
     optimizer.fold_constants(model)
