@@ -51,17 +51,28 @@ def main() -> None:
         f"on all linears (ONNX: the exported programs' adapter); {args.steps} measured steps "
         "after 1 warm-up, engines interleaved, one process each; median (min-max) seconds.",
         "",
-        "| engine | step s | step / eager | peak RSS MB |",
-        "|---|---|---|---|",
+        "| engine | step s | step / eager | peak RSS MB | peak / eager | program files MB |",
+        "|---|---|---|---|---|---|",
     ]
+    rss = results["eager"].get("peak_rss_mb")
     for name, r in results.items():
         ratio = f"{r['median_s'] / base:.2f}" if "error" not in r and base else "-"
-        lines.append(f"| {name} | {fmt_time(r)} | {ratio} | {r.get('peak_rss_mb', 0):.0f} |")
+        peak = r.get("peak_rss_mb", 0)
+        rel = f"{peak / rss:.2f}" if rss and peak else "-"
+        files = f"{program_mb(specs[name]['onnx']):.0f}" if "onnx" in specs[name] else "-"
+        lines.append(f"| {name} | {fmt_time(r)} | {ratio} | {peak:.0f} | {rel} | {files} |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     Path(args.out + ".json").write_text(
         json.dumps({"results": results, "machine": m, "args": vars(args)}, indent=1)
     )
     print("\n".join(lines))
+
+
+def program_mb(path: str) -> float:
+    """Bytes of every file the program's metadata lists: step and evaluation graphs, weights."""
+    meta = json.loads(Path(path + ".json").read_text())
+    parts = [meta["size"], meta["graphs"]["forward"]["size"], meta.get("weights", {}).get("size", 0)]
+    return sum(parts) / 2**20
 
 
 if __name__ == "__main__":
