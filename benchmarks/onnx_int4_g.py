@@ -2,7 +2,7 @@
 the fp32 ONNX program, step by step along the fp32 program's trajectory on the demo's data.
 
     python benchmarks/onnx_int4_g.py [--config configs/demo.yaml] [--steps 20] [--eps 1e-2] \
-        [--quantize int4|int4-zp] [--block-size 32]
+        [--quantize int4|int4-zp|int4-hqq] [--block-size 32]
 
 Both programs are exported first, each by `zotune export --engine onnx` in its own process
 (export wall time and the report's stage times recorded). Then, for each step, the int4 program
@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--eps", type=float, default=1e-2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--quantize", default="int4", choices=["int4", "int4-zp"])
+    p.add_argument("--quantize", default="int4", choices=["int4", "int4-zp", "int4-hqq"])
     p.add_argument("--dir", default=str(ROOT / ".cache" / "onnx-int4"))
     p.add_argument("--reuse", action="store_true", help="keep programs already exported")
     p.add_argument("--int4-layers", default=None, help="quantize only the base linears matching this regex")

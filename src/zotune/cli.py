@@ -130,7 +130,7 @@ def cmd_export(args, rest):
 
     cfg = _config(args, rest)
     quantize = None if args.quantize == "none" else args.quantize
-    allowed = {"executorch": (None, "8da4w"), "onnx": (None, "int4", "int4-zp")}[args.engine]
+    allowed = {"executorch": (None, "8da4w"), "onnx": (None, "int4", "int4-zp", "int4-hqq")}[args.engine]
     if quantize not in allowed:
         raise ZotuneError(
             f"--quantize {quantize}: the {args.engine} engine offers {[q or 'none' for q in allowed]}"
@@ -254,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["export"].add_argument(
         "--quantize",
         default="none",
-        choices=["none", "8da4w", "int4", "int4-zp"],
-        help="8da4w: ExecuTorch; int4, int4-zp (with zero points): ONNX (MatMulNBits)",
+        choices=["none", "8da4w", "int4", "int4-zp", "int4-hqq"],
+        help="8da4w: ExecuTorch; int4, int4-zp (with zero points), int4-hqq (HQQ-fitted blocks): "
+        "ONNX (MatMulNBits)",
     )
     sub.choices["export"].add_argument(
         "--block-size", type=int, default=None, help="weights per 4-bit block / group (default 32)"

@@ -473,6 +473,25 @@ def test_int4_on_chosen_layers_only(tokenizer, tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_int4_hqq_base(tokenizer, tmp_path):
+    """int4-hqq: HQQ-fitted blocks (scale and zero point per block, no calibration data) on every
+    base linear; the program matches eager on the weights ONNX Runtime dequantizes."""
+    model = make_tiny_model("llama", tokenizer, seed=0)
+    adapter = LoRAAdapter(model, rank=4, alpha=8, targets=["q_proj", "down_proj"])
+    path = tmp_path / "hqq.onnx"
+    spec = StepSpec(q=2, b=2, seq_len=T, n_choices=C, quantize="int4-hqq")
+    rep = export_program(model, adapter, ClassificationLoss(), spec, path, block_size=32, threads=1)
+    assert all(v <= TOLERANCE["int4-hqq"][k] for k, v in rep.check.items()), rep.check
+    names = {node: tuple(v) for node, v in rep.meta["quantized"].items()}
+    assert sorted(fqn for fqn, _ in names.values()) == sorted(base_linears(model, adapter))
+    for fqn, wq in dequantized_weights(load_graph(path), names).items():
+        wf = model.get_submodule(fqn).weight
+        assert 0 < float((wq - wf).abs().max()) <= float(wf.abs().max()) / 7  # a 4-bit grid
+    prog = OrtProgram.load(path, quantize="int4-hqq")
+    loss, g = prog.train_step(1, 1e-2, 1e-2, make_batch(tokenizer, 2))
+    assert g.shape == (2,) and torch.isfinite(g).all() and loss > 0
+
+
 def test_int4_base_with_fp32_adapter(tokenizer, tmp_path):
     """int4: every frozen base linear of the decoder becomes MatMulNBits (float activations),
     nothing else does; ONNX Runtime matches eager computing with its dequantized weights, per

@@ -59,13 +59,14 @@ from zotune.io import atomic_write_bytes, atomic_write_text
 
 ENGINE = "onnx"
 OPSET = 20
-# int4: symmetric 4-bit blocks (one scale each); int4-zp: a scale and a 4-bit zero point each.
-QUANTIZE = (None, "int4", "int4-zp")
+# int4: symmetric 4-bit blocks (one scale each); int4-zp: a scale and a 4-bit zero point each;
+# int4-hqq: scale and zero point of each block fitted by HQQ (half-quadratic, data-free).
+QUANTIZE = (None, "int4", "int4-zp", "int4-hqq")
 # int4: eager runs on ONNX Runtime's own dequantized weights, so the same fp32 bounds hold except
 # for summation order inside MatMulNBits (blockwise dequantize-and-accumulate); the update its
 # own g implies is exact either way.
 _INT4 = {**EXACT, "forward": 1e-4, "loss": 1e-4, "loss_diff": 1e-4, "theta": 1e-5}
-TOLERANCE = {None: FP32, "int4": _INT4, "int4-zp": _INT4}
+TOLERANCE = {None: FP32, "int4": _INT4, "int4-zp": _INT4, "int4-hqq": _INT4}
 
 
 EVAL_SUFFIX = ".eval.onnx"
@@ -265,7 +266,7 @@ def export_program(
             names = None
             for key in ("step", "forward"):
                 protos[key], names = quantize_int4(
-                    protos[key], model, adapter, block_size, quantize == "int4", int4_layers
+                    protos[key], model, adapter, block_size, quantize, int4_layers
                 )
             # Which MatMul is which base linear: what a reader needs to dequantize the program.
             info["quantized"] = {node: list(v) for node, v in names.items()}

@@ -71,11 +71,13 @@ def match_base_matmuls(proto, model, adapter) -> dict[str, tuple[str, bool]]:
     return found
 
 
-def quantize_int4(proto, model, adapter, block_size: int, symmetric: bool = True, layers: str | None = None):
-    """-> (quantized ModelProto, {MatMulNBits node name: (fqn, transposed)}). layers: a regular
-    expression; only base linears whose name it matches (re.search) are quantized."""
+def quantize_int4(proto, model, adapter, block_size: int, scheme: str = "int4", layers: str | None = None):
+    """-> (quantized ModelProto, {MatMulNBits node name: (fqn, transposed)}). scheme: int4
+    (symmetric round-to-nearest), int4-zp (with zero points) or int4-hqq (HQQ: scales and zero
+    points fitted to each block's weights, no calibration data). layers: a regular expression;
+    only base linears whose name it matches (re.search) are quantized."""
     from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     nodes = match_base_matmuls(proto, model, adapter)
     if layers is not None:
@@ -89,15 +91,19 @@ def quantize_int4(proto, model, adapter, block_size: int, symmetric: bool = True
         )
     # nodes_to_include adds to op_types_to_quantize: name every other MatMul as excluded.
     others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in nodes]
+    hqq = None
+    if scheme == "int4-hqq":
+        hqq = HQQWeightOnlyQuantConfig(block_size=block_size, bits=BITS, op_types_to_quantize=("MatMul",))
     q = MatMulNBitsQuantizer(
         proto,
         bits=BITS,
         block_size=block_size,
-        is_symmetric=symmetric,
+        is_symmetric=scheme == "int4",
         accuracy_level=ACCURACY_FP32,
         nodes_to_exclude=others,
         op_types_to_quantize=("MatMul",),
         quant_format=QuantFormat.QOperator,
+        algo_config=hqq,
     )
     log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = log.level
