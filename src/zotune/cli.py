@@ -135,7 +135,9 @@ def cmd_export(args, rest):
         raise ZotuneError(
             f"--quantize {quantize}: the {args.engine} engine offers {[q or 'none' for q in allowed]}"
         )
-    report = export(cfg, args.out, args.engine, quantize, args.block_size, args.int4_layers)
+    report = export(
+        cfg, args.out, args.engine, quantize, args.block_size, args.int4_layers, args.length == "dynamic"
+    )
     print(json.dumps(report, indent=1))
 
 
@@ -266,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REGEX",
         default=None,
         help="int4 (ONNX): quantize only the base linears whose name matches, e.g. 'mlp'",
+    )
+    sub.choices["export"].add_argument(
+        "--length",
+        default="dynamic",
+        choices=["dynamic", "static"],
+        help="dynamic: the program takes any sequence length up to data.max_length, and each batch "
+        "runs without its padding columns; static: exactly data.max_length",
     )
     sub.choices["eval"].add_argument("--adapter", help="PEFT adapter folder")
     sub.choices["eval"].add_argument("--split", default="test", choices=["train", "dev", "test"])

@@ -25,7 +25,7 @@ from zotune.engines.executorch import (  # noqa: E402
 )
 from zotune.engines.export_common import StepSpec, sidecar_path  # noqa: E402
 from zotune.estimators.prge import PRGEStep  # noqa: E402
-from zotune.loss import ClassificationLoss  # noqa: E402
+from zotune.loss import ClassificationLoss, trim_left_padding  # noqa: E402
 from zotune.models.tiny import make_tiny_model  # noqa: E402
 from zotune.rng import noise  # noqa: E402
 
@@ -61,7 +61,7 @@ class Exported:
         return PRGEStep(self.model, self.adapter, self.loss, self.q, dual=self.dual, noise=self.kind)
 
 
-def _export(tmp_path_factory, tokenizer, family, q, b, dual, kind, targets, name):
+def _export(tmp_path_factory, tokenizer, family, q, b, dual, kind, targets, name, dynamic_length=False):
     model = make_tiny_model(family, tokenizer, seed=0)
     adapter = LoRAAdapter(model, rank=4, alpha=8, targets=targets)
     loss = ClassificationLoss()
@@ -72,14 +72,17 @@ def _export(tmp_path_factory, tokenizer, family, q, b, dual, kind, targets, name
         loss,
         StepSpec(q=q, b=b, seq_len=T, n_choices=C, dual=dual, noise=kind, model_name=f"tiny-{family}"),
         path,
+        dynamic_length=dynamic_length,
     )
     return Exported(path, model, adapter, loss, report, q, b, dual, kind)
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory, tokenizer):
-    # LoRA-FA on every linear of the blocks, dual forwarding, normal noise.
-    return _export(tmp_path_factory, tokenizer, "llama", 2, 2, True, "normal", ["all-linear"], "llama")
+    # LoRA-FA on every linear of the blocks, dual forwarding, normal noise, a symbolic length.
+    return _export(
+        tmp_path_factory, tokenizer, "llama", 2, 2, True, "normal", ["all-linear"], "llama", dynamic_length=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +91,34 @@ def qwen(tmp_path_factory, tokenizer):
     return _export(
         tmp_path_factory, tokenizer, "qwen2", 3, 2, False, "rademacher", ["q_proj", "v_proj"], "qwen"
     )
+
+
+def test_symbolic_length_runs_trimmed_batches(llama, qwen, tokenizer):
+    """A program with a symbolic length takes a batch without its all-padding columns and
+    matches eager PyTorch on the padded batch (exact under the attention mask); a static
+    program takes exactly seq_len."""
+    assert json.loads(sidecar_path(llama.path).read_text())["dynamic_length"] is True
+    assert json.loads(sidecar_path(qwen.path).read_text())["dynamic_length"] is False
+    prog = PteProgram.load(llama.path)
+    step = llama.eager_step()
+    short = ["ok", "fine", "bad", "good"]
+    start = theta_of(llama.adapter)  # the fixture's, given back at the end
+    for i in range(2):
+        enc = tokenizer(short[2 * i : 2 * i + 2], padding="max_length", max_length=T, return_tensors="pt")
+        ids, am = enc["input_ids"].long(), enc["attention_mask"].long()
+        pos = (am.cumsum(1) - 1).clamp_min(0)
+        words = [tokenizer.encode(w, add_special_tokens=False)[0] for w in (" positive", " negative")]
+        batch = (ids, am, pos, torch.tensor([words] * 2), torch.tensor([0, 1]))
+        trimmed = trim_left_padding(batch, keep=2)
+        assert trimmed[0].shape[1] < T  # a few real tokens: most columns are padding
+        set_theta(llama.adapter, prog.get_lora_flat())
+        loss_p, g_p = prog.train_step(7 + i, 5e-2, 1e-2, list(trimmed))
+        loss_e, g_e = step(torch.tensor([7 + i]), 5e-2, 1e-2, *batch)
+        assert abs(loss_p - float(loss_e)) <= 1e-5
+        assert float((g_p - g_e).abs().max()) * 2e-2 <= 1e-5
+    set_theta(llama.adapter, start)
+    with pytest.raises(EngineError, match="T=16"):
+        PteProgram.load(qwen.path).train_step(1, 1e-2, 1e-2, list(trim_left_padding(batch, keep=2)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,12 @@ def _copy_meta(src, dst):
             dst.meta.setdefault(key, src.meta[key])
 
 
+def _static(*vals) -> bool:
+    """Every shape concrete: a rewrite writes shapes as literal int lists, and a symbolic size
+    there has no graph node the ExecuTorch emitter could read it from."""
+    return all(not isinstance(d, torch.SymInt) for v in vals for d in v.shape)
+
+
 def _rewrite_calls(gm: torch.fx.GraphModule, target, rewrite):
     """The skeleton of every rewrite here. For each call of `target`, rewrite(emit, node) returns
     the node that replaces it, or None to leave it. emit(op, args, val) adds a call before the
@@ -70,7 +76,7 @@ def mean_last_dim_to_4d(gm: torch.fx.GraphModule):
     def rewrite(emit, node):
         x = node.args[0]
         val = x.meta.get("val")
-        if val is None or val.dim() != 3 or node.kwargs.get("dtype") is not None:
+        if val is None or val.dim() != 3 or node.kwargs.get("dtype") is not None or not _static(val):
             return None
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
@@ -100,7 +106,7 @@ def expand_to_cat(gm: torch.fx.GraphModule):
             return None
         x = u.args[0]
         xv, uv, ov = x.meta.get("val"), u.meta.get("val"), node.meta.get("val")
-        if xv is None or uv is None or ov is None:
+        if xv is None or uv is None or ov is None or not _static(xv, ov):
             return None
         d = u.args[1] % uv.dim()
         diff = [i for i in range(uv.dim()) if uv.shape[i] != ov.shape[i]]

@@ -58,6 +58,7 @@ from zotune.engines.export_common import (
     ProgramFileError,
     StepSpec,
     check_options,
+    length_dims,
     sha256_bytes,
     sidecar_path,
     trained_to_buffers,
@@ -129,6 +130,7 @@ def export_program(
     xnnpack: bool = True,
     group_size: int = 32,
     attention: str | None = "eager",
+    dynamic_length: bool = False,
     log=None,
 ) -> ExportReport:
     """Export the P-RGE training step of (model, adapter, loss) to one ExecuTorch program.
@@ -163,7 +165,7 @@ def export_program(
     was_training = model.training
     model.eval()
     theta0 = theta_of(adapter)
-    plan = _Plan(model, adapter, loss, spec, sig)
+    plan = _Plan(model, adapter, loss, spec, sig, dynamic_length)
     seconds = {}
     try:
         with _timed(seconds, "export"):
@@ -174,7 +176,7 @@ def export_program(
         portable = {name: portable_ops(edge.exported_program(name)) for name in plan.methods}
         say(f"to_edge + lowering: {seconds['lower']:.1f} s; non-delegated ops {portable}")
         with _timed(seconds, "emit"):
-            data = _emit(edge)
+            data = _emit(edge, plan.dynamic)
         del edge, programs
         say(f"to_executorch: {seconds['emit']:.1f} s, {len(data) / 2**20:.1f} MiB")
         with _timed(seconds, "check"):
@@ -209,7 +211,7 @@ def export_program(
 class _Plan:
     """The methods to export, with the example inputs they are traced and checked with."""
 
-    def __init__(self, model, adapter, loss, spec: StepSpec, sig):
+    def __init__(self, model, adapter, loss, spec: StepSpec, sig, dynamic_length: bool = False):
         self.model, self.adapter, self.loss = model, adapter, loss
         self.spec, self.sig = spec, sig
         # The buffers every method shares: what no delegate may own, and what train_step updates.
@@ -218,6 +220,13 @@ class _Plan:
             self.state_fqns.append(f"model.{VELOCITY}")
         vocab = model.get_input_embeddings().weight.shape[0]
         self.batch, self.eval_in = spec.check_inputs(sig, vocab)
+        self.cases = [(self.batch, self.eval_in)]
+        self.shapes = {}
+        self.dynamic = dynamic_length and spec.seq_len > sig.min_length
+        if self.dynamic:  # one symbolic length T <= seq_len; checked at full and half length
+            rest = length_dims(sig, spec.seq_len, hint=True)
+            self.shapes = {"train_step": (None, None, None, rest), "forward": (rest[: len(self.eval_in)],)}
+            self.cases.append(spec.check_inputs(sig, vocab, max(sig.min_length, spec.seq_len // 2), case=1))
         self.seed_t, self.lr_t, self.eps_t = spec.scalars()
         self.step = spec.step(model, adapter, loss)
         theta = torch.zeros(adapter.numel, dtype=adapter.tensors()[0].dtype)
@@ -250,7 +259,8 @@ def _trace(plan: _Plan, attention) -> dict:
     programs = {}
     with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), attention_impl(plan.model, attention):
         for name, (mod, args) in plan.modules.items():
-            programs[name] = torch.export.export(mod, tuple(args), strict=False)
+            shapes = plan.shapes.get(name)
+            programs[name] = torch.export.export(mod, tuple(args), dynamic_shapes=shapes, strict=False)
     return programs
 
 
@@ -282,7 +292,7 @@ def _lower(plan: _Plan, programs: dict, xnnpack: bool):
     return edge
 
 
-def _emit(edge) -> bytes:
+def _emit(edge, dynamic: bool = False) -> bytes:
     """The .pte bytes, with one copy of the mutable state shared by all methods."""
     from executorch.exir import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
@@ -295,6 +305,8 @@ def _emit(edge) -> bytes:
             ExecutorchBackendConfig(
                 memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
                 emit_mutable_buffer_names=True,
+                # A view of a symbolic length must stay a kernel: the emitter has no sym ints.
+                remove_view_copy=not dynamic,
             )
         )
     return et.buffer
@@ -308,6 +320,7 @@ def _metadata(plan: _Plan, data: bytes, theta0, group_size, xnnpack, check, tol)
         "methods": plan.methods,
         **plan.spec.meta(plan.sig, plan.model, plan.adapter, plan.loss, theta0),
         "group_size": group_size if plan.spec.quantize else None,
+        "dynamic_length": plan.dynamic,
         "xnnpack": bool(xnnpack),
         "executorch": _et_version(),
         "check": check,

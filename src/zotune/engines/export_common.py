@@ -270,6 +270,17 @@ def read_sidecar(path: str | Path, engine: str) -> dict:
     return meta
 
 
+def length_dims(sig: Signature, seq_len: int, hint: bool = False) -> tuple:
+    """torch.export dynamic shapes of a step batch with one symbolic length T in
+    [sig.min_length, seq_len], one entry per step input (the forward's inputs are the first).
+    hint: a Dim.DYNAMIC hint instead of a named Dim, so that guards the tracer cannot prove
+    symbolically (but that hold for every T >= 1) are kept rather than refused."""
+    lo, hi = sig.min_length, int(seq_len)
+    dim = torch.export.Dim.DYNAMIC(min=lo, max=hi) if hint else torch.export.Dim("T", min=lo, max=hi)
+    t = {sig.length_dim: dim}
+    return (t,) * 3 + (None,) * (len(sig.step_inputs) - 3)
+
+
 def verify_file(path: str | Path, meta: dict) -> None:
     """The program bytes are exactly the ones the metadata describes (size, then sha256)."""
     path = Path(path)

@@ -47,6 +47,7 @@ from zotune.engines.export_common import (
     StepSpec,
     _owner,
     check_options,
+    length_dims,
     sha256_bytes,
     sidecar_path,
     trained_to_buffers,
@@ -241,8 +242,7 @@ def export_program(
         t0 = time.perf_counter()
         shapes = {"step": None, "forward": None}
         if dynamic_length:  # one symbolic length T <= seq_len for the batch of both graphs
-            t_dim = {sig.length_dim: torch.export.Dim("T", min=sig.min_length, max=int(seq_len))}
-            rest = (t_dim,) * 3 + (None,) * (len(sig.step_inputs) - 3)
+            rest = length_dims(sig, seq_len)
             shapes = {"step": (None, (None,) * (len(state) - 1 + 3) + rest), "forward": (None, rest[:n_eval])}
         protos = {
             "step": _to_onnx(

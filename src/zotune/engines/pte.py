@@ -76,7 +76,8 @@ class PteProgram(TrainingProgram):
         return self
 
     def _check_shapes(self) -> None:
-        shapes = self.input_shapes()
+        # A method with a symbolic length records its upper bound, seq_len.
+        shapes = {k: [[self.seq_len if d == "T" else d for d in s] for s in v] for k, v in self.input_shapes().items()}
         want = {
             "train_step": [[1], [1], [1]] + shapes["step"],
             "forward": shapes["forward"],
