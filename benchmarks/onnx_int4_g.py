@@ -58,7 +58,8 @@ def export(cfg_path: str, out: Path, threads: int, quantize, block: int, overrid
         "wall_s": wall,
         "seconds": report["seconds"],
         "check": report["check"],
-        "size_mb": (out.stat().st_size + Path(str(out) + ".eval.onnx").stat().st_size) / 2**20,
+        "size_mb": sum(Path(str(out) + x).stat().st_size for x in ("", ".eval.onnx", ".weights.safetensors"))
+        / 2**20,
         "children_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
 
