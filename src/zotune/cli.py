@@ -135,9 +135,8 @@ def cmd_export(args, rest):
         raise ZotuneError(
             f"--quantize {quantize}: the {args.engine} engine offers {[q or 'none' for q in allowed]}"
         )
-    report = export(
-        cfg, args.out, args.engine, quantize, args.block_size, args.int4_layers, args.length == "dynamic"
-    )
+    dynamic = None if args.length is None else args.length == "dynamic"
+    report = export(cfg, args.out, args.engine, quantize, args.block_size, args.int4_layers, dynamic)
     print(json.dumps(report, indent=1))
 
 
@@ -271,10 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.choices["export"].add_argument(
         "--length",
-        default="dynamic",
+        default=None,
         choices=["dynamic", "static"],
         help="dynamic: the program takes any sequence length up to data.max_length, and each batch "
-        "runs without its padding columns; static: exactly data.max_length",
+        "runs without its padding columns; static: exactly data.max_length (default: dynamic for "
+        "onnx, static for executorch, whose XNNPACK lowering of a symbolic length is slow)",
     )
     sub.choices["eval"].add_argument("--adapter", help="PEFT adapter folder")
     sub.choices["eval"].add_argument("--split", default="test", choices=["train", "dev", "test"])

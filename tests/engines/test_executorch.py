@@ -80,9 +80,8 @@ def _export(tmp_path_factory, tokenizer, family, q, b, dual, kind, targets, name
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory, tokenizer):
     # LoRA-FA on every linear of the blocks, dual forwarding, normal noise, a symbolic length.
-    return _export(
-        tmp_path_factory, tokenizer, "llama", 2, 2, True, "normal", ["all-linear"], "llama", dynamic_length=True
-    )
+    args = ("llama", 2, 2, True, "normal", ["all-linear"], "llama")
+    return _export(tmp_path_factory, tokenizer, *args, dynamic_length=True)
 
 
 @pytest.fixture(scope="module")

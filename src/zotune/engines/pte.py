@@ -77,7 +77,8 @@ class PteProgram(TrainingProgram):
 
     def _check_shapes(self) -> None:
         # A method with a symbolic length records its upper bound, seq_len.
-        shapes = {k: [[self.seq_len if d == "T" else d for d in s] for s in v] for k, v in self.input_shapes().items()}
+        bound = lambda d: self.seq_len if d == "T" else d  # noqa: E731
+        shapes = {k: [[bound(d) for d in s] for s in v] for k, v in self.input_shapes().items()}
         want = {
             "train_step": [[1], [1], [1]] + shapes["step"],
             "forward": shapes["forward"],

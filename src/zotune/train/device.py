@@ -79,7 +79,7 @@ def export(
     quantize: str | None = None,
     block_size: int | None = None,
     int4_layers: str | None = None,
-    dynamic_length: bool = True,
+    dynamic_length: bool | None = None,
 ) -> dict:
     if engine not in ENGINES:
         raise ZotuneError(f"--engine: expected one of {list(ENGINES)}, got '{engine}'")
@@ -93,7 +93,8 @@ def export(
         if int4_layers is not None:
             raise ZotuneError("--int4-layers: the ExecuTorch engine quantizes every base linear (8da4w)")
         options = {"group_size": block_size or 32}
-    options["dynamic_length"] = dynamic_length
+    # A symbolic sequence length unless asked otherwise; ExecuTorch's XNNPACK lowering of one is slow.
+    options["dynamic_length"] = (engine == "onnx") if dynamic_length is None else dynamic_length
     if cfg.optim.estimator != "prge" or cfg.adapter.kind == "full":
         raise ZotuneError(
             "export: the exported step is P-RGE on a LoRA / LoRA-FA adapter "
