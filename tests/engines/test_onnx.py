@@ -135,8 +135,12 @@ class _Noise(nn.Module):
         return tuple(noise(seed, self.start, self.n, kind) for kind in ("normal", "rademacher"))
 
 
-def test_rng_program_is_bit_exact():
-    n, start = 4099, 2**33 - 5  # counters across the 32-bit boundary: the high word is hashed too
+@pytest.mark.parametrize(
+    "start",
+    [7, 2**33 - 5],  # int32 counters; counters across the 32-bit boundary (the high word hashed too)
+)
+def test_rng_program_is_bit_exact(start):
+    n = 4099
     proto = _to_onnx(_Noise(start, n).eval(), (torch.tensor([1]),), ["seed"], ["normal", "rademacher"])
     ops = {node.op_type for node in proto.graph.node}
     assert "BitShift" in ops and "BitwiseXor" in ops  # the hash is in the graph
