@@ -10,7 +10,7 @@ Identical tensors (the same base linear in both graphs, a tied embedding) share 
 program's files also hold the model once.
 
 The cost: a weight that is an input cannot be prepacked at load, so each MatMul packs its B as it
-runs (measured in benchmarks/README.md, "ONNX Runtime memory").
+runs, which at the step's sizes costs nothing measurable (docs/onnx.md).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def lift_weights(protos: dict, min_bytes: int = MIN_BYTES) -> dict[str, np.ndarr
     """Turn each large initializer of every graph in `protos` (name -> onnx.ModelProto, changed
     in place) into a graph input named by its content. Returns key -> array, one per distinct
     tensor."""
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     tensors: dict[str, np.ndarray] = {}
     for graph_name, proto in protos.items():
@@ -65,21 +65,9 @@ def lift_weights(protos: dict, min_bytes: int = MIN_BYTES) -> dict[str, np.ndarr
         graph.initializer.extend(keep)
         for key in keys:
             t = tensors[key]
-            elem = _onnx_type(t.dtype)
-            graph.input.append(_value_info(key, elem, list(t.shape)))
+            elem = helper.np_dtype_to_tensor_dtype(t.dtype)
+            graph.input.append(helper.make_tensor_value_info(key, elem, list(t.shape)))
     return tensors
-
-
-def _onnx_type(dtype: np.dtype) -> int:
-    from onnx import helper
-
-    return helper.np_dtype_to_tensor_dtype(dtype)
-
-
-def _value_info(name: str, elem: int, shape: list[int]):
-    from onnx import helper
-
-    return helper.make_tensor_value_info(name, elem, shape)
 
 
 def save_weights(tensors: dict[str, np.ndarray]) -> bytes:
