@@ -79,9 +79,8 @@ def _export(tmp_path_factory, tokenizer, family, q, b, dual, kind, targets, name
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory, tokenizer):
-    # LoRA-FA on every linear of the blocks, dual forwarding, normal noise, a symbolic length.
-    args = ("llama", 2, 2, True, "normal", ["all-linear"], "llama")
-    return _export(tmp_path_factory, tokenizer, *args, dynamic_length=True)
+    # LoRA-FA on every linear of the blocks, dual forwarding, normal noise.
+    return _export(tmp_path_factory, tokenizer, "llama", 2, 2, True, "normal", ["all-linear"], "llama")
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +91,16 @@ def qwen(tmp_path_factory, tokenizer):
     )
 
 
-def test_symbolic_length_runs_trimmed_batches(llama, qwen, tokenizer):
+def test_symbolic_length_runs_trimmed_batches(qwen, tokenizer, tmp_path_factory):
     """A program with a symbolic length takes a batch without its all-padding columns and
     matches eager PyTorch on the padded batch (exact under the attention mask); a static
-    program takes exactly seq_len."""
-    assert json.loads(sidecar_path(llama.path).read_text())["dynamic_length"] is True
+    program takes exactly seq_len. (One adapted projection: lowering a symbolic length is slow.)"""
+    dyn = _export(tmp_path_factory, tokenizer, "llama", 2, 2, True, "normal", ["q_proj"], "dyn", True)
+    assert json.loads(sidecar_path(dyn.path).read_text())["dynamic_length"] is True
     assert json.loads(sidecar_path(qwen.path).read_text())["dynamic_length"] is False
-    prog = PteProgram.load(llama.path)
-    step = llama.eager_step()
+    prog = PteProgram.load(dyn.path)
+    step = dyn.eager_step()
     short = ["ok", "fine", "bad", "good"]
-    start = theta_of(llama.adapter)  # the fixture's, given back at the end
     for i in range(2):
         enc = tokenizer(short[2 * i : 2 * i + 2], padding="max_length", max_length=T, return_tensors="pt")
         ids, am = enc["input_ids"].long(), enc["attention_mask"].long()
@@ -110,12 +109,11 @@ def test_symbolic_length_runs_trimmed_batches(llama, qwen, tokenizer):
         batch = (ids, am, pos, torch.tensor([words] * 2), torch.tensor([0, 1]))
         trimmed = trim_left_padding(batch, keep=2)
         assert trimmed[0].shape[1] < T  # a few real tokens: most columns are padding
-        set_theta(llama.adapter, prog.get_lora_flat())
+        set_theta(dyn.adapter, prog.get_lora_flat())
         loss_p, g_p = prog.train_step(7 + i, 5e-2, 1e-2, list(trimmed))
         loss_e, g_e = step(torch.tensor([7 + i]), 5e-2, 1e-2, *batch)
         assert abs(loss_p - float(loss_e)) <= 1e-5
         assert float((g_p - g_e).abs().max()) * 2e-2 <= 1e-5
-    set_theta(llama.adapter, start)
     with pytest.raises(EngineError, match="T=16"):
         PteProgram.load(qwen.path).train_step(1, 1e-2, 1e-2, list(trim_left_padding(batch, keep=2)))
 

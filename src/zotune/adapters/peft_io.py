@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from zotune.errors import ZotuneError
 from zotune.io import atomic_dir
@@ -61,7 +61,7 @@ def save_peft(
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
     metadata = {"format": "pt", "zotune": json.dumps({"model": base_model, **(extra or {})})}
     with atomic_dir(folder) as tmp:
-        save_file(tensors, tmp / WEIGHTS, metadata=metadata)
+        (tmp / WEIGHTS).write_bytes(_sorted_metadata(save(tensors, metadata=metadata)))
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     return folder
 
@@ -117,3 +117,16 @@ def load_peft(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
             raise ZotuneError(f"{folder / WEIGHTS}: unexpected tensor '{key}'")
         state[key[len("base_model.model.") : -len(".weight")]] = value
     return config, state
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """safetensors keeps the metadata in a hash map, so its key order in the header differs from
+    process to process; with the keys sorted, the same adapter is the same bytes. Only the order
+    changes, so the header keeps its length and every offset holds."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # the writer's JSON is compact too: only padding can differ
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]
