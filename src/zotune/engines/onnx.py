@@ -10,7 +10,7 @@ outputs; the host keeps them inside ONNX Runtime between steps (engines/ort.py).
     <out>.eval.onnx  forward(theta[N], *batch without labels) -> logits [be, C] (classification
                              logits or choice scores), or nll [be], count [be] (generation)
     <out>.weights.safetensors  the base weights both graphs take as inputs, each tensor once
-                               (onnx_weights.py: one copy in memory for both sessions)
+                               (onnx_weights.py: one copy in memory for both graphs)
 
 The batch is the loss's tensors (signature.py: classification, multiple choice, or the completion
 tokens of generation and chat), with one symbolic length T (at least L + 1 with L target
